@@ -1,0 +1,289 @@
+// The N-API surface: thin, typed (see src/native.ts), and asynchronous. Arguments are checked and copied
+// on the JS thread; all torch work happens in Engine jobs on the torch thread.
+#include <napi.h>
+
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#include "devices.h"
+#include "engine.h"
+#include "safetensors.h"
+
+namespace tl {
+namespace {
+
+std::string str_arg(const Napi::CallbackInfo& info, size_t i, const char* what) {
+  if (info.Length() <= i || !info[i].IsString()) throw Napi::TypeError::New(info.Env(), std::string(what) + " must be a string");
+  return info[i].As<Napi::String>().Utf8Value();
+}
+
+Napi::Object obj_arg(const Napi::CallbackInfo& info, size_t i) {
+  if (info.Length() <= i || info[i].IsUndefined() || info[i].IsNull()) return Napi::Object::New(info.Env());
+  if (!info[i].IsObject()) throw Napi::TypeError::New(info.Env(), "options must be an object");
+  return info[i].As<Napi::Object>();
+}
+
+std::optional<std::string> opt_str(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() || v.IsNull()) return std::nullopt;
+  if (!v.IsString()) throw Napi::TypeError::New(o.Env(), std::string(key) + " must be a string");
+  return v.As<Napi::String>().Utf8Value();
+}
+
+// 'fp32' | 'fp16' | 'bf16' | 'fp64' or a safetensors dtype name.
+torch::ScalarType parse_dtype(Napi::Env env, const std::string& s) {
+  if (s == "fp32" || s == "float32") return torch::kFloat32;
+  if (s == "fp16" || s == "float16") return torch::kFloat16;
+  if (s == "bf16" || s == "bfloat16") return torch::kBFloat16;
+  if (s == "fp64" || s == "float64") return torch::kFloat64;
+  try {
+    return st::dtype_from_name(s);
+  } catch (const std::exception& e) {
+    throw Napi::TypeError::New(env, std::string("unknown dtype \"") + s + "\" (use fp32, fp16, bf16 or a safetensors dtype name)");
+  }
+}
+
+Napi::Array shape_to_js(Napi::Env env, const std::vector<int64_t>& shape) {
+  Napi::Array a = Napi::Array::New(env, shape.size());
+  for (size_t i = 0; i < shape.size(); ++i) a.Set(i, Napi::Number::New(env, static_cast<double>(shape[i])));
+  return a;
+}
+
+Napi::Object metadata_to_js(Napi::Env env, const std::map<std::string, std::string>& m) {
+  Napi::Object o = Napi::Object::New(env);
+  for (const auto& [k, v] : m) o.Set(k, v);
+  return o;
+}
+
+// A tensor's bytes on the host, ready to become a JS Buffer.
+struct HostTensor {
+  std::string name, dtype;
+  std::vector<int64_t> shape;
+  std::shared_ptr<std::vector<uint8_t>> bytes;
+};
+
+HostTensor to_host(const std::string& name, const torch::Tensor& t0) {
+  torch::Tensor t = t0.detach().to(torch::kCPU).contiguous();
+  HostTensor h;
+  h.name = name;
+  h.dtype = st::dtype_name(t.scalar_type());
+  h.shape = t.sizes().vec();
+  size_t n = static_cast<size_t>(t.numel()) * t.element_size();
+  h.bytes = std::make_shared<std::vector<uint8_t>>(n);
+  if (n) std::memcpy(h.bytes->data(), t.data_ptr(), n);
+  return h;
+}
+
+Napi::Object host_to_js(Napi::Env env, const HostTensor& h) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("name", h.name);
+  o.Set("dtype", h.dtype);
+  o.Set("shape", shape_to_js(env, h.shape));
+  auto keep = new std::shared_ptr<std::vector<uint8_t>>(h.bytes);
+  if (h.bytes->empty()) {
+    o.Set("data", Napi::Buffer<uint8_t>::New(env, 0));
+    delete keep;
+  } else {
+    o.Set("data", Napi::Buffer<uint8_t>::New(env, h.bytes->data(), h.bytes->size(),
+                                               [](Napi::Env, uint8_t*, std::shared_ptr<std::vector<uint8_t>>* k) { delete k; }, keep));
+  }
+  return o;
+}
+
+// {name, dtype, shape, data} from JS, copied into host memory (no torch on the JS thread).
+HostTensor host_from_js(Napi::Env env, const Napi::Value& v, size_t index) {
+  if (!v.IsObject()) throw Napi::TypeError::New(env, "tensor #" + std::to_string(index) + " must be an object");
+  Napi::Object o = v.As<Napi::Object>();
+  HostTensor h;
+  if (!o.Get("name").IsString()) throw Napi::TypeError::New(env, "tensor #" + std::to_string(index) + ": name must be a string");
+  h.name = o.Get("name").As<Napi::String>().Utf8Value();
+  if (!o.Get("dtype").IsString()) throw Napi::TypeError::New(env, "tensor \"" + h.name + "\": dtype must be a string");
+  h.dtype = o.Get("dtype").As<Napi::String>().Utf8Value();
+  size_t isz;
+  try {
+    isz = st::dtype_size(h.dtype);
+  } catch (const std::exception& e) {
+    throw Napi::TypeError::New(env, "tensor \"" + h.name + "\": " + e.what());
+  }
+  if (!o.Get("shape").IsArray()) throw Napi::TypeError::New(env, "tensor \"" + h.name + "\": shape must be an array");
+  Napi::Array shape = o.Get("shape").As<Napi::Array>();
+  size_t numel = 1;
+  for (uint32_t i = 0; i < shape.Length(); ++i) {
+    Napi::Value d = shape.Get(i);
+    if (!d.IsNumber() || d.As<Napi::Number>().DoubleValue() < 0)
+      throw Napi::TypeError::New(env, "tensor \"" + h.name + "\": shape entries must be non-negative integers");
+    h.shape.push_back(d.As<Napi::Number>().Int64Value());
+    numel *= static_cast<size_t>(h.shape.back());
+  }
+  Napi::Value data = o.Get("data");
+  const uint8_t* ptr = nullptr;
+  size_t len = 0;
+  if (data.IsTypedArray()) {
+    auto ta = data.As<Napi::TypedArray>();
+    auto ab = ta.ArrayBuffer();
+    ptr = static_cast<const uint8_t*>(ab.Data()) + ta.ByteOffset();
+    len = ta.ByteLength();
+  } else if (data.IsArrayBuffer()) {
+    auto ab = data.As<Napi::ArrayBuffer>();
+    ptr = static_cast<const uint8_t*>(ab.Data());
+    len = ab.ByteLength();
+  } else {
+    throw Napi::TypeError::New(env, "tensor \"" + h.name + "\": data must be a Buffer, TypedArray or ArrayBuffer");
+  }
+  if (len != numel * isz)
+    throw Napi::RangeError::New(env, "tensor \"" + h.name + "\": data has " + std::to_string(len) + " bytes, shape and dtype need " +
+                                         std::to_string(numel * isz));
+  h.bytes = std::make_shared<std::vector<uint8_t>>(ptr, ptr + len);
+  return h;
+}
+
+torch::Tensor host_to_tensor(const HostTensor& h) {
+  auto t = torch::empty(h.shape, torch::TensorOptions().dtype(st::dtype_from_name(h.dtype)));
+  if (!h.bytes->empty()) std::memcpy(t.data_ptr(), h.bytes->data(), h.bytes->size());
+  return t;
+}
+
+std::map<std::string, std::string> metadata_from_js(Napi::Env env, const Napi::Value& v) {
+  std::map<std::string, std::string> m;
+  if (v.IsUndefined() || v.IsNull()) return m;
+  if (!v.IsObject()) throw Napi::TypeError::New(env, "metadata must be an object of strings");
+  Napi::Object o = v.As<Napi::Object>();
+  Napi::Array keys = o.GetPropertyNames();
+  for (uint32_t i = 0; i < keys.Length(); ++i) {
+    std::string k = keys.Get(i).As<Napi::String>().Utf8Value();
+    Napi::Value val = o.Get(k);
+    if (!val.IsString()) throw Napi::TypeError::New(env, "metadata[\"" + k + "\"] must be a string");
+    m[k] = val.As<Napi::String>().Utf8Value();
+  }
+  return m;
+}
+
+// ---- bindings ----
+
+Napi::Value Version(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("torch", TORCH_VERSION);
+#ifdef TRAIN_LORA_CUDA
+  o.Set("cuda", true);
+#else
+  o.Set("cuda", false);
+#endif
+  o.Set("napi", NAPI_VERSION);
+  return o;
+}
+
+Napi::Value Devices(const Napi::CallbackInfo& info) {
+  return Engine::of(info.Env()).run(info.Env(), [] {
+    auto devs = list_devices();
+    return Completion([devs](Napi::Env env) -> Napi::Value {
+      Napi::Array a = Napi::Array::New(env, devs.size());
+      for (size_t i = 0; i < devs.size(); ++i) {
+        const auto& d = devs[i];
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("type", d.type);
+        o.Set("index", d.index);
+        o.Set("available", d.available);
+        if (!d.name.empty()) o.Set("name", d.name);
+        if (!d.reason.empty()) o.Set("reason", d.reason);
+        if (d.total_memory > 0) o.Set("totalMemory", d.total_memory);
+        if (d.threads > 0) o.Set("threads", d.threads);
+        a.Set(i, o);
+      }
+      return a;
+    });
+  });
+}
+
+Napi::Value SafetensorsHeader(const Napi::CallbackInfo& info) {
+  std::string path = str_arg(info, 0, "path");
+  return Engine::of(info.Env()).run(info.Env(), [path] {
+    auto h = std::make_shared<st::Header>(st::read_header(path));
+    return Completion([h](Napi::Env env) -> Napi::Value {
+      Napi::Object o = Napi::Object::New(env);
+      Napi::Array ts = Napi::Array::New(env, h->tensors.size());
+      for (size_t i = 0; i < h->tensors.size(); ++i) {
+        const auto& t = h->tensors[i];
+        Napi::Object e = Napi::Object::New(env);
+        e.Set("name", t.name);
+        e.Set("dtype", t.dtype);
+        e.Set("shape", shape_to_js(env, t.shape));
+        Napi::Array off = Napi::Array::New(env, 2);
+        off.Set(0u, static_cast<double>(t.begin));
+        off.Set(1u, static_cast<double>(t.end));
+        e.Set("dataOffsets", off);
+        ts.Set(i, e);
+      }
+      o.Set("tensors", ts);
+      o.Set("metadata", metadata_to_js(env, h->metadata));
+      o.Set("dataStart", static_cast<double>(h->data_start));
+      o.Set("fileSize", static_cast<double>(h->file_size));
+      return o;
+    });
+  });
+}
+
+Napi::Value SafetensorsRead(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = str_arg(info, 0, "path");
+  Napi::Object opts = obj_arg(info, 1);
+  std::optional<torch::ScalarType> dtype;
+  if (auto d = opt_str(opts, "dtype")) dtype = parse_dtype(env, *d);
+  return Engine::of(env).run(env, [path, dtype] {
+    st::File f(path);
+    auto tensors = std::make_shared<std::vector<HostTensor>>();
+    for (const auto& t : f.header().tensors) {
+      torch::Tensor x = f.get(t.name);
+      if (dtype && x.is_floating_point()) x = x.to(*dtype);
+      tensors->push_back(to_host(t.name, x));
+    }
+    auto meta = f.header().metadata;
+    return Completion([tensors, meta](Napi::Env env) -> Napi::Value {
+      Napi::Object o = Napi::Object::New(env);
+      Napi::Array a = Napi::Array::New(env, tensors->size());
+      for (size_t i = 0; i < tensors->size(); ++i) a.Set(i, host_to_js(env, (*tensors)[i]));
+      o.Set("tensors", a);
+      o.Set("metadata", metadata_to_js(env, meta));
+      return o;
+    });
+  });
+}
+
+Napi::Value SafetensorsWrite(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string path = str_arg(info, 0, "path");
+  if (info.Length() < 2 || !info[1].IsArray()) throw Napi::TypeError::New(env, "tensors must be an array of {name, dtype, shape, data}");
+  Napi::Array arr = info[1].As<Napi::Array>();
+  auto host = std::make_shared<std::vector<HostTensor>>();
+  for (uint32_t i = 0; i < arr.Length(); ++i) host->push_back(host_from_js(env, arr.Get(i), i));
+  auto meta = metadata_from_js(env, info.Length() > 2 ? info[2] : env.Undefined());
+  return Engine::of(env).run(env, [path, host, meta] {
+    std::vector<std::pair<std::string, torch::Tensor>> ts;
+    for (const auto& h : *host) ts.emplace_back(h.name, host_to_tensor(h));
+    st::save(path, ts, meta);
+    return Completion();
+  });
+}
+
+Napi::Value Dispose(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1) throw Napi::TypeError::New(info.Env(), "dispose(handle)");
+  dispose_handle(info.Env(), info[0]);
+  return info.Env().Undefined();
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  env.SetInstanceData<Engine>(new Engine(env));
+  exports.Set("version", Napi::Function::New(env, Version));
+  exports.Set("devices", Napi::Function::New(env, Devices));
+  exports.Set("safetensorsHeader", Napi::Function::New(env, SafetensorsHeader));
+  exports.Set("safetensorsRead", Napi::Function::New(env, SafetensorsRead));
+  exports.Set("safetensorsWrite", Napi::Function::New(env, SafetensorsWrite));
+  exports.Set("dispose", Napi::Function::New(env, Dispose));
+  return exports;
+}
+
+}  // namespace
+}  // namespace tl
+
+static Napi::Object InitTrainLora(Napi::Env env, Napi::Object exports) { return tl::Init(env, exports); }
+NODE_API_MODULE(train_lora, InitTrainLora)
