@@ -454,7 +454,7 @@ export class CLIPTokenizer {
       const ids = this.encode(text);
       return ids.length <= maxLength ? ids : [...ids.slice(0, maxLength - 1), this.eosId];
     });
-    const width = padding === 'max_length' ? maxLength : Math.max(0, ...rows.map((r) => r.length));
+    const width = padding === 'max_length' ? maxLength : rows.reduce((w, r) => Math.max(w, r.length), 0);
     return rows.map((r) => (r.length < width ? r.concat(new Array<number>(width - r.length).fill(this.padId)) : r));
   }
 

@@ -228,7 +228,10 @@ def write_assets_tiny():
     ASSETS_TINY.mkdir(parents=True)
     unet.save_config(ASSETS_TINY / "unet")  # same config.json as save_pretrained writes
     vae.save_config(ASSETS_TINY / "vae")
-    text_encoder.config.save_pretrained(ASSETS_TINY / "text_encoder")  # same as model.save_pretrained's config
+    with tempfile.TemporaryDirectory() as tmp:  # config.json exactly as CLIPTextModel.save_pretrained writes it
+        text_encoder.save_pretrained(tmp)
+        (ASSETS_TINY / "text_encoder").mkdir()
+        shutil.copyfile(Path(tmp) / "config.json", ASSETS_TINY / "text_encoder" / "config.json")
     scheduler.save_config(ASSETS_TINY / "scheduler")
     save_model_index(unet, vae, text_encoder, scheduler, ASSETS_TINY)
     print(f"wrote {ASSETS_TINY.relative_to(REPO)}")
@@ -428,6 +431,28 @@ def save_tensors(path: Path, tensors: dict, extra_meta: dict | None = None):
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
 
+def canonicalize_header(path: Path):
+    """Sort the `__metadata__` entries of a safetensors header in place.
+
+    The safetensors writer keeps the metadata in a hash map, so their order in the header (not their values,
+    not the tensors) changes from run to run.  Sorting them makes re-generated files byte-identical.  Only done
+    when re-serializing the parsed header reproduces the original bytes exactly (so nothing else changes).
+    """
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + n]
+    text = header.rstrip(b" ")
+    obj = json.loads(text, object_pairs_hook=lambda kv: dict(kv))
+    if json.dumps(obj, separators=(",", ":")).encode() != text:
+        raise RuntimeError(f"{path}: unexpected header serialization; not canonicalizing")
+    if "__metadata__" not in obj:
+        return
+    obj = {"__metadata__": dict(sorted(obj["__metadata__"].items())), **{k: v for k, v in obj.items() if k != "__metadata__"}}
+    new = json.dumps(obj, separators=(",", ":")).encode()
+    assert len(new) == len(text)
+    path.write_bytes(raw[:8] + new + header[len(text) :] + raw[8 + n :])
+
+
 def dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
@@ -602,6 +627,8 @@ def make_one(name: str, tokenizer_dir: Path, b_std_unet: float, b_std_text: floa
     print("LoRA effect:", stats["lora_effect"])
     print("sensitivity (fp64):", sensitivity)
     print("activation RMS range (fp64):", json.dumps(act))
+    for f in sorted(list(model_dir.rglob("*.safetensors")) + list(golden_dir.rglob("*.safetensors"))):
+        canonicalize_header(f)
     stats["sizes_bytes"] = {
         "models/" + name: dir_size(model_dir),
         "golden/" + name: dir_size(golden_dir),

@@ -1,0 +1,117 @@
+// Building blocks shared by the model files. Every module registers its parameters under the names diffusers
+// and transformers use, so a checkpoint loads by a straight map from name to parameter (see weights.h).
+// Parameters are created with torch::empty (no initialization cost): they are always either loaded from a
+// file or filled by init_random().
+#pragma once
+#include <torch/torch.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace tl::nn {
+
+using torch::Tensor;
+using ModulePtr = std::shared_ptr<torch::nn::Module>;
+
+// A list of typed children registered as a torch::nn::ModuleList, so their names are "<list>.<index>...".
+template <class T>
+struct Children {
+  torch::nn::ModuleList holder;
+  std::vector<std::shared_ptr<T>> items;
+  Children() : holder(torch::nn::ModuleList()) {}
+  void push(std::shared_ptr<T> m) {
+    holder->push_back(m);
+    items.push_back(std::move(m));
+  }
+  size_t size() const { return items.size(); }
+  bool empty() const { return items.empty(); }
+  T& operator[](size_t i) const { return *items[i]; }
+  auto begin() const { return items.begin(); }
+  auto end() const { return items.end(); }
+};
+
+struct Conv2d : torch::nn::Module {
+  Tensor weight, bias;
+  int64_t stride, padding;
+  Conv2d(int64_t in, int64_t out, int64_t kernel, int64_t stride = 1, int64_t padding = 0, bool has_bias = true);
+  Tensor forward(const Tensor& x) const;
+};
+
+struct GroupNorm : torch::nn::Module {
+  Tensor weight, bias;
+  int64_t groups;
+  double eps;
+  GroupNorm(int64_t groups, int64_t channels, double eps);
+  Tensor forward(const Tensor& x) const;
+};
+
+struct LayerNorm : torch::nn::Module {
+  Tensor weight, bias;
+  int64_t dim;
+  double eps;
+  LayerNorm(int64_t dim, double eps);
+  Tensor forward(const Tensor& x) const;
+};
+
+struct Embedding : torch::nn::Module {
+  Tensor weight;
+  Embedding(int64_t num, int64_t dim);
+  Tensor forward(const Tensor& ids) const;
+};
+
+struct LoraOptions {
+  int64_t rank = 4;
+  double alpha = 4;
+  double dropout = 0;
+  std::string init = "gaussian";  // gaussian (A ~ N(0, 1/r), B = 0) | kaiming (peft's default) | zeros (both zero, filled later)
+};
+
+// nn.Linear, optionally with a LoRA adapter (peft semantics):
+//   y = W x + b + (B (A dropout(x))) * (alpha / r) * multiplier
+// LoRA weights live in "lora_A.weight" [r, in] and "lora_B.weight" [out, r], always fp32 (the input is cast to
+// their dtype and the sum back to the base output's dtype, as peft does).
+struct Linear : torch::nn::Module {
+  Tensor weight, bias;
+  int64_t in_features, out_features;
+  std::shared_ptr<torch::nn::Module> lora_A_mod, lora_B_mod;  // hold "weight" each
+  Tensor lora_A, lora_B;
+  LoraOptions lora;
+  double lora_multiplier = 1.0;  // inference strength (--lora-scale); 1 in training
+  Linear(int64_t in, int64_t out, bool has_bias = true);
+  Tensor forward(const Tensor& x) const;
+  bool has_lora() const { return lora_A.defined(); }
+  void add_lora(const LoraOptions& opts, torch::Device device);
+  double lora_scale() const { return lora.alpha / static_cast<double>(lora.rank); }
+  // Folds the adapter into the base weight (for --merge exports) and removes it.
+  void merge_lora();
+};
+
+// diffusers' Attention with AttnProcessor2_0 (scaled_dot_product_attention), for [B, N, C] inputs, or
+// [B, C, H, W] when it carries its own group_norm (the VAE mid-block form, with a residual connection).
+struct Attention : torch::nn::Module {
+  int64_t heads, dim_head;
+  bool residual_connection;
+  double rescale_output_factor;
+  std::shared_ptr<GroupNorm> group_norm;  // optional
+  std::shared_ptr<Linear> to_q, to_k, to_v;
+  Children<Linear> to_out;
+  Attention(int64_t query_dim, int64_t cross_dim, int64_t heads, int64_t dim_head, bool qkv_bias, bool out_bias,
+            int64_t norm_groups = 0, double norm_eps = 1e-6, bool residual = false, double rescale = 1.0);
+  Tensor forward(const Tensor& x, const Tensor& context = Tensor()) const;
+};
+
+// Scaled dot-product attention over [B, N, C] projections split into `heads`.
+Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads, bool causal = false);
+
+// Activation checkpointing: runs fn without keeping activations and recomputes it in backward (reentrant,
+// like torch.utils.checkpoint(use_reentrant=True)), restoring the RNG so dropout masks match.
+using CheckpointFn = std::function<std::vector<Tensor>(const std::vector<Tensor>&)>;
+std::vector<Tensor> checkpoint(const CheckpointFn& fn, const std::vector<Tensor>& inputs);
+
+// Deterministic random initialization by parameter name (for generated test models): norms weight 1, biases 0,
+// embeddings N(0, 0.02), everything else U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as torch's default init does.
+void init_random(torch::nn::Module& m, uint64_t seed);
+
+}  // namespace tl::nn
