@@ -7,6 +7,7 @@
 
 #include "devices.h"
 #include "engine.h"
+#include "pipeline.h"
 #include "safetensors.h"
 
 namespace tl {
@@ -265,6 +266,69 @@ Napi::Value SafetensorsWrite(const Napi::CallbackInfo& info) {
   });
 }
 
+torch::Device parse_device(Napi::Env env, const std::string& s) {
+  try {
+    return torch::Device(s);
+  } catch (const std::exception&) {
+    throw Napi::TypeError::New(env, "unknown device \"" + s + "\" (use cpu, cuda, cuda:N or mps)");
+  }
+}
+
+std::vector<HostTensor> hosts_from_js(Napi::Env env, const Napi::Value& v, const char* what) {
+  if (v.IsUndefined() || v.IsNull()) return {};
+  if (!v.IsArray()) throw Napi::TypeError::New(env, std::string(what) + " must be an array of {name, dtype, shape, data}");
+  Napi::Array arr = v.As<Napi::Array>();
+  std::vector<HostTensor> out;
+  for (uint32_t i = 0; i < arr.Length(); ++i) out.push_back(host_from_js(env, arr.Get(i), i));
+  return out;
+}
+
+Napi::Value hosts_to_js(Napi::Env env, const std::vector<HostTensor>& hs) {
+  Napi::Array a = Napi::Array::New(env, hs.size());
+  for (size_t i = 0; i < hs.size(); ++i) a.Set(i, host_to_js(env, hs[i]));
+  return a;
+}
+
+// loadPipeline(dir, {device, dtype, variant, components}) -> Pipeline handle
+Napi::Value LoadPipeline(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string dir = str_arg(info, 0, "model folder");
+  Napi::Object o = obj_arg(info, 1);
+  PipelineOptions opts;
+  if (auto d = opt_str(o, "device")) opts.device = parse_device(env, *d);
+  if (auto d = opt_str(o, "dtype")) opts.dtype = parse_dtype(env, *d);
+  if (auto v = opt_str(o, "variant")) opts.variant = *v;
+  if (o.Get("components").IsArray()) {
+    opts.components.clear();
+    Napi::Array c = o.Get("components").As<Napi::Array>();
+    for (uint32_t i = 0; i < c.Length(); ++i) opts.components.insert(c.Get(i).As<Napi::String>().Utf8Value());
+  }
+  return Engine::of(env).run(env, [dir, opts] {
+    auto p = load_pipeline(dir, opts);
+    return Completion([p](Napi::Env env) { return wrap_handle(env, p, "Pipeline"); });
+  });
+}
+
+// forward(pipeline, inputs: HostTensor[], {lora, loraScale, backward}) -> HostTensor[]
+Napi::Value Forward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto p = unwrap_handle<Pipeline>(info[0], "Pipeline");
+  auto inputs = std::make_shared<std::vector<HostTensor>>(hosts_from_js(env, info.Length() > 1 ? info[1] : env.Undefined(), "inputs"));
+  Napi::Object o = obj_arg(info, 2);
+  ForwardOptions opts;
+  if (auto l = opt_str(o, "lora")) opts.lora_path = *l;
+  if (o.Get("loraScale").IsNumber()) opts.lora_scale = o.Get("loraScale").As<Napi::Number>().DoubleValue();
+  if (o.Get("backward").IsBoolean()) opts.backward = o.Get("backward").As<Napi::Boolean>().Value();
+  return Engine::of(env).run(env, [p, inputs, opts] {
+    NamedTensors in;
+    for (const auto& h : *inputs) in.emplace_back(h.name, host_to_tensor(h));
+    auto outs = run_forward(*p, in, opts);
+    auto hosts = std::make_shared<std::vector<HostTensor>>();
+    for (const auto& [k, t] : outs) hosts->push_back(to_host(k, t));
+    return Completion([hosts](Napi::Env env) { return hosts_to_js(env, *hosts); });
+  });
+}
+
 Napi::Value Dispose(const Napi::CallbackInfo& info) {
   if (info.Length() < 1) throw Napi::TypeError::New(info.Env(), "dispose(handle)");
   dispose_handle(info.Env(), info[0]);
@@ -279,6 +343,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("safetensorsRead", Napi::Function::New(env, SafetensorsRead));
   exports.Set("safetensorsWrite", Napi::Function::New(env, SafetensorsWrite));
   exports.Set("dispose", Napi::Function::New(env, Dispose));
+  exports.Set("loadPipeline", Napi::Function::New(env, LoadPipeline));
+  exports.Set("forward", Napi::Function::New(env, Forward));
   return exports;
 }
 

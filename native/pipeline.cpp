@@ -1,0 +1,146 @@
+#include "pipeline.h"
+
+#include <sys/stat.h>
+
+#include "engine.h"
+#include "lora.h"
+#include "safetensors.h"
+#include "weights.h"
+
+namespace tl {
+namespace {
+
+bool is_dir(const std::string& p) {
+  struct stat sb;
+  return ::stat(p.c_str(), &sb) == 0 && S_ISDIR(sb.st_mode);
+}
+
+void freeze(torch::nn::Module& m) {
+  for (auto& p : m.parameters(true)) p.set_requires_grad(false);
+}
+
+const torch::Tensor* find(const NamedTensors& v, const std::string& name) {
+  for (const auto& [k, t] : v)
+    if (k == name) return &t;
+  return nullptr;
+}
+
+std::vector<std::string> linear_paths(torch::nn::Module& m) {
+  std::vector<std::string> out;
+  for (const auto& item : m.named_modules("", false))
+    if (dynamic_cast<nn::Linear*>(item.value().get())) out.push_back(item.key());
+  return out;
+}
+
+}  // namespace
+
+std::shared_ptr<Pipeline> load_pipeline(const std::string& dir, const PipelineOptions& opts) {
+  if (!is_dir(dir))
+    throw UserError("ENOENT", dir + ": model folder not found (expected a diffusers folder with model_index.json, unet/, vae/, text_encoder/, tokenizer/)");
+  auto p = std::make_shared<Pipeline>();
+  p->dir = dir;
+  p->device = opts.device;
+  p->dtype = opts.dtype;
+  auto need = [&](const std::string& c) { return opts.components.count(c) > 0; };
+  auto check_dir = [&](const std::string& c) {
+    if (!is_dir(dir + "/" + c))
+      throw UserError("ENOENT", dir + "/" + c + ": missing; a Stable Diffusion folder in diffusers layout has unet/, vae/, text_encoder/ and tokenizer/");
+    return dir + "/" + c;
+  };
+  if (need("text_encoder")) {
+    p->text_encoder = CLIPTextModel::load(check_dir("text_encoder"), opts.variant, opts.dtype, opts.device);
+    freeze(*p->text_encoder);
+    p->text_encoder->eval();
+  }
+  if (need("unet")) {
+    p->unet = UNet2DConditionModel::load(check_dir("unet"), opts.variant, opts.dtype, opts.device);
+    freeze(*p->unet);
+    p->unet->eval();
+  }
+  if (need("vae")) {
+    p->vae = AutoencoderKL::load(check_dir("vae"), opts.variant, opts.dtype, opts.device);
+    freeze(*p->vae);
+    p->vae->eval();
+  }
+  return p;
+}
+
+NamedTensors run_forward(Pipeline& p, const NamedTensors& inputs, const ForwardOptions& opts) {
+  NamedTensors out;
+  const auto dev = p.device;
+  const auto dt = p.dtype.value_or(torch::kFloat32);
+  auto in = [&](const std::string& name) -> torch::Tensor {
+    const torch::Tensor* t = find(inputs, name);
+    if (!t) return {};
+    return t->is_floating_point() ? t->to(dev, dt) : t->to(dev);
+  };
+  auto emit = [&](const std::string& name, const torch::Tensor& t) { out.emplace_back(name, t.detach().to(torch::kCPU, torch::kFloat32)); };
+
+  LoraFile lora;
+  bool has_lora = !opts.lora_path.empty();
+  if (has_lora) {
+    std::map<std::string, std::vector<std::string>> paths;
+    if (p.unet) paths["unet"] = linear_paths(*p.unet);
+    if (p.text_encoder) paths["text_encoder"] = linear_paths(*p.text_encoder);
+    lora = read_lora_file(opts.lora_path, paths);
+    for (const auto& [comp, w] : lora.components) {
+      torch::nn::Module* m = comp == "unet" ? static_cast<torch::nn::Module*>(p.unet.get()) : p.text_encoder.get();
+      if (!m) throw UserError("ELORAKEYS", opts.lora_path + ": has " + comp + " weights but the " + comp + " is not loaded");
+      apply_lora_weights(*m, w, dev, opts.lora_path);
+      for (auto& t : lora_modules(*m)) t.linear->lora_multiplier = opts.lora_scale;
+    }
+  }
+
+  if (torch::Tensor ids = in("input_ids"); ids.defined()) {
+    if (!p.text_encoder) throw UserError("EINPUT", "input_ids given but the text encoder is not loaded");
+    torch::NoGradGuard ng;
+    emit("text_embeddings", p.text_encoder->forward(ids));
+  }
+
+  torch::Tensor latents = in("latents"), timesteps = in("timesteps"), ehs = in("encoder_hidden_states");
+  if (latents.defined() || timesteps.defined() || ehs.defined()) {
+    if (!latents.defined() || !timesteps.defined() || !ehs.defined())
+      throw UserError("EINPUT", "the UNet needs latents, timesteps and encoder_hidden_states together");
+    if (!p.unet) throw UserError("EINPUT", "UNet inputs given but the UNet is not loaded");
+    torch::Tensor target = in("target");
+    if (opts.backward) {
+      if (!target.defined()) throw UserError("EINPUT", "--backward needs a `target` tensor (shape of latents)");
+      if (!has_lora) throw UserError("EINPUT", "--backward computes LoRA gradients: give --lora");
+      auto mods = lora_modules(*p.unet);
+      for (auto& m : mods) {
+        m.linear->lora_A.set_requires_grad(true);
+        m.linear->lora_B.set_requires_grad(true);
+        m.linear->lora_A.mutable_grad() = torch::Tensor();
+        m.linear->lora_B.mutable_grad() = torch::Tensor();
+      }
+      torch::Tensor pred = p.unet->forward(latents, timesteps, ehs);
+      torch::Tensor loss = torch::mse_loss(pred.to(torch::kFloat32), target.to(torch::kFloat32));
+      loss.backward();
+      emit("noise_pred", pred);
+      emit("loss", loss);
+      for (auto& m : mods) {
+        emit("grad." + lora_key("unet", m.path, true, lora.format), m.linear->lora_A.grad());
+        emit("grad." + lora_key("unet", m.path, false, lora.format), m.linear->lora_B.grad());
+      }
+    } else {
+      torch::NoGradGuard ng;
+      emit("noise_pred", p.unet->forward(latents, timesteps, ehs));
+    }
+  }
+
+  if (torch::Tensor image = in("image"); image.defined()) {
+    if (!p.vae) throw UserError("EINPUT", "image given but the VAE is not loaded");
+    torch::NoGradGuard ng;
+    auto post = p.vae->encode(image);
+    emit("vae_mean", post.mean);
+    emit("vae_std", post.std);
+  }
+  if (torch::Tensor z = in("vae_latents"); z.defined()) {
+    if (!p.vae) throw UserError("EINPUT", "vae_latents given but the VAE is not loaded");
+    torch::NoGradGuard ng;
+    emit("vae_decoded", p.vae->decode(z));
+  }
+  return out;
+}
+
+}  // namespace tl

@@ -1,0 +1,50 @@
+// A Stable Diffusion model folder (diffusers layout) loaded on one device, and the `forward` parity tool.
+#pragma once
+#include <torch/torch.h>
+
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "clip_text.h"
+#include "unet.h"
+#include "vae.h"
+
+namespace tl {
+
+struct Pipeline {
+  std::string dir;
+  torch::Device device = torch::kCPU;
+  std::optional<torch::ScalarType> dtype;  // of the frozen weights; LoRA stays fp32
+  std::shared_ptr<CLIPTextModel> text_encoder;
+  std::shared_ptr<UNet2DConditionModel> unet;
+  std::shared_ptr<AutoencoderKL> vae;
+};
+
+struct PipelineOptions {
+  std::set<std::string> components{"text_encoder", "unet", "vae"};
+  std::string variant;
+  std::optional<torch::ScalarType> dtype;
+  torch::Device device = torch::kCPU;
+};
+
+std::shared_ptr<Pipeline> load_pipeline(const std::string& dir, const PipelineOptions& opts);
+
+// Random-weight model folders for tests, demos and benchmarks: copies configs from `config_dir`
+// (a diffusers layout without weights) and writes seeded random weights by name.
+void write_random_weights(const std::string& config_dir, const std::string& out_dir, uint64_t seed, bool with_text_encoder_prefix);
+
+using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+struct ForwardOptions {
+  std::string lora_path;  // applied to the UNet (and the text encoder when the file has text_encoder keys)
+  double lora_scale = 1.0;
+  bool backward = false;
+};
+
+// The parity tool: each component runs when its inputs are present (see `train-lora forward --help`).
+NamedTensors run_forward(Pipeline& p, const NamedTensors& inputs, const ForwardOptions& opts);
+
+}  // namespace tl
