@@ -9,6 +9,7 @@
 #include "engine.h"
 #include "pipeline.h"
 #include "safetensors.h"
+#include "weights.h"
 
 namespace tl {
 namespace {
@@ -329,6 +330,34 @@ Napi::Value Forward(const Napi::CallbackInfo& info) {
   });
 }
 
+// writeRandomWeights(componentDir, kind, seed)
+Napi::Value WriteRandomWeights(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string dir = str_arg(info, 0, "component folder");
+  std::string kind = str_arg(info, 1, "component kind");
+  if (info.Length() < 3 || !info[2].IsNumber()) throw Napi::TypeError::New(env, "seed must be a number");
+  auto seed = static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value());
+  return Engine::of(env).run(env, [dir, kind, seed] {
+    write_random_weights(dir, kind, seed);
+    return Completion();
+  });
+}
+
+// componentParamShapes(componentDir, kind) -> {name: shape} of the module built from config.json
+Napi::Value ComponentParamShapes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string dir = str_arg(info, 0, "component folder");
+  std::string kind = str_arg(info, 1, "component kind");
+  return Engine::of(env).run(env, [dir, kind] {
+    auto shapes = std::make_shared<std::vector<std::pair<std::string, std::vector<int64_t>>>>(param_shapes(*build_component(dir, kind)));
+    return Completion([shapes](Napi::Env env) -> Napi::Value {
+      Napi::Object o = Napi::Object::New(env);
+      for (const auto& [k, s] : *shapes) o.Set(k, shape_to_js(env, s));
+      return o;
+    });
+  });
+}
+
 Napi::Value Dispose(const Napi::CallbackInfo& info) {
   if (info.Length() < 1) throw Napi::TypeError::New(info.Env(), "dispose(handle)");
   dispose_handle(info.Env(), info[0]);
@@ -345,6 +374,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("dispose", Napi::Function::New(env, Dispose));
   exports.Set("loadPipeline", Napi::Function::New(env, LoadPipeline));
   exports.Set("forward", Napi::Function::New(env, Forward));
+  exports.Set("writeRandomWeights", Napi::Function::New(env, WriteRandomWeights));
+  exports.Set("componentParamShapes", Napi::Function::New(env, ComponentParamShapes));
   return exports;
 }
 

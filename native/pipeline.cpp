@@ -65,6 +65,23 @@ std::shared_ptr<Pipeline> load_pipeline(const std::string& dir, const PipelineOp
   return p;
 }
 
+std::shared_ptr<torch::nn::Module> build_component(const std::string& dir, const std::string& kind) {
+  const std::string cfg_path = dir + "/config.json";
+  Json cfg = read_json_file(cfg_path);
+  if (kind == "unet") return std::make_shared<UNet2DConditionModel>(UNet2DConditionConfig::from_json(cfg, cfg_path));
+  if (kind == "vae") return std::make_shared<AutoencoderKL>(AutoencoderKLConfig::from_json(cfg, cfg_path));
+  if (kind == "text_encoder") return std::make_shared<CLIPTextModel>(CLIPTextConfig::from_json(cfg, cfg_path));
+  throw UserError("EINPUT", "unknown model component \"" + kind + "\" (unet, vae, text_encoder)");
+}
+
+void write_random_weights(const std::string& dir, const std::string& kind, uint64_t seed) {
+  auto m = build_component(dir, kind);
+  nn::init_random(*m, seed);
+  NamedTensors ts;
+  for (const auto& p : m->named_parameters(true)) ts.emplace_back(p.key(), p.value());
+  st::save(dir + "/" + (kind == "text_encoder" ? "model" : "diffusion_pytorch_model") + ".safetensors", ts, {{"format", "pt"}});
+}
+
 NamedTensors run_forward(Pipeline& p, const NamedTensors& inputs, const ForwardOptions& opts) {
   NamedTensors out;
   const auto dev = p.device;

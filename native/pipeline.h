@@ -32,9 +32,12 @@ struct PipelineOptions {
 
 std::shared_ptr<Pipeline> load_pipeline(const std::string& dir, const PipelineOptions& opts);
 
-// Random-weight model folders for tests, demos and benchmarks: copies configs from `config_dir`
-// (a diffusers layout without weights) and writes seeded random weights by name.
-void write_random_weights(const std::string& config_dir, const std::string& out_dir, uint64_t seed, bool with_text_encoder_prefix);
+// A component ("unet" | "vae" | "text_encoder") built from <dir>/config.json, without loading weights.
+std::shared_ptr<torch::nn::Module> build_component(const std::string& dir, const std::string& kind);
+
+// Seeded random weights for a component folder that has a config.json (make-tiny-model): writes
+// diffusion_pytorch_model.safetensors / model.safetensors, with the names real checkpoints use.
+void write_random_weights(const std::string& dir, const std::string& kind, uint64_t seed);
 
 using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
 

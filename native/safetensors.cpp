@@ -138,6 +138,8 @@ static Header parse_header(const std::string& path, const std::string& json_text
   }
   if (pos != data_size)
     bad(path, "the data buffer has " + std::to_string(data_size - pos) + " trailing bytes not covered by any tensor");
+  // Report tensors in storage order (the order they were written), not the header's key order.
+  std::stable_sort(h.tensors.begin(), h.tensors.end(), [](const TensorInfo& a, const TensorInfo& b) { return a.begin < b.begin; });
   return h;
 }
 

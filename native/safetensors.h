@@ -20,7 +20,7 @@ struct TensorInfo {
 };
 
 struct Header {
-  std::vector<TensorInfo> tensors;  // in header order
+  std::vector<TensorInfo> tensors;  // in storage order (data offsets)
   std::map<std::string, std::string> metadata;
   uint64_t data_start = 0;  // 8 + N
   uint64_t file_size = 0;
@@ -57,7 +57,7 @@ class File {
   std::shared_ptr<Mapping> map_;
 };
 
-// Loads every tensor (header order).
+// Loads every tensor (storage order).
 std::vector<std::pair<std::string, torch::Tensor>> load(const std::string& path,
                                                         std::optional<torch::ScalarType> dtype = std::nullopt,
                                                         std::optional<torch::Device> device = std::nullopt);

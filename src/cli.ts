@@ -1,0 +1,112 @@
+#!/usr/bin/env node
+/**
+ * train-lora: the command line. `train` is the default command; every subcommand lives in src/commands/.
+ */
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+
+import { runForwardCommand } from './commands/forward';
+import { makeTinyModel, type ModelPreset } from './models/model-folder';
+import { native, type Precision } from './native';
+
+function formatBytes(n: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  await yargs(argv)
+    .scriptName('train-lora')
+    .usage('$0 [command] [options]\n\nLoRA fine-tuning of Stable Diffusion 1.5 on a folder of images and captions,\nwith checkpoints that survive crashes, Ctrl+C and full disks.')
+    .command(
+      'devices',
+      'List the compute devices libtorch can use here',
+      () => {},
+      async () => {
+        const v = native().version();
+        console.log(`libtorch ${v.torch} (${v.cuda ? 'CUDA build' : 'CPU build'})`);
+        for (const d of await native().devices()) {
+          const name = d.type + (d.type === 'cuda' && d.available ? `:${d.index}` : '');
+          const mem = d.totalMemory ? `, ${formatBytes(d.totalMemory)}` : '';
+          console.log(d.available ? `  [OK]   ${name}: ${d.name ?? ''}${mem}${d.threads ? `, ${d.threads} threads` : ''}` : `  [--]   ${name}: ${d.reason}`);
+        }
+      },
+    )
+    .command(
+      'make-tiny-model <out>',
+      'Write a Stable-Diffusion-shaped model folder with seeded random weights (for tests, demos, benchmarks)',
+      (y) =>
+        y
+          .positional('out', { type: 'string', demandOption: true, describe: 'output folder (diffusers layout)' })
+          .option('preset', { choices: ['tiny', 'sd15'] as const, default: 'tiny' as const, describe: 'tiny: a few MB; sd15: the real SD 1.5 shapes (~4 GB)' })
+          .option('seed', { type: 'number', default: 0 }),
+      async (a) => {
+        const t0 = Date.now();
+        await makeTinyModel(a.out, a.preset as ModelPreset, a.seed);
+        console.log(`wrote ${a.preset} model to ${a.out} in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+      },
+    )
+    .command(
+      'forward',
+      'Run the networks on tensors from a safetensors file (parity checks against diffusers)',
+      (y) =>
+        y
+          .option('model', { type: 'string', demandOption: true, describe: 'diffusers model folder' })
+          .option('inputs', { type: 'string', describe: 'safetensors with input_ids / latents+timesteps+encoder_hidden_states / image / vae_latents [/ target]' })
+          .option('output', { type: 'string', demandOption: true, describe: 'where to write the outputs (safetensors)' })
+          .option('lora', { type: 'string', describe: 'LoRA file applied to the UNet (diffusers, peft or kohya keys)' })
+          .option('lora-scale', { type: 'number', default: 1 })
+          .option('prompt', { type: 'string', array: true, describe: 'tokenize with the folder tokenizer; writes input_ids and text_embeddings' })
+          .option('device', { type: 'string', default: 'cpu' })
+          .option('dtype', { choices: ['fp32', 'fp16', 'bf16'] as const, default: 'fp32' as const })
+          .option('variant', { type: 'string', describe: 'weights variant, e.g. fp16 for *.fp16.safetensors' })
+          .option('backward', { type: 'boolean', default: false, describe: 'with --lora and a `target` input: write loss and grad.<key> of every LoRA parameter' }),
+      async (a) => {
+        const names = await runForwardCommand({
+          model: a.model,
+          inputs: a.inputs,
+          output: a.output,
+          lora: a.lora,
+          loraScale: a['lora-scale'],
+          prompt: a.prompt,
+          device: a.device,
+          dtype: a.dtype as Precision,
+          variant: a.variant,
+          backward: a.backward,
+        });
+        console.log(`wrote ${a.output}: ${names.join(', ')}`);
+      },
+    )
+    .command(
+      '$0',
+      'Train a LoRA (the default command)',
+      () => {},
+      () => {
+        throw new Error('training is not available in this build yet: see `train-lora --help` for the commands that are');
+      },
+    )
+    .strict()
+    .demandCommand(0)
+    .help()
+    .alias('h', 'help')
+    .version()
+    .fail((msg, err) => {
+      if (err) throw err;
+      console.error(`train-lora: ${msg}\nRun \`train-lora --help\` for the commands and options.`);
+      process.exit(2);
+    })
+    .parseAsync();
+}
+
+if (require.main === module) {
+  main(hideBin(process.argv)).catch((e: unknown) => {
+    const err = e as Error & { code?: string };
+    console.error(`train-lora: ${err.message}`);
+    process.exitCode = 1;
+  });
+}

@@ -1,0 +1,84 @@
+/**
+ * Stable Diffusion model folders in diffusers layout: checking them, and generating random-weight ones
+ * (`train-lora make-tiny-model`) for tests, the demo and benchmarks.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+import { native } from '../native';
+
+export const ASSETS = path.resolve(__dirname, '..', '..', 'assets');
+
+export type ModelPreset = 'tiny' | 'sd15';
+
+/** The components a training / forward run reads, with the file each needs. */
+const COMPONENTS = {
+  unet: 'diffusion_pytorch_model',
+  vae: 'diffusion_pytorch_model',
+  text_encoder: 'model',
+} as const;
+export type Component = keyof typeof COMPONENTS;
+
+export class ModelFolderError extends Error {
+  override name = 'ModelFolderError';
+}
+
+/**
+ * Checks that `dir` is a local diffusers folder with the named components and a tokenizer, before any
+ * native work starts, so the message can say exactly what is missing and how to get it.
+ */
+export function checkModelFolder(dir: string, components: Component[], needTokenizer = true): void {
+  if (!fs.existsSync(dir)) {
+    const looksLikeHubId = /^[\w.-]+\/[\w.-]+$/.test(dir) && !dir.startsWith('.');
+    throw new ModelFolderError(
+      looksLikeHubId
+        ? `${dir}: not a local folder. train-lora does not download models: download it first, e.g.\n` +
+            `  huggingface-cli download ${dir} --local-dir ./models/${dir.split('/')[1]} --include "*.json" "*.txt" "*.safetensors"\n` +
+            `then pass --pretrained-model-name-or-path ./models/${dir.split('/')[1]}`
+        : `${dir}: model folder not found`,
+    );
+  }
+  const problems: string[] = [];
+  for (const c of components) {
+    const cdir = path.join(dir, c);
+    if (!fs.existsSync(path.join(cdir, 'config.json'))) problems.push(`${cdir}/config.json is missing`);
+  }
+  if (needTokenizer) {
+    for (const f of ['vocab.json', 'merges.txt'])
+      if (!fs.existsSync(path.join(dir, 'tokenizer', f))) problems.push(`${path.join(dir, 'tokenizer', f)} is missing`);
+  }
+  if (problems.length)
+    throw new ModelFolderError(
+      `${dir} is not a complete Stable Diffusion folder in diffusers layout:\n  - ${problems.join('\n  - ')}\n` +
+        'Expected model_index.json, unet/, vae/, text_encoder/ (config.json + *.safetensors) and tokenizer/ (vocab.json, merges.txt).',
+    );
+}
+
+function copyTree(src: string, dst: string): void {
+  fs.mkdirSync(dst, { recursive: true });
+  for (const e of fs.readdirSync(src, { withFileTypes: true })) {
+    const s = path.join(src, e.name);
+    const d = path.join(dst, e.name);
+    if (e.isDirectory()) copyTree(s, d);
+    else fs.copyFileSync(s, d);
+  }
+}
+
+/**
+ * Writes a complete diffusers-layout folder with seeded random weights: `tiny` (a few MB) or `sd15` (the real
+ * SD 1.5 shapes: 860M-parameter UNet, ~4 GB in fp32). The tokenizer is the project's small CLIP BPE vocabulary.
+ */
+export async function makeTinyModel(outDir: string, preset: ModelPreset = 'tiny', seed = 0): Promise<void> {
+  const configs = path.join(ASSETS, preset === 'tiny' ? 'tiny-model' : 'sd15-model');
+  if (!fs.existsSync(configs)) throw new Error(`unknown preset ${preset}`);
+  const tmp = `${outDir}.tmp-${process.pid}`;
+  fs.rmSync(tmp, { recursive: true, force: true });
+  copyTree(configs, tmp);
+  copyTree(path.join(ASSETS, 'tiny-clip-tokenizer'), path.join(tmp, 'tokenizer'));
+  let k = 0;
+  for (const c of Object.keys(COMPONENTS) as Component[]) {
+    await native().writeRandomWeights(path.join(tmp, c), c, seed * 1000 + k++);
+  }
+  fs.rmSync(outDir, { recursive: true, force: true });
+  fs.renameSync(tmp, outDir);
+}

@@ -1,0 +1,103 @@
+/**
+ * The one typed declaration of the native addon (native/addon.cpp). The addon runs every libtorch call on
+ * one native thread it owns; each function here returns a Promise settled from that thread. JS holds only
+ * opaque handles; tensors cross the boundary only as {@link HostTensor}s at the edges (inputs in, results out).
+ */
+import * as path from 'node:path';
+
+/** safetensors dtype names. */
+export type DType = 'F64' | 'F32' | 'F16' | 'BF16' | 'I64' | 'I32' | 'I16' | 'I8' | 'U8' | 'BOOL';
+/** Precision names accepted where weights are converted. */
+export type Precision = 'fp32' | 'fp16' | 'bf16' | 'fp64';
+/** 'cpu' | 'cuda' | 'cuda:N' | 'mps' */
+export type DeviceName = string;
+
+/** A tensor in host memory: little-endian bytes in `data`. */
+export interface HostTensor {
+  name: string;
+  dtype: DType;
+  shape: number[];
+  data: Uint8Array;
+}
+
+export interface DeviceInfo {
+  type: 'cpu' | 'cuda' | 'mps';
+  index: number;
+  available: boolean;
+  name?: string;
+  /** Why the device cannot be used. */
+  reason?: string;
+  /** Bytes. */
+  totalMemory?: number;
+  /** CPU: intra-op threads libtorch uses. */
+  threads?: number;
+}
+
+export interface SafetensorsHeader {
+  tensors: Array<{ name: string; dtype: DType; shape: number[]; dataOffsets: [number, number] }>;
+  metadata: Record<string, string>;
+  dataStart: number;
+  fileSize: number;
+}
+
+declare const handleBrand: unique symbol;
+/** An opaque native object (released when garbage-collected, or at once with {@link NativeBinding.dispose}). */
+export interface Handle<Kind extends string> {
+  readonly [handleBrand]: Kind;
+}
+export type PipelineHandle = Handle<'Pipeline'>;
+
+export type PipelineComponent = 'text_encoder' | 'unet' | 'vae';
+
+export interface LoadPipelineOptions {
+  device?: DeviceName;
+  dtype?: Precision;
+  /** e.g. 'fp16' loads `*.fp16.safetensors`. */
+  variant?: string;
+  components?: PipelineComponent[];
+}
+
+export interface ForwardOptions {
+  /** A LoRA file (diffusers, peft or kohya keys; autodetected) applied to the UNet / text encoder. */
+  lora?: string;
+  loraScale?: number;
+  /** Also compute `loss` (MSE against `target`) and `grad.<key>` of every LoRA parameter. */
+  backward?: boolean;
+}
+
+export interface NativeBinding {
+  version(): { torch: string; cuda: boolean; napi: number };
+  devices(): Promise<DeviceInfo[]>;
+  safetensorsHeader(path: string): Promise<SafetensorsHeader>;
+  safetensorsRead(path: string, options?: { dtype?: Precision | DType }): Promise<{ tensors: HostTensor[]; metadata: Record<string, string> }>;
+  safetensorsWrite(path: string, tensors: HostTensor[], metadata?: Record<string, string>): Promise<void>;
+  dispose(handle: Handle<string>): void;
+  loadPipeline(dir: string, options?: LoadPipelineOptions): Promise<PipelineHandle>;
+  forward(pipeline: PipelineHandle, inputs: HostTensor[], options?: ForwardOptions): Promise<HostTensor[]>;
+  /** Seeded random weights for a component folder with a config.json (make-tiny-model). */
+  writeRandomWeights(componentDir: string, kind: PipelineComponent, seed: number): Promise<void>;
+  /** Parameter names and shapes of the module built from <componentDir>/config.json (nothing is loaded). */
+  componentParamShapes(componentDir: string, kind: PipelineComponent): Promise<Record<string, number[]>>;
+}
+
+let cached: NativeBinding | undefined;
+
+/** Loads the addon once. Throws an Error that says how to fix a missing build or an unloadable libtorch. */
+export function native(): NativeBinding {
+  if (cached) return cached;
+  const root = path.resolve(__dirname, '..');
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const load = require('node-gyp-build') as (dir: string) => unknown;
+    cached = load(root) as NativeBinding;
+    return cached;
+  } catch (e) {
+    const msg = e instanceof Error ? e.message : String(e);
+    const hint = /No native build was found/.test(msg)
+      ? 'The native addon is not built. Run `npm run build:native` (it finds libtorch and compiles native/; see README "Devices").'
+      : /libtorch|libc10|\.so/.test(msg)
+        ? 'The addon could not load libtorch. Rebuild with `npm run build:native` so it links the libtorch that is installed now, or set LIBTORCH to a libtorch folder first.'
+        : 'Rebuild the addon with `npm run build:native`.';
+    throw new Error(`train-lora: cannot load the native addon: ${msg}\n${hint}`);
+  }
+}
