@@ -9,6 +9,7 @@
 #include "engine.h"
 #include "pipeline.h"
 #include "safetensors.h"
+#include "trainer.h"
 #include "weights.h"
 
 namespace tl {
@@ -320,6 +321,7 @@ Napi::Value Forward(const Napi::CallbackInfo& info) {
   if (auto l = opt_str(o, "lora")) opts.lora_path = *l;
   if (o.Get("loraScale").IsNumber()) opts.lora_scale = o.Get("loraScale").As<Napi::Number>().DoubleValue();
   if (o.Get("backward").IsBoolean()) opts.backward = o.Get("backward").As<Napi::Boolean>().Value();
+  if (o.Get("gradientCheckpointing").IsBoolean()) opts.gradient_checkpointing = o.Get("gradientCheckpointing").As<Napi::Boolean>().Value();
   return Engine::of(env).run(env, [p, inputs, opts] {
     NamedTensors in;
     for (const auto& h : *inputs) in.emplace_back(h.name, host_to_tensor(h));
@@ -358,6 +360,274 @@ Napi::Value ComponentParamShapes(const Napi::CallbackInfo& info) {
   });
 }
 
+
+// ---- training ----
+
+double num_opt(const Napi::Object& o, const char* key, double def) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() || v.IsNull()) return def;
+  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), std::string(key) + " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+bool bool_opt(const Napi::Object& o, const char* key, bool def) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() || v.IsNull()) return def;
+  if (!v.IsBoolean()) throw Napi::TypeError::New(o.Env(), std::string(key) + " must be a boolean");
+  return v.As<Napi::Boolean>().Value();
+}
+
+// Named host tensors from an object {name: HostTensor}.
+std::shared_ptr<std::map<std::string, HostTensor>> batch_from_js(Napi::Env env, const Napi::Value& v) {
+  auto out = std::make_shared<std::map<std::string, HostTensor>>();
+  if (!v.IsObject()) throw Napi::TypeError::New(env, "batch must be an object of tensors");
+  Napi::Object o = v.As<Napi::Object>();
+  Napi::Array keys = o.GetPropertyNames();
+  for (uint32_t i = 0; i < keys.Length(); ++i) {
+    std::string k = keys.Get(i).As<Napi::String>().Utf8Value();
+    Napi::Value t = o.Get(k);
+    if (t.IsUndefined() || t.IsNull()) continue;
+    HostTensor h = host_from_js(env, t, i);
+    (*out)[k] = std::move(h);
+  }
+  return out;
+}
+
+MicroBatch micro_batch(const std::map<std::string, HostTensor>& m, double divisor) {
+  MicroBatch b;
+  auto get = [&](const char* k) { auto it = m.find(k); return it == m.end() ? torch::Tensor() : host_to_tensor(it->second); };
+  b.pixel_values = get("pixelValues");
+  b.latent_mean = get("latentMean");
+  b.latent_std = get("latentStd");
+  b.input_ids = get("inputIds");
+  b.encoder_hidden_states = get("encoderHiddenStates");
+  b.latents = get("latents");
+  b.noise = get("noise");
+  b.timesteps = get("timesteps");
+  b.loss_divisor = divisor;
+  return b;
+}
+
+Napi::Value CreateTrainer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto p = unwrap_handle<Pipeline>(info[0], "Pipeline");
+  Napi::Object o = obj_arg(info, 1);
+  TrainerConfig c;
+  if (auto v = opt_str(o, "mode")) c.mode = *v;
+  c.lora.rank = static_cast<int64_t>(num_opt(o, "rank", 4));
+  c.lora.alpha = num_opt(o, "alpha", static_cast<double>(c.lora.rank));
+  c.lora.dropout = num_opt(o, "dropout", 0);
+  if (auto v = opt_str(o, "init")) c.lora.init = *v;
+  if (o.Get("targets").IsArray()) {
+    c.lora_targets.clear();
+    Napi::Array a = o.Get("targets").As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); ++i) c.lora_targets.push_back(a.Get(i).As<Napi::String>().Utf8Value());
+  }
+  if (auto v = opt_str(o, "mixedPrecision")) c.mixed_precision = *v;
+  c.gradient_checkpointing = bool_opt(o, "gradientCheckpointing", false);
+  if (auto v = opt_str(o, "predictionType")) c.prediction_type = *v;
+  c.noise_offset = num_opt(o, "noiseOffset", 0);
+  if (o.Get("snrGamma").IsNumber()) c.snr_gamma = o.Get("snrGamma").As<Napi::Number>().DoubleValue();
+  if (!o.Get("alphasCumprod").IsArray()) throw Napi::TypeError::New(env, "alphasCumprod must be an array of numbers");
+  Napi::Array ac = o.Get("alphasCumprod").As<Napi::Array>();
+  for (uint32_t i = 0; i < ac.Length(); ++i) c.alphas_cumprod.push_back(static_cast<float>(ac.Get(i).As<Napi::Number>().DoubleValue()));
+  c.adam_beta1 = num_opt(o, "adamBeta1", 0.9);
+  c.adam_beta2 = num_opt(o, "adamBeta2", 0.999);
+  c.adam_weight_decay = num_opt(o, "adamWeightDecay", 1e-2);
+  c.adam_epsilon = num_opt(o, "adamEpsilon", 1e-8);
+  c.max_grad_norm = num_opt(o, "maxGradNorm", 1.0);
+  c.seed = static_cast<uint64_t>(num_opt(o, "seed", 0));
+  return Engine::of(env).run(env, [p, c] {
+    auto t = std::make_shared<Trainer>(p, c);
+    double trainable = static_cast<double>(t->trainable_count()), total = static_cast<double>(t->total_count());
+    return Completion([t, trainable, total](Napi::Env env) -> Napi::Value {
+      Napi::Object r = Napi::Object::New(env);
+      r.Set("trainer", wrap_handle(env, t, "Trainer"));
+      r.Set("trainableParams", trainable);
+      r.Set("totalParams", total);
+      return r;
+    });
+  });
+}
+
+Napi::Value TrainerMicroStep(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto t = unwrap_handle<Trainer>(info[0], "Trainer");
+  auto batch = batch_from_js(env, info[1]);
+  double divisor = info.Length() > 2 && info[2].IsNumber() ? info[2].As<Napi::Number>().DoubleValue() : 1.0;
+  return Engine::of(env).run(env, [t, batch, divisor] {
+    double loss = t->micro_step(micro_batch(*batch, divisor));
+    return Completion([loss](Napi::Env env) { return Napi::Number::New(env, loss); });
+  });
+}
+
+Napi::Value TrainerEvalLoss(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto t = unwrap_handle<Trainer>(info[0], "Trainer");
+  auto batch = batch_from_js(env, info[1]);
+  return Engine::of(env).run(env, [t, batch] {
+    double loss = t->eval_loss(micro_batch(*batch, 1.0));
+    return Completion([loss](Napi::Env env) { return Napi::Number::New(env, loss); });
+  });
+}
+
+Napi::Value TrainerOptimizerStep(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto t = unwrap_handle<Trainer>(info[0], "Trainer");
+  if (info.Length() < 2 || !info[1].IsNumber()) throw Napi::TypeError::New(env, "lr must be a number");
+  double lr = info[1].As<Napi::Number>().DoubleValue();
+  return Engine::of(env).run(env, [t, lr] {
+    StepResult r = t->optimizer_step(lr);
+    return Completion([r](Napi::Env env) -> Napi::Value {
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("gradNorm", r.grad_norm);
+      o.Set("skipped", r.skipped);
+      o.Set("lossScale", r.loss_scale);
+      o.Set("optimizerSteps", static_cast<double>(r.optimizer_steps));
+      return o;
+    });
+  });
+}
+
+std::string base64(const std::vector<uint8_t>& in) {
+  static const char* tbl = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  size_t i = 0;
+  for (; i + 2 < in.size(); i += 3) {
+    uint32_t v = (in[i] << 16) | (in[i + 1] << 8) | in[i + 2];
+    out += tbl[v >> 18], out += tbl[(v >> 12) & 63], out += tbl[(v >> 6) & 63], out += tbl[v & 63];
+  }
+  if (i + 1 == in.size()) {
+    uint32_t v = in[i] << 16;
+    out += tbl[v >> 18], out += tbl[(v >> 12) & 63], out += "==";
+  } else if (i + 2 == in.size()) {
+    uint32_t v = (in[i] << 16) | (in[i + 1] << 8);
+    out += tbl[v >> 18], out += tbl[(v >> 12) & 63], out += tbl[(v >> 6) & 63], out += '=';
+  }
+  return out;
+}
+
+// trainerSaveState(trainer, dir): writes dir/model.safetensors + dir/optimizer.safetensors (fsynced, atomic per
+// file) and returns the JSON-able rest: optimizer step counts, loss scaler, RNG streams.
+Napi::Value TrainerSaveState(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto t = unwrap_handle<Trainer>(info[0], "Trainer");
+  std::string dir = str_arg(info, 1, "checkpoint folder");
+  auto meta = metadata_from_js(env, info.Length() > 2 ? info[2] : env.Undefined());
+  return Engine::of(env).run(env, [t, dir, meta] {
+    st::save(dir + "/model.safetensors", t->trainable_state(), meta);
+    st::save(dir + "/optimizer.safetensors", t->optimizer_tensors(), {{"format", "pt"}});
+    auto steps = t->optimizer_steps();
+    auto scaler = t->scaler();
+    auto rng = t->rng_state();
+    return Completion([steps, scaler, rng](Napi::Env env) -> Napi::Value {
+      Napi::Object o = Napi::Object::New(env);
+      Napi::Object s = Napi::Object::New(env);
+      for (const auto& [k, v] : steps) s.Set(k, static_cast<double>(v));
+      o.Set("optimizerSteps", s);
+      Napi::Object sc = Napi::Object::New(env);
+      sc.Set("enabled", scaler.enabled);
+      sc.Set("scale", scaler.scale);
+      sc.Set("growthTracker", static_cast<double>(scaler.growth_tracker));
+      o.Set("scaler", sc);
+      Napi::Object r = Napi::Object::New(env);
+      for (const auto& [k, v] : rng) r.Set(k, base64(v));
+      o.Set("rng", r);
+      return o;
+    });
+  });
+}
+
+std::vector<uint8_t> unbase64(Napi::Env env, const std::string& s) {
+  auto val = [&](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+  };
+  std::vector<uint8_t> out;
+  uint32_t buf = 0;
+  int bits = 0;
+  for (char c : s) {
+    if (c == '=') break;
+    int v = val(c);
+    if (v < 0) throw Napi::Error::New(env, "invalid base64 in an RNG state");
+    buf = (buf << 6) | static_cast<uint32_t>(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push_back(static_cast<uint8_t>((buf >> bits) & 0xFF));
+    }
+  }
+  return out;
+}
+
+// trainerLoadState(trainer, dir, {optimizerSteps?, scaler?, rng?}): model weights always; optimizer when
+// optimizerSteps is given; scaler and RNG when given.
+Napi::Value TrainerLoadState(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto t = unwrap_handle<Trainer>(info[0], "Trainer");
+  std::string dir = str_arg(info, 1, "checkpoint folder");
+  Napi::Object o = obj_arg(info, 2);
+  std::optional<std::map<std::string, int64_t>> steps;
+  if (o.Get("optimizerSteps").IsObject()) {
+    steps.emplace();
+    Napi::Object so = o.Get("optimizerSteps").As<Napi::Object>();
+    Napi::Array keys = so.GetPropertyNames();
+    for (uint32_t i = 0; i < keys.Length(); ++i) {
+      std::string k = keys.Get(i).As<Napi::String>().Utf8Value();
+      (*steps)[k] = so.Get(k).As<Napi::Number>().Int64Value();
+    }
+  }
+  std::optional<Trainer::ScalerState> scaler;
+  if (o.Get("scaler").IsObject()) {
+    Napi::Object so = o.Get("scaler").As<Napi::Object>();
+    scaler = Trainer::ScalerState{num_opt(so, "scale", 1), static_cast<int64_t>(num_opt(so, "growthTracker", 0)), bool_opt(so, "enabled", false)};
+  }
+  std::vector<std::pair<std::string, std::vector<uint8_t>>> rng;
+  if (o.Get("rng").IsObject()) {
+    Napi::Object ro = o.Get("rng").As<Napi::Object>();
+    Napi::Array keys = ro.GetPropertyNames();
+    for (uint32_t i = 0; i < keys.Length(); ++i) {
+      std::string k = keys.Get(i).As<Napi::String>().Utf8Value();
+      rng.emplace_back(k, unbase64(env, ro.Get(k).As<Napi::String>().Utf8Value()));
+    }
+  }
+  return Engine::of(env).run(env, [t, dir, steps, scaler, rng] {
+    t->load_trainable_state(st::load(dir + "/model.safetensors"), dir + "/model.safetensors");
+    if (steps) t->load_optimizer(st::load(dir + "/optimizer.safetensors"), *steps, dir + "/optimizer.safetensors");
+    if (scaler) t->set_scaler(*scaler);
+    if (!rng.empty()) t->set_rng_state(rng);
+    return Completion();
+  });
+}
+
+// trainerExportLora(trainer, path, format, metadata): the adapters in diffusers / peft / kohya keys.
+Napi::Value TrainerExportLora(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto t = unwrap_handle<Trainer>(info[0], "Trainer");
+  std::string path = str_arg(info, 1, "path");
+  std::string fmt = str_arg(info, 2, "format");
+  auto meta = metadata_from_js(env, info.Length() > 3 ? info[3] : env.Undefined());
+  std::string prefix = info.Length() > 4 && info[4].IsString() ? info[4].As<Napi::String>().Utf8Value() : "unet";
+  LoraFormat f;
+  try {
+    f = lora_format_from_name(fmt);
+  } catch (const std::exception& e) {
+    throw Napi::TypeError::New(env, e.what());
+  }
+  return Engine::of(env).run(env, [t, path, f, meta, prefix] {
+    auto& unet = *t->pipeline().unet;
+    auto m = meta;
+    if (f != LoraFormat::Kohya) m["lora_adapter_metadata"] = lora_adapter_metadata_json({{"unet", lora_modules(unet)}});
+    if (!m.count("format")) m["format"] = "pt";
+    st::save(path, lora_tensors(unet, f == LoraFormat::Kohya ? "unet" : prefix, f), m);
+    return Completion();
+  });
+}
+
 Napi::Value Dispose(const Napi::CallbackInfo& info) {
   if (info.Length() < 1) throw Napi::TypeError::New(info.Env(), "dispose(handle)");
   dispose_handle(info.Env(), info[0]);
@@ -376,6 +646,13 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("forward", Napi::Function::New(env, Forward));
   exports.Set("writeRandomWeights", Napi::Function::New(env, WriteRandomWeights));
   exports.Set("componentParamShapes", Napi::Function::New(env, ComponentParamShapes));
+  exports.Set("createTrainer", Napi::Function::New(env, CreateTrainer));
+  exports.Set("trainerMicroStep", Napi::Function::New(env, TrainerMicroStep));
+  exports.Set("trainerEvalLoss", Napi::Function::New(env, TrainerEvalLoss));
+  exports.Set("trainerOptimizerStep", Napi::Function::New(env, TrainerOptimizerStep));
+  exports.Set("trainerSaveState", Napi::Function::New(env, TrainerSaveState));
+  exports.Set("trainerLoadState", Napi::Function::New(env, TrainerLoadState));
+  exports.Set("trainerExportLora", Napi::Function::New(env, TrainerExportLora));
   return exports;
 }
 

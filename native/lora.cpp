@@ -196,9 +196,12 @@ LoraFile read_lora_file(const std::string& path, const std::map<std::string, std
       comp = it->second.first;
       mpath = it->second.second;
     } else {
-      auto dot = k.find('.');
-      comp = dot == std::string::npos ? "" : k.substr(0, dot);
-      std::string rest = dot == std::string::npos ? k : k.substr(dot + 1);
+      // PEFT's own adapter files (PeftModel.save_pretrained) prefix keys with "base_model.model.": a UNet adapter.
+      static const std::string peft_prefix = "base_model.model.";
+      std::string key = starts_with(k, peft_prefix) ? "unet." + k.substr(peft_prefix.size()) : k;
+      auto dot = key.find('.');
+      comp = dot == std::string::npos ? "" : key.substr(0, dot);
+      std::string rest = dot == std::string::npos ? key : key.substr(dot + 1);
       const char* sa = out.format == LoraFormat::Peft ? ".lora_A.weight" : ".lora.down.weight";
       const char* sb = out.format == LoraFormat::Peft ? ".lora_B.weight" : ".lora.up.weight";
       if (ends_with(rest, sa)) mpath = rest.substr(0, rest.size() - std::strlen(sa)), is_a = true;

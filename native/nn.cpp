@@ -163,10 +163,13 @@ void set_rng(const at::Device& d, const Tensor& s) {
 }
 
 struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
+  // The inputs come as a TensorList: autograd only sees tensors passed as Tensor or TensorList (a
+  // std::vector argument is taken for a non-tensor, and then no graph is built at all).
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, c10::intrusive_ptr<FnCapsule> cap,
-                                                torch::autograd::variable_list inputs) {
+                                                at::TensorList input_list) {
+    torch::autograd::variable_list inputs(input_list.begin(), input_list.end());
     for (const auto& d : rng_devices(inputs)) cap->rng_states.emplace_back(d, get_rng(d));
-    ctx->saved_data["fn"] = c10::IValue(c10::intrusive_ptr<torch::CustomClassHolder>(cap));
+    ctx->saved_data["fn"] = c10::IValue::make_capsule(c10::intrusive_ptr<torch::CustomClassHolder>(cap));
     ctx->save_for_backward(inputs);
     torch::NoGradGuard ng;
     return cap->fn(inputs);
@@ -219,7 +222,20 @@ std::vector<Tensor> checkpoint(const CheckpointFn& fn, const std::vector<Tensor>
   if (!torch::GradMode::is_enabled()) return fn(inputs);
   auto cap = c10::make_intrusive<FnCapsule>();
   cap->fn = fn;
-  return CheckpointFunction::apply(cap, inputs);
+  // Like non-reentrant checkpointing (what diffusers uses): the segment must join the graph even when no input
+  // requires grad (e.g. the first block after a frozen conv_in), or the trainable weights inside get no gradient.
+  bool any = false;
+  for (const auto& t : inputs) any = any || (t.defined() && t.requires_grad());
+  if (!any) {
+    std::vector<Tensor> ins = inputs;
+    for (auto& t : ins)
+      if (t.defined() && t.is_floating_point()) {
+        t = t.detach().requires_grad_(true);
+        break;
+      }
+    return CheckpointFunction::apply(cap, at::TensorList(ins));
+  }
+  return CheckpointFunction::apply(cap, at::TensorList(inputs));
 }
 
 void init_random(torch::nn::Module& m, uint64_t seed) {

@@ -130,9 +130,20 @@ NamedTensors run_forward(Pipeline& p, const NamedTensors& inputs, const ForwardO
         m.linear->lora_A.mutable_grad() = torch::Tensor();
         m.linear->lora_B.mutable_grad() = torch::Tensor();
       }
-      torch::Tensor pred = p.unet->forward(latents, timesteps, ehs);
-      torch::Tensor loss = torch::mse_loss(pred.to(torch::kFloat32), target.to(torch::kFloat32));
-      loss.backward();
+      p.unet->gradient_checkpointing = opts.gradient_checkpointing;
+      if (opts.gradient_checkpointing) p.unet->train();
+      torch::Tensor pred, loss;
+      try {
+        pred = p.unet->forward(latents, timesteps, ehs);
+        loss = torch::mse_loss(pred.to(torch::kFloat32), target.to(torch::kFloat32));
+        loss.backward();
+      } catch (...) {
+        p.unet->gradient_checkpointing = false;
+        p.unet->eval();
+        throw;
+      }
+      p.unet->gradient_checkpointing = false;
+      p.unet->eval();
       emit("noise_pred", pred);
       emit("loss", loss);
       for (auto& m : mods) {

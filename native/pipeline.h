@@ -45,6 +45,7 @@ struct ForwardOptions {
   std::string lora_path;  // applied to the UNet (and the text encoder when the file has text_encoder keys)
   double lora_scale = 1.0;
   bool backward = false;
+  bool gradient_checkpointing = false;  // backward through checkpointed blocks (must give the same gradients)
 };
 
 // The parity tool: each component runs when its inputs are present (see `train-lora forward --help`).

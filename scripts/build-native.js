@@ -105,7 +105,7 @@ function main() {
   const t0 = Date.now();
   const r = spawnSync(
     process.execPath,
-    [cmakeJs, 'compile', '-d', root, '-O', path.join(root, 'build'), '-p', jobs, '-m',
+    [cmakeJs, 'build', '-d', root, '-O', path.join(root, 'build'), '-p', jobs, '-m',
       `--CDTORCH_DIR=${dir}`, `--CDTORCH_CXX11_ABI=${abi}`, '-l', 'warn'],
     { stdio: 'inherit', cwd: root },
   );

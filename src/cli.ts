@@ -5,7 +5,16 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 
+import * as os from 'node:os';
+import * as path from 'node:path';
+import * as fs from 'node:fs';
+
 import { runForwardCommand } from './commands/forward';
+import { addTrainOptions, configFromArgv } from './commands/train-options';
+import { ConfigError } from './config';
+import { makeDemoData } from './data/demo-data';
+import { CliReporter } from './train/reporter';
+import { nextRunDir, train } from './train/train';
 import { makeTinyModel, type ModelPreset } from './models/model-folder';
 import { native, type Precision } from './native';
 
@@ -17,6 +26,73 @@ function formatBytes(n: number): string {
     i++;
   }
   return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+function cacheDir(): string {
+  return process.env.TRAIN_LORA_CACHE ?? path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'train-lora');
+}
+
+/** The embedded default: a tiny generated model and a generated captioned shapes dataset, trained on the CPU. */
+async function demoDefaults(log: CliReporter): Promise<Record<string, unknown>> {
+  const root = path.join(cacheDir(), 'demo');
+  const model = path.join(root, 'tiny-model');
+  const data = path.join(root, 'shapes');
+  if (!fs.existsSync(path.join(model, 'unet', 'diffusion_pytorch_model.safetensors'))) {
+    log.info(`making the demo model in ${model}`);
+    await makeTinyModel(model, 'tiny', 0);
+  }
+  if (!fs.existsSync(path.join(data, 'captions.json'))) {
+    log.info(`making the demo dataset in ${data}`);
+    await makeDemoData(data, { count: 48, size: 64, seed: 0 });
+  }
+  return {
+    pretrained_model_name_or_path: model,
+    train_data_dir: data,
+    device: 'cpu',
+    resolution: 64,
+    random_flip: true,
+    train_batch_size: 4,
+    gradient_accumulation_steps: 1,
+    max_train_steps: 200,
+    learning_rate: 1e-3,
+    lr_scheduler: 'cosine',
+    lr_warmup_steps: 20,
+    checkpointing_steps: 50,
+    checkpoints_total_limit: 3,
+    validation_steps: 50,
+    validation_prompt: ['a red circle on a white background', 'a blue square on a black background'],
+    num_validation_images: 2,
+  };
+}
+
+async function runTrain(argv: Record<string, unknown>): Promise<void> {
+  const reporter = new CliReporter();
+  const extra = argv.demo ? await demoDefaults(reporter) : {};
+  if (!argv.demo && argv['pretrained-model-name-or-path'] === undefined && argv.config === undefined) {
+    throw new ConfigError([
+      '--pretrained-model-name-or-path is required (a local diffusers folder), with --train-data-dir. Try `train-lora --demo` for a complete run on generated data, or `train-lora --help`.',
+    ]);
+  }
+  const cfg = configFromArgv(argv, extra);
+  if (!cfg.output_dir) cfg.output_dir = nextRunDir();
+  reporter.attach(cfg.output_dir);
+  try {
+    const r = await train(cfg, reporter);
+    const out = r.outputDir;
+    const resumeCmd = `npx train-lora ${argv.demo ? '--demo ' : ''}--output-dir ${path.relative(process.cwd(), out) || '.'} --resume-from-checkpoint latest`;
+    if (r.signal) {
+      reporter.info(`stopped by ${r.signal} at step ${r.globalStep}; checkpoint: ${r.lastCheckpoint}`);
+      reporter.info(`resume with: ${resumeCmd}`);
+      process.exitCode = r.signal === 'SIGINT' ? 130 : 143;
+      return;
+    }
+    reporter.info(`finished ${r.globalStep} steps in ${out}`);
+    for (const f of r.loraFiles) reporter.info(`LoRA: ${f}`);
+    reporter.info(`checkpoints: ${path.join(out, 'checkpoints')} (latest: ${r.lastCheckpoint})`);
+    reporter.info(`continue training with: ${resumeCmd} --max-train-steps ${r.globalStep * 2}`);
+  } finally {
+    reporter.close();
+  }
 }
 
 export async function main(argv: string[]): Promise<void> {
@@ -85,9 +161,9 @@ export async function main(argv: string[]): Promise<void> {
     .command(
       '$0',
       'Train a LoRA (the default command)',
-      () => {},
-      () => {
-        throw new Error('training is not available in this build yet: see `train-lora --help` for the commands that are');
+      (y) => addTrainOptions(y),
+      async (a) => {
+        await runTrain(a as Record<string, unknown>);
       },
     )
     .strict()

@@ -46,6 +46,7 @@ export interface Handle<Kind extends string> {
   readonly [handleBrand]: Kind;
 }
 export type PipelineHandle = Handle<'Pipeline'>;
+export type TrainerHandle = Handle<'Trainer'>;
 
 export type PipelineComponent = 'text_encoder' | 'unet' | 'vae';
 
@@ -63,6 +64,8 @@ export interface ForwardOptions {
   loraScale?: number;
   /** Also compute `loss` (MSE against `target`) and `grad.<key>` of every LoRA parameter. */
   backward?: boolean;
+  /** Backward through activation-checkpointed blocks (must give the same gradients). */
+  gradientCheckpointing?: boolean;
 }
 
 export interface NativeBinding {
@@ -78,7 +81,73 @@ export interface NativeBinding {
   writeRandomWeights(componentDir: string, kind: PipelineComponent, seed: number): Promise<void>;
   /** Parameter names and shapes of the module built from <componentDir>/config.json (nothing is loaded). */
   componentParamShapes(componentDir: string, kind: PipelineComponent): Promise<Record<string, number[]>>;
+  createTrainer(pipeline: PipelineHandle, options: TrainerOptions): Promise<{ trainer: TrainerHandle; trainableParams: number; totalParams: number }>;
+  /** Forward + backward of one micro-batch (loss divided by `lossDivisor` for accumulation); returns the loss. */
+  trainerMicroStep(trainer: TrainerHandle, batch: TrainBatch, lossDivisor?: number): Promise<number>;
+  trainerEvalLoss(trainer: TrainerHandle, batch: TrainBatch): Promise<number>;
+  trainerOptimizerStep(trainer: TrainerHandle, lr: number): Promise<OptimizerStepResult>;
+  /** Writes dir/model.safetensors and dir/optimizer.safetensors; returns the JSON-able rest of the state. */
+  trainerSaveState(trainer: TrainerHandle, dir: string, metadata?: Record<string, string>): Promise<TrainerStateJson>;
+  /** Loads dir/model.safetensors, and the optimizer / scaler / RNG parts that are given. */
+  trainerLoadState(trainer: TrainerHandle, dir: string, state?: Partial<TrainerStateJson>): Promise<void>;
+  /** `prefix`: the key prefix for diffusers/peft keys (default "unet"; "base_model.model" for PEFT adapter files). */
+  trainerExportLora(trainer: TrainerHandle, path: string, format: LoraFileFormat, metadata?: Record<string, string>, prefix?: string): Promise<void>;
 }
+
+export interface TrainerOptions {
+  mode?: 'lora' | 'full';
+  rank?: number;
+  alpha?: number;
+  dropout?: number;
+  init?: 'gaussian' | 'kaiming' | 'zeros';
+  /** peft-style target names matched against UNet module paths. */
+  targets?: string[];
+  mixedPrecision?: 'no' | 'fp16' | 'bf16';
+  gradientCheckpointing?: boolean;
+  predictionType?: 'epsilon' | 'v_prediction';
+  noiseOffset?: number;
+  snrGamma?: number;
+  /** The DDPM schedule's alphas_cumprod (float32 values), one per training timestep. */
+  alphasCumprod: number[];
+  adamBeta1?: number;
+  adamBeta2?: number;
+  adamWeightDecay?: number;
+  adamEpsilon?: number;
+  /** <= 0 disables clipping. */
+  maxGradNorm?: number;
+  seed?: number;
+}
+
+/** A micro-batch: pixels (or cached latents) and token ids (or cached text embeddings); the rest are test hooks. */
+export interface TrainBatch {
+  pixelValues?: HostTensor;
+  latentMean?: HostTensor;
+  latentStd?: HostTensor;
+  inputIds?: HostTensor;
+  encoderHiddenStates?: HostTensor;
+  latents?: HostTensor;
+  noise?: HostTensor;
+  timesteps?: HostTensor;
+}
+
+export interface OptimizerStepResult {
+  /** Total gradient 2-norm before clipping (NaN when the step was skipped). */
+  gradNorm: number;
+  /** fp16 overflow: no update happened and the LR schedule must not advance. */
+  skipped: boolean;
+  lossScale: number;
+  optimizerSteps: number;
+}
+
+/** What a checkpoint stores besides model.safetensors / optimizer.safetensors (all JSON-able). */
+export interface TrainerStateJson {
+  optimizerSteps: Record<string, number>;
+  scaler: { enabled: boolean; scale: number; growthTracker: number };
+  /** Generator states by stream ("cpu", "cuda:0", ...), base64. */
+  rng: Record<string, string>;
+}
+
+export type LoraFileFormat = 'diffusers' | 'peft' | 'kohya';
 
 let cached: NativeBinding | undefined;
 

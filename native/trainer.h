@@ -1,0 +1,105 @@
+// The training step of diffusers' train_text_to_image_lora.py, natively: VAE encode -> latents * scaling_factor,
+// noise (+ offset), uniform timesteps, add_noise, text encoder, UNet, (min-SNR weighted) MSE against epsilon or
+// velocity, backward; then clipping, AdamW (torch.optim.AdamW semantics) and fp16 dynamic loss scaling.
+// Everything that decides (LR schedule, accumulation, data order, checkpoint layout) lives in TypeScript; this
+// class exposes all state a checkpoint needs: trainable weights, optimizer moments and steps, scaler, RNG.
+#pragma once
+#include <torch/torch.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "lora.h"
+#include "pipeline.h"
+
+namespace tl {
+
+struct TrainerConfig {
+  std::string mode = "lora";  // lora | full
+  nn::LoraOptions lora;
+  std::vector<std::string> lora_targets{"to_k", "to_q", "to_v", "to_out.0"};
+  std::string mixed_precision = "no";  // no | fp16 | bf16
+  bool gradient_checkpointing = false;
+  std::string prediction_type = "epsilon";  // epsilon | v_prediction
+  double noise_offset = 0;
+  std::optional<double> snr_gamma;
+  std::vector<float> alphas_cumprod;  // from the DDPM noise schedule (TypeScript computes it from scheduler_config.json)
+  double adam_beta1 = 0.9, adam_beta2 = 0.999, adam_weight_decay = 1e-2, adam_epsilon = 1e-8;
+  double max_grad_norm = 1.0;  // <= 0: no clipping
+  uint64_t seed = 0;
+  // fp16 dynamic loss scaling (torch.amp.GradScaler defaults)
+  double init_loss_scale = 65536.0, growth_factor = 2.0, backoff_factor = 0.5;
+  int64_t growth_interval = 2000;
+};
+
+struct MicroBatch {
+  torch::Tensor pixel_values;                 // [B,3,H,W] in [-1,1], or
+  torch::Tensor latent_mean, latent_std;      // cached VAE posterior (before scaling_factor)
+  torch::Tensor input_ids;                    // [B,77] int64, or
+  torch::Tensor encoder_hidden_states;        // cached text embeddings
+  // Test hooks for parity with a reference: use these instead of sampling.
+  torch::Tensor latents, noise, timesteps;
+  double loss_divisor = 1.0;  // gradient accumulation steps
+};
+
+struct StepResult {
+  double grad_norm = 0;  // before clipping (after unscaling)
+  bool skipped = false;  // fp16 overflow: no update, the LR schedule must not advance
+  double loss_scale = 1;
+  int64_t optimizer_steps = 0;
+};
+
+class Trainer {
+ public:
+  Trainer(std::shared_ptr<Pipeline> pipeline, TrainerConfig cfg);
+
+  // Forward + backward of one micro-batch; gradients accumulate. Returns the loss (not divided).
+  double micro_step(const MicroBatch& b);
+  // Clip, AdamW step with this learning rate, zero the gradients.
+  StepResult optimizer_step(double lr);
+  void zero_grad();
+
+  // Validation loss without gradients (fixed noise/timesteps given by the caller).
+  double eval_loss(const MicroBatch& b);
+
+  // --- checkpoint state ---
+  // Trainable parameters keyed by name (LoRA: "unet.<path>.lora_A.weight" peft keys; full: UNet names).
+  NamedTensors trainable_state() const;
+  void load_trainable_state(const NamedTensors& t, const std::string& what);
+  // AdamW moments keyed "<param>.exp_avg" / "<param>.exp_avg_sq"; per-parameter step counts.
+  NamedTensors optimizer_tensors() const;
+  std::map<std::string, int64_t> optimizer_steps() const;
+  void load_optimizer(const NamedTensors& t, const std::map<std::string, int64_t>& steps, const std::string& what);
+  void reset_optimizer();
+  struct ScalerState {
+    double scale = 1;
+    int64_t growth_tracker = 0;
+    bool enabled = false;
+  };
+  ScalerState scaler() const { return scaler_; }
+  void set_scaler(const ScalerState& s) { scaler_ = s; }
+  // Every RNG stream torch uses here: "cpu" and "cuda:N" generator states.
+  std::vector<std::pair<std::string, std::vector<uint8_t>>> rng_state() const;
+  void set_rng_state(const std::vector<std::pair<std::string, std::vector<uint8_t>>>& s);
+
+  int64_t trainable_count() const;
+  int64_t total_count() const;
+  const TrainerConfig& config() const { return cfg_; }
+  Pipeline& pipeline() { return *pipe_; }
+
+ private:
+  torch::Tensor loss_for(const MicroBatch& b, bool train);
+  std::shared_ptr<Pipeline> pipe_;
+  TrainerConfig cfg_;
+  std::vector<std::pair<std::string, torch::Tensor>> params_;  // trainable, in a fixed order
+  std::map<std::string, torch::Tensor> exp_avg_, exp_avg_sq_;
+  std::map<std::string, int64_t> steps_;
+  ScalerState scaler_;
+  torch::Tensor alphas_cumprod_;
+  int64_t optimizer_step_count_ = 0;
+};
+
+}  // namespace tl

@@ -1,0 +1,401 @@
+#include "vae.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <map>
+
+#include "engine.h"
+#include "weights.h"
+
+namespace tl {
+namespace {
+
+using torch::Tensor;
+
+constexpr double kEps = 1e-6;  // resnet_eps / GroupNorm eps everywhere in diffusers' Encoder and Decoder
+
+// ---- config.json reading: defaults for missing/null keys, errors naming the file, the key and what is accepted ----
+
+[[noreturn]] void config_error(const std::string& path, const std::string& key, const std::string& what) {
+  throw UserError("EBADCONFIG", path + (key.empty() ? "" : ": \"" + key + "\"") + ": " + what);
+}
+
+std::string json_brief(const Json& v) {
+  std::string s = v.dump();
+  if (s.size() > 60) {
+    s.resize(57);
+    s += "...";
+  }
+  return s;
+}
+
+bool present(const Json& j, const std::string& key) { return j.has(key) && !j[key].is_null(); }
+
+bool is_integer(const Json& v) {
+  return v.is_number() && v.as_number() == std::floor(v.as_number()) && std::fabs(v.as_number()) < 9.0e15;
+}
+
+int64_t read_int(const Json& j, const std::string& key, int64_t def, const std::string& path, int64_t min_value) {
+  if (!present(j, key)) return def;
+  if (!is_integer(j[key])) config_error(path, key, "must be an integer, got " + json_brief(j[key]));
+  int64_t x = j[key].as_int();
+  if (x < min_value) config_error(path, key, "must be at least " + std::to_string(min_value) + ", got " + std::to_string(x));
+  return x;
+}
+
+double read_number(const Json& j, const std::string& key, double def, const std::string& path) {
+  if (!present(j, key)) return def;
+  if (!j[key].is_number() || !std::isfinite(j[key].as_number())) config_error(path, key, "must be a number, got " + json_brief(j[key]));
+  return j[key].as_number();
+}
+
+bool read_bool(const Json& j, const std::string& key, bool def, const std::string& path) {
+  if (!present(j, key)) return def;
+  if (!j[key].is_bool()) config_error(path, key, "must be true or false, got " + json_brief(j[key]));
+  return j[key].as_bool();
+}
+
+std::vector<int64_t> read_ints(const Json& j, const std::string& key, const std::vector<int64_t>& def, const std::string& path,
+                               int64_t min_value) {
+  if (!present(j, key)) return def;
+  if (!j[key].is_array()) config_error(path, key, "must be a list of integers, got " + json_brief(j[key]));
+  std::vector<int64_t> out;
+  for (const auto& v : j[key].as_array()) {
+    if (!is_integer(v)) config_error(path, key, "must be a list of integers, got " + json_brief(j[key]));
+    if (v.as_int() < min_value)
+      config_error(path, key, "entries must be at least " + std::to_string(min_value) + ", got " + json_brief(j[key]));
+    out.push_back(v.as_int());
+  }
+  return out;
+}
+
+std::optional<std::vector<double>> read_numbers_opt(const Json& j, const std::string& key, const std::string& path) {
+  if (!present(j, key)) return std::nullopt;
+  if (!j[key].is_array()) config_error(path, key, "must be null or a list of numbers, got " + json_brief(j[key]));
+  std::vector<double> out;
+  for (const auto& v : j[key].as_array()) {
+    if (!v.is_number()) config_error(path, key, "must be null or a list of numbers, got " + json_brief(j[key]));
+    out.push_back(v.as_number());
+  }
+  return out;
+}
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& a : v) s += (s.empty() ? "" : ", ") + a;
+  return s;
+}
+
+std::vector<std::string> read_choices(const Json& j, const std::string& key, const std::vector<std::string>& def,
+                                      const std::vector<std::string>& accepted, const std::string& path) {
+  if (!present(j, key)) return def;
+  if (!j[key].is_array()) config_error(path, key, "must be a list of block type names, got " + json_brief(j[key]));
+  std::vector<std::string> out;
+  for (const auto& v : j[key].as_array()) {
+    if (!v.is_string()) config_error(path, key, "must be a list of block type names, got " + json_brief(j[key]));
+    if (std::find(accepted.begin(), accepted.end(), v.as_string()) == accepted.end())
+      config_error(path, key, "\"" + v.as_string() + "\" is not supported (supported: " + join(accepted) + ")");
+    out.push_back(v.as_string());
+  }
+  return out;
+}
+
+const std::vector<std::string> kDownBlocks = {"DownEncoderBlock2D", "AttnDownEncoderBlock2D"};
+const std::vector<std::string> kUpBlocks = {"UpDecoderBlock2D", "AttnUpDecoderBlock2D"};
+const std::vector<std::string> kActs = {"silu", "swish", "mish", "gelu", "relu"};  // diffusers' get_activation
+
+// diffusers.models.activations.get_activation
+Tensor activation(const std::string& act, const Tensor& x) {
+  if (act == "silu" || act == "swish") return at::silu(x);
+  if (act == "mish") return at::mish(x);
+  if (act == "gelu") return at::gelu(x);
+  if (act == "relu") return at::relu(x);
+  throw std::invalid_argument("unknown act_fn " + act);
+}
+
+}  // namespace
+
+AutoencoderKLConfig AutoencoderKLConfig::from_json(const Json& j, const std::string& path) {
+  if (!j.is_object()) config_error(path, "", "the file must hold a JSON object");
+  if (present(j, "_class_name")) {
+    if (!j["_class_name"].is_string()) config_error(path, "_class_name", "must be a string");
+    if (j["_class_name"].as_string() != "AutoencoderKL")
+      config_error(path, "_class_name", "\"" + j["_class_name"].as_string() + "\" is not supported (supported: AutoencoderKL)");
+  }
+  AutoencoderKLConfig c;
+  c.in_channels = read_int(j, "in_channels", c.in_channels, path, 1);
+  c.out_channels = read_int(j, "out_channels", c.out_channels, path, 1);
+  c.latent_channels = read_int(j, "latent_channels", c.latent_channels, path, 1);
+  c.block_out_channels = read_ints(j, "block_out_channels", c.block_out_channels, path, 1);
+  if (c.block_out_channels.empty()) config_error(path, "block_out_channels", "must not be empty");
+  c.layers_per_block = read_int(j, "layers_per_block", c.layers_per_block, path, 1);
+  c.norm_num_groups = read_int(j, "norm_num_groups", c.norm_num_groups, path, 1);
+  if (present(j, "act_fn")) {
+    if (!j["act_fn"].is_string()) config_error(path, "act_fn", "must be a string, got " + json_brief(j["act_fn"]));
+    std::string a = j["act_fn"].as_string();
+    std::transform(a.begin(), a.end(), a.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    if (std::find(kActs.begin(), kActs.end(), a) == kActs.end())
+      config_error(path, "act_fn", "\"" + j["act_fn"].as_string() + "\" is not supported (supported: " + join(kActs) + ")");
+    c.act_fn = a;
+  }
+  if (present(j, "sample_size")) {
+    const Json& s = j["sample_size"];
+    if (s.is_array() && !s.as_array().empty() && is_integer(s.as_array()[0])) c.sample_size = s.as_array()[0].as_int();
+    else c.sample_size = read_int(j, "sample_size", c.sample_size, path, 1);
+  }
+  c.scaling_factor = read_number(j, "scaling_factor", c.scaling_factor, path);
+  if (!(c.scaling_factor > 0)) config_error(path, "scaling_factor", "must be positive");
+  if (present(j, "shift_factor")) c.shift_factor = read_number(j, "shift_factor", 0.0, path);
+  c.latents_mean = read_numbers_opt(j, "latents_mean", path);
+  c.latents_std = read_numbers_opt(j, "latents_std", path);
+  c.force_upcast = read_bool(j, "force_upcast", c.force_upcast, path);
+  c.use_quant_conv = read_bool(j, "use_quant_conv", c.use_quant_conv, path);
+  c.use_post_quant_conv = read_bool(j, "use_post_quant_conv", c.use_post_quant_conv, path);
+  c.mid_block_add_attention = read_bool(j, "mid_block_add_attention", c.mid_block_add_attention, path);
+  c.down_block_types = read_choices(j, "down_block_types", c.down_block_types, kDownBlocks, path);
+  c.up_block_types = read_choices(j, "up_block_types", c.up_block_types, kUpBlocks, path);
+
+  const size_t n = c.block_out_channels.size();
+  for (const char* key : {"down_block_types", "up_block_types"}) {
+    size_t m = std::string(key) == "down_block_types" ? c.down_block_types.size() : c.up_block_types.size();
+    if (m != n)
+      config_error(path, key, "has " + std::to_string(m) + " entries but block_out_channels has " + std::to_string(n) +
+                                  " (one block per entry)");
+  }
+  for (int64_t ch : c.block_out_channels)
+    if (ch % c.norm_num_groups != 0)
+      config_error(path, "norm_num_groups",
+                   std::to_string(c.norm_num_groups) + " does not divide block_out_channels entry " + std::to_string(ch));
+  return c;
+}
+
+namespace vae {
+
+ResnetBlock2D::ResnetBlock2D(int64_t in, int64_t out, int64_t groups, double eps, const std::string& act_) : act(act_) {
+  norm1 = register_module("norm1", std::make_shared<nn::GroupNorm>(groups, in, eps));
+  conv1 = register_module("conv1", std::make_shared<nn::Conv2d>(in, out, 3, 1, 1));
+  norm2 = register_module("norm2", std::make_shared<nn::GroupNorm>(groups, out, eps));
+  conv2 = register_module("conv2", std::make_shared<nn::Conv2d>(out, out, 3, 1, 1));
+  if (in != out) conv_shortcut = register_module("conv_shortcut", std::make_shared<nn::Conv2d>(in, out, 1, 1, 0));
+}
+
+Tensor ResnetBlock2D::forward(const Tensor& x) const {
+  Tensor h = conv1->forward(activation(act, norm1->forward(x)));
+  h = conv2->forward(activation(act, norm2->forward(h)));  // dropout is 0 in the VAE
+  return (conv_shortcut ? conv_shortcut->forward(x) : x) + h;
+}
+
+Downsample2D::Downsample2D(int64_t channels) {
+  conv = register_module("conv", std::make_shared<nn::Conv2d>(channels, channels, 3, 2, 0));
+}
+
+Tensor Downsample2D::forward(const Tensor& x) const { return conv->forward(at::constant_pad_nd(x, {0, 1, 0, 1}, 0)); }
+
+Upsample2D::Upsample2D(int64_t channels) { conv = register_module("conv", std::make_shared<nn::Conv2d>(channels, channels, 3, 1, 1)); }
+
+Tensor Upsample2D::forward(const Tensor& x) const {
+  // F.interpolate(scale_factor=2.0, mode="nearest")
+  Tensor h = at::upsample_nearest2d(x, {x.size(2) * 2, x.size(3) * 2}, 2.0, 2.0);
+  return conv->forward(h);
+}
+
+namespace {
+// The VAE's single-head spatial attention: heads = C / attention_head_dim = 1, dim_head = C, GroupNorm on the
+// input, bias everywhere, residual connection, rescale 1.
+std::shared_ptr<nn::Attention> vae_attention(int64_t channels, int64_t groups) {
+  return std::make_shared<nn::Attention>(channels, 0, 1, channels, true, true, groups, kEps, true, 1.0);
+}
+}  // namespace
+
+SampleBlock::SampleBlock(int64_t in, int64_t out, int64_t num_layers, bool attention, bool down, bool up, int64_t groups,
+                         const std::string& act) {
+  for (int64_t i = 0; i < num_layers; ++i) {
+    resnets.push(std::make_shared<ResnetBlock2D>(i == 0 ? in : out, out, groups, kEps, act));
+    if (attention) attentions.push(vae_attention(out, groups));
+  }
+  if (attention) register_module("attentions", attentions.holder);
+  register_module("resnets", resnets.holder);
+  if (down) {
+    downsamplers.push(std::make_shared<Downsample2D>(out));
+    register_module("downsamplers", downsamplers.holder);
+  }
+  if (up) {
+    upsamplers.push(std::make_shared<Upsample2D>(out));
+    register_module("upsamplers", upsamplers.holder);
+  }
+}
+
+Tensor SampleBlock::forward(const Tensor& x) const {
+  Tensor h = x;
+  for (size_t i = 0; i < resnets.size(); ++i) {
+    h = resnets[i].forward(h);
+    if (!attentions.empty()) h = attentions[i].forward(h);
+  }
+  for (const auto& d : downsamplers) h = d->forward(h);
+  for (const auto& u : upsamplers) h = u->forward(h);
+  return h;
+}
+
+MidBlock2D::MidBlock2D(int64_t channels, int64_t groups, const std::string& act, bool add_attention) {
+  resnets.push(std::make_shared<ResnetBlock2D>(channels, channels, groups, kEps, act));
+  if (add_attention) attentions.push(vae_attention(channels, groups));
+  resnets.push(std::make_shared<ResnetBlock2D>(channels, channels, groups, kEps, act));
+  if (add_attention) register_module("attentions", attentions.holder);
+  register_module("resnets", resnets.holder);
+}
+
+Tensor MidBlock2D::forward(const Tensor& x) const {
+  Tensor h = resnets[0].forward(x);
+  if (!attentions.empty()) h = attentions[0].forward(h);
+  return resnets[1].forward(h);
+}
+
+Encoder::Encoder(const AutoencoderKLConfig& cfg) {
+  const auto& boc = cfg.block_out_channels;
+  const int64_t g = cfg.norm_num_groups;
+  conv_in = register_module("conv_in", std::make_shared<nn::Conv2d>(cfg.in_channels, boc[0], 3, 1, 1));
+  int64_t output_channel = boc[0];
+  for (size_t i = 0; i < cfg.down_block_types.size(); ++i) {
+    int64_t input_channel = output_channel;
+    output_channel = boc[i];
+    const bool is_final = i == boc.size() - 1;
+    const bool attn = cfg.down_block_types[i] == "AttnDownEncoderBlock2D";
+    down_blocks.push(std::make_shared<SampleBlock>(input_channel, output_channel, cfg.layers_per_block, attn, !is_final, false, g,
+                                                   cfg.act_fn));
+  }
+  register_module("down_blocks", down_blocks.holder);
+  mid_block = register_module("mid_block", std::make_shared<MidBlock2D>(boc.back(), g, cfg.act_fn, cfg.mid_block_add_attention));
+  conv_norm_out = register_module("conv_norm_out", std::make_shared<nn::GroupNorm>(g, boc.back(), kEps));
+  conv_out = register_module("conv_out", std::make_shared<nn::Conv2d>(boc.back(), 2 * cfg.latent_channels, 3, 1, 1));
+}
+
+Tensor Encoder::forward(const Tensor& x) const {
+  Tensor h = conv_in->forward(x);
+  for (const auto& b : down_blocks) h = b->forward(h);
+  h = mid_block->forward(h);
+  return conv_out->forward(at::silu(conv_norm_out->forward(h)));  // conv_act is always nn.SiLU, whatever act_fn says
+}
+
+Decoder::Decoder(const AutoencoderKLConfig& cfg) {
+  const auto& boc = cfg.block_out_channels;
+  const int64_t g = cfg.norm_num_groups;
+  conv_in = register_module("conv_in", std::make_shared<nn::Conv2d>(cfg.latent_channels, boc.back(), 3, 1, 1));
+  mid_block = register_module("mid_block", std::make_shared<MidBlock2D>(boc.back(), g, cfg.act_fn, cfg.mid_block_add_attention));
+  std::vector<int64_t> rev(boc.rbegin(), boc.rend());
+  int64_t output_channel = rev[0];
+  for (size_t i = 0; i < cfg.up_block_types.size(); ++i) {
+    int64_t prev_output_channel = output_channel;
+    output_channel = rev[i];
+    const bool is_final = i == boc.size() - 1;
+    const bool attn = cfg.up_block_types[i] == "AttnUpDecoderBlock2D";
+    up_blocks.push(std::make_shared<SampleBlock>(prev_output_channel, output_channel, cfg.layers_per_block + 1, attn, false,
+                                                 !is_final, g, cfg.act_fn));
+  }
+  register_module("up_blocks", up_blocks.holder);
+  conv_norm_out = register_module("conv_norm_out", std::make_shared<nn::GroupNorm>(g, boc[0], kEps));
+  conv_out = register_module("conv_out", std::make_shared<nn::Conv2d>(boc[0], cfg.out_channels, 3, 1, 1));
+}
+
+Tensor Decoder::forward(const Tensor& z) const {
+  Tensor h = conv_in->forward(z);
+  h = mid_block->forward(h);
+  for (const auto& b : up_blocks) h = b->forward(h);
+  return conv_out->forward(at::silu(conv_norm_out->forward(h)));
+}
+
+}  // namespace vae
+
+AutoencoderKL::AutoencoderKL(const AutoencoderKLConfig& cfg) : config(cfg) {
+  encoder = register_module("encoder", std::make_shared<vae::Encoder>(cfg));
+  decoder = register_module("decoder", std::make_shared<vae::Decoder>(cfg));
+  const int64_t lc = cfg.latent_channels;
+  if (cfg.use_quant_conv) quant_conv = register_module("quant_conv", std::make_shared<nn::Conv2d>(2 * lc, 2 * lc, 1, 1, 0));
+  if (cfg.use_post_quant_conv) post_quant_conv = register_module("post_quant_conv", std::make_shared<nn::Conv2d>(lc, lc, 1, 1, 0));
+}
+
+namespace {
+Tensor to_weights(const Tensor& x, const Tensor& w, int64_t channels, const char* what) {
+  if (!x.defined() || x.dim() != 4)
+    throw UserError("EINPUT", std::string("VAE: ") + what + " must be a [batch, channels, height, width] tensor" +
+                                  (x.defined() ? ", got " + std::to_string(x.dim()) + " dimensions" : std::string()));
+  if (x.size(1) != channels)
+    throw UserError("EINPUT", std::string("VAE: ") + what + " has " + std::to_string(x.size(1)) + " channels, the VAE expects " +
+                                  std::to_string(channels));
+  if (!x.is_floating_point()) throw UserError("EINPUT", std::string("VAE: ") + what + " must be a floating-point tensor");
+  return x.to(w.device(), w.scalar_type());
+}
+}  // namespace
+
+AutoencoderKL::Posterior AutoencoderKL::encode(const Tensor& image) const {
+  Tensor h = encoder->forward(to_weights(image, encoder->conv_in->weight, config.in_channels, "image"));
+  if (quant_conv) h = quant_conv->forward(h);
+  auto parts = h.chunk(2, 1);
+  Posterior p;
+  p.mean = parts[0];
+  p.logvar = at::clamp(parts[1], -30.0, 20.0);
+  p.std = at::exp(0.5 * p.logvar);
+  return p;
+}
+
+Tensor AutoencoderKL::decode(const Tensor& z0) const {
+  Tensor z = to_weights(z0, decoder->conv_in->weight, config.latent_channels, "latents");
+  if (post_quant_conv) z = post_quant_conv->forward(z);
+  return decoder->forward(z);
+}
+
+namespace {
+// diffusers' _convert_deprecated_attention_blocks: query/key/value/proj_attn -> to_q/to_k/to_v/to_out.0.
+std::string rename_vae_key(const std::string& key) {
+  if (key.find(".attentions.") == std::string::npos) return key;
+  const auto dot = key.rfind('.');
+  if (dot == std::string::npos) return key;
+  const std::string stem = key.substr(0, dot), leaf = key.substr(dot);  // leaf: ".weight" / ".bias"
+  static const std::pair<std::string, std::string> kOld[] = {
+      {".query", ".to_q"}, {".key", ".to_k"}, {".value", ".to_v"}, {".proj_attn", ".to_out.0"}};
+  for (const auto& [from, to] : kOld)
+    if (stem.size() > from.size() && stem.compare(stem.size() - from.size(), from.size(), from) == 0)
+      return stem.substr(0, stem.size() - from.size()) + to + leaf;
+  return key;
+}
+}  // namespace
+
+std::shared_ptr<AutoencoderKL> AutoencoderKL::load(const std::string& dir, const std::string& variant,
+                                                   std::optional<torch::ScalarType> dtype, torch::Device device) {
+  const std::string cfg_path = dir + "/config.json";
+  AutoencoderKLConfig cfg = AutoencoderKLConfig::from_json(read_json_file(cfg_path), cfg_path);
+  WeightSource src = WeightSource::open_component(dir, "diffusion_pytorch_model", variant);
+  auto m = std::make_shared<AutoencoderKL>(cfg);
+
+  // Old conversions store the attention projections as 1x1 convs [C, C, 1, 1]: give those parameters the
+  // file's shape for the load, and the Linear shape [C, C] back afterwards.
+  std::map<std::string, Tensor> params;
+  for (auto& p : m->named_parameters(true)) params.emplace(p.key(), p.value());
+  std::vector<std::pair<Tensor, std::vector<int64_t>>> squeeze_back;
+  {
+    torch::NoGradGuard ng;
+    for (const auto& key : src.keys()) {
+      const std::string name = rename_vae_key(key);
+      auto it = params.find(name);
+      if (it == params.end() || name.find(".attentions.") == std::string::npos) continue;
+      const auto fs = src.shape(key);
+      const auto ms = it->second.sizes().vec();
+      if (ms.size() == 2 && fs.size() == 4 && fs[0] == ms[0] && fs[1] == ms[1] && fs[2] == 1 && fs[3] == 1) {
+        it->second.set_data(torch::empty(fs, it->second.options()));
+        squeeze_back.emplace_back(it->second, ms);
+      }
+    }
+  }
+  LoadOptions o;
+  o.dtype = dtype;
+  o.device = device;
+  o.rename = rename_vae_key;
+  load_module(*m, src, o, "VAE");
+  {
+    torch::NoGradGuard ng;
+    for (auto& [p, shape] : squeeze_back) p.set_data(p.detach().reshape(shape));
+  }
+  return m;
+}
+
+}  // namespace tl

@@ -1,0 +1,122 @@
+/**
+ * The training flags: one table gives each option's group, type and help; yargs gets kebab-case flags with the
+ * diffusers snake_case spelling as an alias. Defaults live in the zod schema (src/config.ts), not here, so that
+ * `--config FILE` values are not overridden by defaults.
+ */
+import type { Argv, Options } from 'yargs';
+
+import { readConfigFile, parseTrainConfig, type TrainConfig } from '../config';
+
+type Kind = 'string' | 'number' | 'boolean' | 'array' | 'numarray';
+interface Opt {
+  key: keyof TrainConfig | 'config' | 'demo';
+  group: string;
+  kind: Kind;
+  describe: string;
+  choices?: readonly string[];
+  aliases?: string[];
+}
+
+const MODEL = 'Model:';
+const DATA = 'Data:';
+const TRAINING = 'Training:';
+const PRECISION = 'Precision & memory:';
+const CKPT = 'Checkpointing:';
+const VALID = 'Validation:';
+const OUTPUT = 'Output & logging:';
+
+export const TRAIN_OPTIONS: readonly Opt[] = [
+  { key: 'config', group: OUTPUT, kind: 'string', describe: 'JSON file of options (snake_case keys, as training_config.json); flags override it' },
+  { key: 'demo', group: OUTPUT, kind: 'boolean', describe: 'train the embedded demo: a tiny generated model on generated shapes, on the CPU' },
+  { key: 'pretrained_model_name_or_path', group: MODEL, kind: 'string', describe: 'local Stable Diffusion 1.x folder in diffusers layout', aliases: ['model'] },
+  { key: 'variant', group: MODEL, kind: 'string', describe: 'weights variant, e.g. fp16 loads *.fp16.safetensors' },
+  { key: 'device', group: MODEL, kind: 'string', describe: 'auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps [default: auto]' },
+  { key: 'train_data_dir', group: DATA, kind: 'string', describe: 'images + captions.json, metadata.jsonl, or .txt captions beside images', aliases: ['data'] },
+  { key: 'caption_column', group: DATA, kind: 'string', describe: 'metadata.jsonl caption field [default: text, then caption]' },
+  { key: 'image_column', group: DATA, kind: 'string', describe: 'metadata.jsonl image field [default: file_name, then image]' },
+  { key: 'max_train_samples', group: DATA, kind: 'number', describe: 'use a seeded random subset of this many images' },
+  { key: 'resolution', group: DATA, kind: 'number', describe: 'shorter side is resized to this, then cropped square [default: 512]' },
+  { key: 'center_crop', group: DATA, kind: 'boolean', describe: 'center crop instead of a random crop' },
+  { key: 'random_flip', group: DATA, kind: 'boolean', describe: 'random horizontal flips' },
+  { key: 'image_interpolation_mode', group: DATA, kind: 'string', describe: 'resize filter [default: lanczos]', choices: ['lanczos', 'bilinear', 'bicubic', 'nearest', 'area'] },
+  { key: 'skip_bad_images', group: DATA, kind: 'boolean', describe: 'skip missing/unreadable images (listed) instead of stopping' },
+  { key: 'cache_latents', group: DATA, kind: 'boolean', describe: 'encode each image once (needs no random crop/flip)' },
+  { key: 'dataloader_num_workers', group: DATA, kind: 'number', describe: 'image decoding concurrency [default: 2]' },
+  { key: 'train_mode', group: TRAINING, kind: 'string', describe: 'lora: train adapters; full: train every UNet weight [default: lora]', choices: ['lora', 'full'] },
+  { key: 'rank', group: TRAINING, kind: 'number', describe: 'LoRA rank [default: 8]', aliases: ['lora-rank', 'lora_rank'] },
+  { key: 'lora_alpha', group: TRAINING, kind: 'number', describe: 'LoRA alpha; scale = alpha / rank [default: rank]' },
+  { key: 'lora_dropout', group: TRAINING, kind: 'number', describe: 'dropout on the LoRA input [default: 0]' },
+  { key: 'lora_target_modules', group: TRAINING, kind: 'array', describe: 'UNet Linear modules that get adapters [default: to_k to_q to_v to_out.0]' },
+  { key: 'init_lora_weights', group: TRAINING, kind: 'string', describe: 'start from a LoRA file (diffusers, PEFT or kohya)' },
+  { key: 'train_batch_size', group: TRAINING, kind: 'number', describe: 'images per micro-batch [default: 2]' },
+  { key: 'gradient_accumulation_steps', group: TRAINING, kind: 'number', describe: 'micro-batches per optimizer step [default: 8]' },
+  { key: 'max_train_steps', group: TRAINING, kind: 'number', describe: 'optimizer steps to train [default: 3000]' },
+  { key: 'learning_rate', group: TRAINING, kind: 'number', describe: 'AdamW learning rate [default: 1e-4]' },
+  { key: 'scale_lr', group: TRAINING, kind: 'boolean', describe: 'multiply the LR by accumulation × batch size × processes' },
+  { key: 'lr_scheduler', group: TRAINING, kind: 'string', describe: 'constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial [default: cosine]' },
+  { key: 'lr_warmup_steps', group: TRAINING, kind: 'number', describe: 'warmup optimizer steps [default: 500]' },
+  { key: 'lr_num_cycles', group: TRAINING, kind: 'number', describe: 'cycles of cosine_with_restarts [default: 1]' },
+  { key: 'lr_power', group: TRAINING, kind: 'number', describe: 'power of the polynomial schedule [default: 1]' },
+  { key: 'adam_beta1', group: TRAINING, kind: 'number', describe: '[default: 0.9]' },
+  { key: 'adam_beta2', group: TRAINING, kind: 'number', describe: '[default: 0.999]' },
+  { key: 'adam_weight_decay', group: TRAINING, kind: 'number', describe: '[default: 1e-2]' },
+  { key: 'adam_epsilon', group: TRAINING, kind: 'number', describe: '[default: 1e-8]' },
+  { key: 'max_grad_norm', group: TRAINING, kind: 'number', describe: 'clip the trainable gradients to this norm; 0 disables [default: 1]' },
+  { key: 'seed', group: TRAINING, kind: 'number', describe: 'seeds data order, augmentation, noise and init [default: 42]' },
+  { key: 'prediction_type', group: TRAINING, kind: 'string', describe: "override the scheduler's prediction type", choices: ['epsilon', 'v_prediction'] },
+  { key: 'noise_offset', group: TRAINING, kind: 'number', describe: 'noise offset [default: 0]' },
+  { key: 'snr_gamma', group: TRAINING, kind: 'number', describe: 'min-SNR loss weighting gamma (5.0 is common)' },
+  { key: 'mixed_precision', group: PRECISION, kind: 'string', describe: 'auto: fp16 on CUDA, no elsewhere [default: auto]', choices: ['auto', 'no', 'fp16', 'bf16'] },
+  { key: 'allow_tf32', group: PRECISION, kind: 'boolean', describe: 'TF32 matmuls on Ampere+ GPUs' },
+  { key: 'gradient_checkpointing', group: PRECISION, kind: 'boolean', describe: 'recompute activations in backward to save memory' },
+  { key: 'output_dir', group: CKPT, kind: 'string', describe: 'run folder [default: outputs/run-NNN]', aliases: ['out'] },
+  { key: 'checkpointing_steps', group: CKPT, kind: 'number', describe: 'save every N optimizer steps [default: 500]' },
+  { key: 'checkpoints_total_limit', group: CKPT, kind: 'number', describe: 'keep the newest N regular checkpoints [default: 5]' },
+  { key: 'checkpoint_every_epoch', group: CKPT, kind: 'boolean', describe: 'also save at the end of every epoch' },
+  { key: 'resume_from_checkpoint', group: CKPT, kind: 'string', describe: 'latest | a checkpoint folder | another run folder' },
+  { key: 'strict_resume', group: CKPT, kind: 'boolean', describe: 'fail instead of skipping invalid checkpoints' },
+  { key: 'reset_optimizer', group: CKPT, kind: 'boolean', describe: 'on resume: keep the weights, fresh optimizer and LR schedule' },
+  { key: 'allow_dataset_change', group: CKPT, kind: 'boolean', describe: 'on resume: accept a changed dataset' },
+  { key: 'on_save_error', group: CKPT, kind: 'string', describe: 'stop or continue when a checkpoint cannot be written [default: stop]', choices: ['stop', 'continue'] },
+  { key: 'monitor', group: CKPT, kind: 'string', describe: 'metric that picks the best checkpoint [default: train_loss]', choices: ['train_loss', 'val_loss'] },
+  { key: 'monitor_mode', group: CKPT, kind: 'string', describe: '[default: min]', choices: ['min', 'max'] },
+  { key: 'validation_prompt', group: VALID, kind: 'array', describe: 'prompt(s) rendered during training (repeatable)' },
+  { key: 'validation_prompts_file', group: VALID, kind: 'string', describe: 'one prompt per line' },
+  { key: 'num_validation_images', group: VALID, kind: 'number', describe: 'images per prompt [default: 4]' },
+  { key: 'validation_steps', group: VALID, kind: 'number', describe: 'render every N steps [default: 500]' },
+  { key: 'validation_epochs', group: VALID, kind: 'number', describe: 'render every N epochs' },
+  { key: 'validation_before_training', group: VALID, kind: 'boolean', describe: 'render once before the first step' },
+  { key: 'save_format', group: OUTPUT, kind: 'array', describe: 'final LoRA files: diffusers, peft, kohya [default: diffusers peft]' },
+  { key: 'log_level', group: OUTPUT, kind: 'string', describe: '[default: info]', choices: ['trace', 'debug', 'info', 'warn', 'error'] },
+];
+
+const kebab = (k: string) => k.replace(/_/g, '-');
+
+export function addTrainOptions<T>(y: Argv<T>): Argv<T> {
+  let out = y;
+  for (const o of TRAIN_OPTIONS) {
+    const flag = kebab(o.key);
+    const aliases = [...(o.key !== flag ? [o.key] : []), ...(o.aliases ?? [])];
+    const opt: Options = { group: o.group, describe: o.describe, alias: aliases };
+    if (o.kind === 'array') Object.assign(opt, { type: 'string', array: true });
+    else opt.type = o.kind === 'numarray' ? 'number' : o.kind;
+    if (o.choices) opt.choices = o.choices;
+    out = out.option(flag, opt) as Argv<T>;
+  }
+  return out;
+}
+
+/**
+ * Merges defaults < --config file < explicit flags and validates. `argv` is yargs' parsed object; only keys the
+ * user actually typed are taken (yargs sets no defaults for these options).
+ */
+export function configFromArgv(argv: Record<string, unknown>, extra: Record<string, unknown> = {}): TrainConfig {
+  const fromFile = typeof argv.config === 'string' ? readConfigFile(argv.config) : {};
+  const fromFlags: Record<string, unknown> = {};
+  for (const o of TRAIN_OPTIONS) {
+    if (o.key === 'config' || o.key === 'demo') continue;
+    const v = argv[kebab(o.key)];
+    if (v !== undefined) fromFlags[o.key] = v;
+  }
+  return parseTrainConfig({ ...extra, ...fromFile, ...fromFlags });
+}

@@ -1,0 +1,137 @@
+/**
+ * The training configuration: one zod schema with defaults for LoRA fine-tuning of SD 1.5 on one GPU. Values come
+ * from, in increasing precedence: defaults, `--config FILE.json` (diffusers' snake_case keys), command-line flags
+ * (kebab-case, snake_case accepted as aliases). Every problem is reported at once, naming the flag.
+ */
+import * as fs from 'node:fs';
+
+import { z } from 'zod';
+
+import { LR_SCHEDULE_KINDS } from './train/schedules/lr';
+
+const positiveInt = z.number().int().positive();
+const nonNegInt = z.number().int().nonnegative();
+
+export const TrainConfigSchema = z
+  .object({
+    // Model
+    pretrained_model_name_or_path: z.string().min(1),
+    variant: z.string().optional(),
+    device: z.string().default('auto'),
+    // Data
+    train_data_dir: z.string().min(1),
+    caption_column: z.string().optional(),
+    image_column: z.string().optional(),
+    max_train_samples: positiveInt.optional(),
+    resolution: positiveInt.default(512),
+    center_crop: z.boolean().default(false),
+    random_flip: z.boolean().default(false),
+    image_interpolation_mode: z.enum(['lanczos', 'bilinear', 'bicubic', 'nearest', 'area']).default('lanczos'),
+    skip_bad_images: z.boolean().default(false),
+    cache_latents: z.boolean().default(false),
+    dataloader_num_workers: nonNegInt.default(2),
+    // Training
+    train_mode: z.enum(['lora', 'full']).default('lora'),
+    rank: positiveInt.default(8),
+    lora_alpha: z.number().positive().optional(),
+    lora_dropout: z.number().min(0).max(1).default(0),
+    lora_target_modules: z.array(z.string().min(1)).min(1).default(['to_k', 'to_q', 'to_v', 'to_out.0']),
+    init_lora_weights: z.string().optional(),
+    train_batch_size: positiveInt.default(2),
+    gradient_accumulation_steps: positiveInt.default(8),
+    max_train_steps: positiveInt.default(3000),
+    num_train_epochs: positiveInt.optional(),
+    learning_rate: z.number().positive().default(1e-4),
+    scale_lr: z.boolean().default(false),
+    lr_scheduler: z.enum(LR_SCHEDULE_KINDS as unknown as [string, ...string[]]).default('cosine'),
+    lr_warmup_steps: nonNegInt.default(500),
+    lr_num_cycles: z.number().positive().default(1),
+    lr_power: z.number().positive().default(1.0),
+    adam_beta1: z.number().min(0).lt(1).default(0.9),
+    adam_beta2: z.number().min(0).lt(1).default(0.999),
+    adam_weight_decay: z.number().min(0).default(1e-2),
+    adam_epsilon: z.number().positive().default(1e-8),
+    max_grad_norm: z.number().default(1.0),
+    seed: nonNegInt.default(42),
+    prediction_type: z.enum(['epsilon', 'v_prediction']).optional(),
+    noise_offset: z.number().min(0).default(0),
+    snr_gamma: z.number().positive().optional(),
+    // Precision & memory
+    mixed_precision: z.enum(['auto', 'no', 'fp16', 'bf16']).default('auto'),
+    allow_tf32: z.boolean().default(false),
+    gradient_checkpointing: z.boolean().default(false),
+    // Checkpointing
+    output_dir: z.string().optional(),
+    checkpointing_steps: positiveInt.default(500),
+    checkpoints_total_limit: positiveInt.default(5),
+    checkpoint_every_epoch: z.boolean().default(false),
+    resume_from_checkpoint: z.string().optional(),
+    strict_resume: z.boolean().default(false),
+    reset_optimizer: z.boolean().default(false),
+    allow_dataset_change: z.boolean().default(false),
+    on_save_error: z.enum(['stop', 'continue']).default('stop'),
+    monitor: z.enum(['train_loss', 'val_loss']).default('train_loss'),
+    monitor_mode: z.enum(['min', 'max']).default('min'),
+    // Validation
+    validation_prompt: z.array(z.string()).default([]),
+    validation_prompts_file: z.string().optional(),
+    num_validation_images: nonNegInt.default(4),
+    validation_steps: positiveInt.default(500),
+    validation_epochs: positiveInt.optional(),
+    validation_before_training: z.boolean().default(false),
+    // Output & logging
+    save_format: z.array(z.enum(['diffusers', 'peft', 'kohya'])).default(['diffusers', 'peft']),
+    log_level: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
+  })
+  .strict();
+
+export type TrainConfig = z.infer<typeof TrainConfigSchema>;
+export type TrainConfigInput = z.input<typeof TrainConfigSchema>;
+
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+  constructor(readonly problems: string[]) {
+    super(`invalid configuration:\n  - ${problems.join('\n  - ')}`);
+  }
+}
+
+export const flagName = (key: string): string => `--${key.replace(/_/g, '-')}`;
+
+/** Validates a merged config, reporting every problem with the flag it belongs to. */
+export function parseTrainConfig(input: Record<string, unknown>): TrainConfig {
+  const r = TrainConfigSchema.safeParse(input);
+  if (r.success) return r.data;
+  const problems = r.error.issues.map((i) => {
+    const key = String(i.path[0] ?? '');
+    if (i.code === 'unrecognized_keys') return `unknown option(s): ${i.keys.map(flagName).join(', ')}`;
+    if (i.code === 'invalid_enum_value') return `${flagName(key)}: "${String(i.received)}" is not one of ${i.options.join(', ')}`;
+    if (i.code === 'invalid_type' && i.received === 'undefined') return `${flagName(key)} is required`;
+    return `${flagName(key)}: ${i.message}`;
+  });
+  throw new ConfigError(problems);
+}
+
+/** Reads a training_config.json (snake_case keys, as diffusers' scripts use). */
+export function readConfigFile(file: string): Record<string, unknown> {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new ConfigError([`--config ${file}: cannot read (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`]);
+  }
+  let v: unknown;
+  try {
+    v = JSON.parse(text);
+  } catch (e) {
+    throw new ConfigError([`--config ${file}: not valid JSON (${(e as Error).message})`]);
+  }
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new ConfigError([`--config ${file}: must hold a JSON object of options`]);
+  const out: Record<string, unknown> = {};
+  for (const [k, val] of Object.entries(v as Record<string, unknown>)) out[k.replace(/-/g, '_')] = val;
+  return out;
+}
+
+/** Effective LoRA alpha: the given one, or the rank (diffusers' script uses lora_alpha = rank). */
+export function loraAlpha(c: TrainConfig): number {
+  return c.lora_alpha ?? c.rank;
+}

@@ -1,0 +1,156 @@
+/**
+ * Decode throughput of the image pipeline: one image at a time vs the prefetching BatchLoader
+ * (sharp's libuv concurrency) vs a worker_threads pool.
+ *
+ *   node dist/data/bench.js [--count 64] [--width 768] [--height 512] [--resolution 512] [--threads 2]
+ *
+ * Writes `count` synthetic photo-like JPEGs to a temp folder, then reports images/s for each
+ * strategy (best of 3 passes). Nothing here is used by training; it is a measuring stick.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
+
+import sharp from 'sharp';
+
+import { loadDataset } from './dataset';
+import { type ImageTransformOptions, processImage } from './images';
+import { BatchLoader } from './loader';
+import { Prng, derive } from './prng';
+
+interface BenchArgs {
+  count: number;
+  width: number;
+  height: number;
+  resolution: number;
+  threads: number;
+}
+
+function parseArgs(argv: readonly string[]): BenchArgs {
+  const out: BenchArgs = { count: 64, width: 768, height: 512, resolution: 512, threads: 2 };
+  for (let i = 0; i < argv.length; i += 2) {
+    const key = argv[i].replace(/^--/, '') as keyof BenchArgs;
+    if (!(key in out)) throw new Error(`unknown option ${argv[i]}`);
+    out[key] = Number(argv[i + 1]);
+  }
+  return out;
+}
+
+/** Smooth colour fields plus noise: compresses and decodes like a photo, unlike flat colours. */
+async function writeImages(dir: string, a: BenchArgs): Promise<string[]> {
+  fs.mkdirSync(path.join(dir, 'images'), { recursive: true });
+  const rng = Prng.fromSeed(7);
+  const files: string[] = [];
+  const captions: Record<string, string> = {};
+  for (let i = 0; i < a.count; i++) {
+    const px = new Uint8Array(a.width * a.height * 3);
+    const f = [rng.nextFloat() * 0.05 + 0.01, rng.nextFloat() * 0.05 + 0.01, rng.nextFloat() * 6];
+    for (let y = 0; y < a.height; y++) {
+      for (let x = 0; x < a.width; x++) {
+        const o = (y * a.width + x) * 3;
+        for (let c = 0; c < 3; c++) {
+          const v = 128 + 70 * Math.sin(x * f[0] + c + f[2]) * Math.cos(y * f[1] - c) + (rng.nextU32() & 31) - 16;
+          px[o + c] = v < 0 ? 0 : v > 255 ? 255 : v;
+        }
+      }
+    }
+    const name = `img_${String(i).padStart(3, '0')}.jpg`;
+    await sharp(Buffer.from(px.buffer), { raw: { width: a.width, height: a.height, channels: 3 } })
+      .jpeg({ quality: 90 })
+      .toFile(path.join(dir, 'images', name));
+    files.push(path.join(dir, 'images', name));
+    captions[name] = `image ${i}`;
+  }
+  fs.writeFileSync(path.join(dir, 'captions.json'), JSON.stringify(captions));
+  return files;
+}
+
+async function bestOf(passes: number, n: number, fn: () => Promise<void>): Promise<number> {
+  let best = Infinity;
+  for (let p = 0; p < passes; p++) {
+    const t0 = process.hrtime.bigint();
+    await fn();
+    best = Math.min(best, Number(process.hrtime.bigint() - t0) / 1e9);
+  }
+  return n / best;
+}
+
+interface WorkerJob {
+  file: string;
+  index: number;
+}
+
+/** A minimal worker pool: each worker runs processImage one job at a time and returns the floats. */
+async function runWorkers(files: readonly string[], opts: ImageTransformOptions, threads: number): Promise<void> {
+  const workers = Array.from({ length: threads }, () => new Worker(__filename, { workerData: opts }));
+  let next = 0;
+  await Promise.all(
+    workers.map(
+      (w) =>
+        new Promise<void>((resolve, reject) => {
+          const feed = (): void => {
+            if (next >= files.length) {
+              resolve();
+              return;
+            }
+            const job: WorkerJob = { file: files[next], index: next };
+            next += 1;
+            w.postMessage(job);
+          };
+          w.on('message', feed);
+          w.on('error', reject);
+          feed();
+        }),
+    ),
+  );
+  await Promise.all(workers.map((w) => w.terminate()));
+}
+
+function workerMain(): void {
+  const opts = workerData as ImageTransformOptions;
+  parentPort?.on('message', (job: WorkerJob) => {
+    processImage(job.file, opts, derive(1, job.index)).then(
+      (r) => parentPort?.postMessage(r.pixels, [r.pixels.buffer as ArrayBuffer]),
+      (err: unknown) => {
+        throw err;
+      },
+    );
+  });
+}
+
+async function main(): Promise<void> {
+  const a = parseArgs(process.argv.slice(2));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'train-lora-bench-'));
+  try {
+    const files = await writeImages(dir, a);
+    const opts: ImageTransformOptions = { resolution: a.resolution, randomFlip: true };
+    const ds = await loadDataset(dir);
+    const cores = os.availableParallelism();
+    console.log(`${a.count} JPEGs ${a.width}x${a.height} -> ${a.resolution}, ${cores} cores, UV_THREADPOOL_SIZE=${process.env.UV_THREADPOOL_SIZE ?? '4 (default)'}`);
+    const report = (name: string, ips: number): void => console.log(`${name.padEnd(44)} ${ips.toFixed(1).padStart(7)} images/s`);
+
+    report('single-threaded (one image at a time)', await bestOf(3, files.length, async () => {
+      for (let i = 0; i < files.length; i++) await processImage(files[i], opts, derive(1, i));
+    }));
+    for (const concurrency of [1, 2, 4, 8]) {
+      report(`BatchLoader, batch 8, concurrency ${concurrency}`, await bestOf(3, files.length, async () => {
+        const loader = new BatchLoader(ds, { ...opts, batchSize: 8, seed: 1, concurrency, prefetchBatches: 2 });
+        for (let b = 0; b < files.length / 8; b++) await loader.next();
+        await loader.close();
+      }));
+    }
+    report(`worker_threads pool, ${a.threads} workers`, await bestOf(3, files.length, () => runWorkers(files, opts, a.threads)));
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+if (!isMainThread) {
+  workerMain();
+} else if (require.main === module) {
+  main().catch((err: unknown) => {
+    console.error(err);
+    process.exit(1);
+  });
+}

@@ -1,0 +1,521 @@
+/**
+ * The training loop of diffusers' train_text_to_image_lora.py (+ accelerate's accumulation, clipping and LR
+ * stepping), with checkpoints that resume exactly. TypeScript decides everything (data order, accumulation, LR,
+ * when to save); the native Trainer runs the step and holds the tensors.
+ *
+ * Accumulation follows accelerate: micro-batches of an epoch are grouped in cycles of
+ * `gradient_accumulation_steps`; the last cycle of an epoch may be shorter (the dataloader's end forces a sync);
+ * every micro-loss is divided by gradient_accumulation_steps. The LR used by an optimizer step is the schedule's
+ * value after the number of optimizer steps that were not skipped (an fp16 overflow skips the step and the schedule).
+ * Checkpoints are written only between optimizer steps, so a resume never lands inside an accumulation cycle.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+import { type CheckpointEntry, CheckpointError, CheckpointManager, RunLock } from '../checkpoint/manager';
+import { writeJsonDurable } from '../checkpoint/fsutil';
+import { loraAlpha, type TrainConfig } from '../config';
+import { datasetFingerprint, describeDataset, loadDataset, type Dataset } from '../data/dataset';
+import { BatchLoader } from '../data/loader';
+import type { SampleOrderState } from '../data/sampler';
+import { checkModelFolder } from '../models/model-folder';
+import { modelFingerprint } from '../models/fingerprint';
+import { native, type HostTensor, type PipelineHandle, type TrainerHandle, type TrainerStateJson } from '../native';
+import { fromFloat32, fromInt64 } from '../tensors';
+import { CLIPTokenizer } from '../tokenizer';
+import { lrAt, lrScheduleFromJSON, trainingLrSchedule, type LrScheduleSpec } from './schedules/lr';
+import { NoiseSchedule } from './schedules/noise';
+
+export const TRAINER_STATE_VERSION = 1;
+
+/** Where training reports to (logger + progress bar + metrics files). */
+export interface TrainReporter {
+  info(msg: string, data?: Record<string, unknown>): void;
+  warn(msg: string, data?: Record<string, unknown>): void;
+  error(msg: string, data?: Record<string, unknown>): void;
+  /** After every optimizer step. */
+  step(m: StepMetrics): void;
+  /** Progress bar lifecycle. */
+  start?(total: number, initial: number): void;
+  finish?(): void;
+}
+
+export interface StepMetrics {
+  step: number;
+  epoch: number;
+  loss: number;
+  lr: number;
+  gradNorm: number;
+  skipped: boolean;
+  lossScale: number;
+  /** Optimizer steps per second (smoothed by the reporter if it likes). */
+  stepTime: number;
+  samplesSeen: number;
+}
+
+export interface TrainerStateFile {
+  version: number;
+  global_step: number;
+  /** Optimizer steps that advanced the LR schedule (not skipped by fp16 overflow). */
+  scheduler_steps: number;
+  epoch: number;
+  /** Samples of `epoch` already consumed (the data cursor). */
+  position: number;
+  samples_seen: number;
+  max_train_steps: number;
+  train_loss: number | null;
+  best_metric: { name: string; value: number; step: number; mode: 'min' | 'max' } | null;
+  base_model: { path: string; fingerprint: string };
+  dataset: { path: string; fingerprint: string; size: number };
+  config: TrainConfig;
+  resumed_from: string | null;
+  versions: { train_lora: string; torch: string; node: string };
+  time: string;
+  host: string;
+}
+
+export interface TrainResult {
+  outputDir: string;
+  globalStep: number;
+  finished: boolean;
+  /** Set when a signal stopped the run (after saving). */
+  signal?: NodeJS.Signals;
+  lastCheckpoint?: string;
+  loraFiles: string[];
+  losses: number[];
+}
+
+interface Stop {
+  signal?: NodeJS.Signals;
+}
+
+function packageVersion(): string {
+  try {
+    return (JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string }).version;
+  } catch {
+    return '0.0.0';
+  }
+}
+
+/** outputs/run-NNN, numbered after the highest existing one. */
+export function nextRunDir(root = 'outputs'): string {
+  let max = 0;
+  if (fs.existsSync(root))
+    for (const n of fs.readdirSync(root)) {
+      const m = /^run-(\d+)$/.exec(n);
+      if (m) max = Math.max(max, Number(m[1]));
+    }
+  return path.join(root, `run-${String(max + 1).padStart(3, '0')}`);
+}
+
+export async function resolveDevice(requested: string): Promise<string> {
+  if (requested !== 'auto') return requested;
+  const devs = await native().devices();
+  if (devs.some((d) => d.type === 'cuda' && d.available)) return 'cuda';
+  if (devs.some((d) => d.type === 'mps' && d.available)) return 'mps';
+  return 'cpu';
+}
+
+/** fp16 on CUDA, no elsewhere (fp16 gives NaNs on MPS; CPU fp16 is slow). */
+export function resolveMixedPrecision(mp: TrainConfig['mixed_precision'], device: string): 'no' | 'fp16' | 'bf16' {
+  if (mp !== 'auto') return mp;
+  return device.startsWith('cuda') ? 'fp16' : 'no';
+}
+
+/** Finds the checkpoint a `--resume-from-checkpoint` value names. */
+export async function resolveResume(value: string, mgr: CheckpointManager, strict: boolean, warn: (m: string) => void): Promise<CheckpointEntry | undefined> {
+  const report = (e: CheckpointEntry) => {
+    const msg = `skipping ${e.path}: ${e.problem}`;
+    if (strict) throw new CheckpointError(`${msg} (--strict-resume)`, 'EBADCKPT');
+    warn(msg);
+  };
+  if (value === 'latest') return mgr.latest(report);
+  const p = path.resolve(value);
+  if (!fs.existsSync(p)) throw new CheckpointError(`--resume-from-checkpoint ${value}: no such checkpoint or run folder`, 'ENOENT');
+  if (fs.existsSync(path.join(p, 'checkpoints'))) {
+    // Another run's output folder: its latest valid checkpoint.
+    const e = await new CheckpointManager(p).latest(report);
+    if (!e) throw new CheckpointError(`--resume-from-checkpoint ${value}: that run has no valid checkpoint`, 'ENOENT');
+    return e;
+  }
+  const { verifyCheckpoint } = await import('../checkpoint/manager');
+  const e = await verifyCheckpoint(p);
+  if (!e.valid) throw new CheckpointError(`--resume-from-checkpoint ${value}: ${e.problem}`, 'EBADCKPT');
+  return e;
+}
+
+function readJson<T>(file: string): T {
+  return JSON.parse(fs.readFileSync(file, 'utf8')) as T;
+}
+
+/** Differences between a checkpoint's run and this one that make resuming wrong, with the flag that accepts them. */
+function compatibilityProblems(prev: TrainerStateFile, cfg: TrainConfig, modelFp: string, dataFp: string): string[] {
+  const problems: string[] = [];
+  if (prev.base_model.fingerprint !== modelFp)
+    problems.push(`the base model differs (checkpoint: ${prev.base_model.path}, now: ${cfg.pretrained_model_name_or_path})`);
+  const p = prev.config;
+  if (p.train_mode !== cfg.train_mode) problems.push(`--train-mode was ${p.train_mode}, now ${cfg.train_mode}`);
+  if (cfg.train_mode === 'lora') {
+    if (p.rank !== cfg.rank) problems.push(`--rank was ${p.rank}, now ${cfg.rank}`);
+    if ((p.lora_alpha ?? p.rank) !== loraAlpha(cfg)) problems.push(`--lora-alpha was ${p.lora_alpha ?? p.rank}, now ${loraAlpha(cfg)}`);
+    if (p.lora_target_modules.join(',') !== cfg.lora_target_modules.join(','))
+      problems.push(`--lora-target-modules was ${p.lora_target_modules.join(',')}, now ${cfg.lora_target_modules.join(',')}`);
+  }
+  if (prev.dataset.fingerprint !== dataFp && !cfg.allow_dataset_change)
+    problems.push(`the dataset changed since the checkpoint (${prev.dataset.path}); pass --allow-dataset-change to continue on the new data`);
+  return problems;
+}
+
+export interface TrainOptions {
+  /** Test-only fault injection for checkpoint saves. */
+  faultHook?: (stage: string) => void;
+  /** Default true: SIGINT/SIGTERM finish the step, save and stop. */
+  installSignalHandlers?: boolean;
+  /** Behave as if SIGINT arrived during this step (tests of interruption and resume). */
+  stopAtStep?: number;
+}
+
+export async function train(cfg: TrainConfig, report: TrainReporter, opts: TrainOptions = {}): Promise<TrainResult> {
+  const outputDir = path.resolve(cfg.output_dir ?? nextRunDir());
+  fs.mkdirSync(outputDir, { recursive: true });
+  const lock = new RunLock(outputDir);
+  lock.acquire();
+  const mgr = new CheckpointManager(outputDir, { faultHook: opts.faultHook });
+  const stop: Stop = {};
+  const onSignal = (sig: NodeJS.Signals) => {
+    if (stop.signal) {
+      report.error(`second ${sig}: aborting now without saving (the last checkpoint is intact)`);
+      lock.release();
+      process.exit(sig === 'SIGINT' ? 130 : 143);
+    }
+    stop.signal = sig;
+    report.warn(`${sig} received: finishing the current optimizer step, then saving a checkpoint (press again to abort)`);
+  };
+  if (opts.installSignalHandlers !== false) {
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  }
+  let loader: BatchLoader | undefined;
+  let pipe: PipelineHandle | undefined;
+  try {
+    for (const n of mgr.cleanStale()) report.info(`removed an incomplete checkpoint folder left by a crash: ${n}`);
+
+    // ---- model, data, schedule ----
+    const modelDir = path.resolve(cfg.pretrained_model_name_or_path);
+    checkModelFolder(modelDir, ['unet', 'vae', 'text_encoder']);
+    const device = await resolveDevice(cfg.device);
+    const mixed = resolveMixedPrecision(cfg.mixed_precision, device);
+    const tokenizer = CLIPTokenizer.fromFolder(path.join(modelDir, 'tokenizer'));
+    const noise = NoiseSchedule.fromFile(path.join(modelDir, 'scheduler', 'scheduler_config.json'), cfg.prediction_type ? { predictionType: cfg.prediction_type } : {});
+    if (noise.predictionType === 'sample') throw new Error('prediction_type "sample" is not supported for training; use epsilon or v_prediction');
+    const dataset: Dataset = await loadDataset(cfg.train_data_dir, {
+      captionColumn: cfg.caption_column,
+      imageColumn: cfg.image_column,
+      skipBadImages: cfg.skip_bad_images,
+      maxTrainSamples: cfg.max_train_samples,
+      seed: cfg.seed,
+    });
+    report.info(describeDataset(dataset));
+    for (const s of dataset.skipped) report.warn(`skipped ${s.file}: ${s.reason}`);
+    const modelFp = await modelFingerprint(modelDir);
+    const dataFp = datasetFingerprint(dataset);
+
+    // ---- resume ----
+    let resumeFrom: CheckpointEntry | undefined;
+    let prev: TrainerStateFile | undefined;
+    if (cfg.resume_from_checkpoint) {
+      resumeFrom = await resolveResume(cfg.resume_from_checkpoint, mgr, cfg.strict_resume, (m) => report.warn(m));
+      if (!resumeFrom) report.warn(`--resume-from-checkpoint ${cfg.resume_from_checkpoint}: no valid checkpoint in ${mgr.dir}; starting a new run`);
+      else {
+        prev = readJson<TrainerStateFile>(path.join(resumeFrom.path, 'trainer_state.json'));
+        const problems = compatibilityProblems(prev, cfg, modelFp, dataFp);
+        if (problems.length)
+          throw new CheckpointError(`cannot resume from ${resumeFrom.path}:\n  - ${problems.join('\n  - ')}\nStart a new run with another --output-dir, or fix the options.`, 'EINCOMPATIBLE');
+      }
+    }
+
+    // ---- native pipeline + trainer ----
+    const weightDtype = mixed === 'fp16' ? 'fp16' : mixed === 'bf16' ? 'bf16' : 'fp32';
+    const t0 = Date.now();
+    pipe = await native().loadPipeline(modelDir, {
+      device,
+      dtype: cfg.train_mode === 'full' ? 'fp32' : weightDtype,
+      variant: cfg.variant,
+    });
+    report.info(`loaded ${modelDir} on ${device} (${weightDtype}) in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+    const { trainer, trainableParams, totalParams } = await native().createTrainer(pipe, {
+      mode: cfg.train_mode,
+      rank: cfg.rank,
+      alpha: loraAlpha(cfg),
+      dropout: cfg.lora_dropout,
+      init: 'gaussian',
+      targets: cfg.lora_target_modules,
+      mixedPrecision: mixed,
+      gradientCheckpointing: cfg.gradient_checkpointing,
+      predictionType: noise.predictionType as 'epsilon' | 'v_prediction',
+      noiseOffset: cfg.noise_offset,
+      snrGamma: cfg.snr_gamma,
+      alphasCumprod: Array.from(noise.alphasCumprod),
+      adamBeta1: cfg.adam_beta1,
+      adamBeta2: cfg.adam_beta2,
+      adamWeightDecay: cfg.adam_weight_decay,
+      adamEpsilon: cfg.adam_epsilon,
+      maxGradNorm: cfg.max_grad_norm,
+      seed: cfg.seed,
+    });
+    report.info(`trainable parameters: ${trainableParams.toLocaleString('en-US')} of ${totalParams.toLocaleString('en-US')} (${((100 * trainableParams) / totalParams).toFixed(3)} %)`);
+
+    // ---- schedule and data order ----
+    const batchSize = cfg.train_batch_size;
+    const accum = cfg.gradient_accumulation_steps;
+    const batchesPerEpoch = Math.ceil(dataset.items.length / batchSize);
+    const updatesPerEpoch = Math.ceil(batchesPerEpoch / accum);
+    const maxSteps = cfg.max_train_steps;
+    let spec: LrScheduleSpec = trainingLrSchedule({
+      kind: cfg.lr_scheduler as LrScheduleSpec['kind'],
+      learningRate: cfg.learning_rate,
+      scaleLr: cfg.scale_lr,
+      lrWarmupSteps: cfg.lr_warmup_steps,
+      maxTrainSteps: maxSteps,
+      numTrainEpochs: Math.ceil(maxSteps / updatesPerEpoch),
+      batchesPerEpoch,
+      gradientAccumulationSteps: accum,
+      trainBatchSize: batchSize,
+      numProcesses: 1,
+      numCycles: cfg.lr_num_cycles,
+      power: cfg.lr_power,
+    });
+    let globalStep = 0;
+    let schedulerSteps = 0;
+    let samplesSeen = 0;
+    let cursor: SampleOrderState | undefined;
+    let best = prev?.best_metric ?? null;
+    if (resumeFrom && prev) {
+      const dir = resumeFrom.path;
+      const rng = readJson<{ torch: Record<string, string>; data: { sampler: SampleOrderState } }>(path.join(dir, 'random_states_0.json'));
+      const scaler = readJson<TrainerStateJson['scaler']>(path.join(dir, 'scaler.json'));
+      const optim = readJson<{ per_parameter_steps: Record<string, number> }>(path.join(dir, 'optimizer.json'));
+      const sched = readJson<{ spec: unknown; scheduler_steps: number }>(path.join(dir, 'scheduler.json'));
+      await native().trainerLoadState(trainer, dir, {
+        optimizerSteps: cfg.reset_optimizer ? undefined : optim.per_parameter_steps,
+        scaler,
+        rng: rng.torch,
+      });
+      globalStep = prev.global_step;
+      samplesSeen = prev.samples_seen;
+      const sameData = prev.dataset.fingerprint === dataFp;
+      cursor = sameData ? rng.data.sampler : undefined;
+      if (!sameData) report.warn('the dataset changed: starting its order from the beginning of a new epoch');
+      const newSchedule = cfg.reset_optimizer || prev.config.learning_rate !== cfg.learning_rate || prev.max_train_steps !== maxSteps || prev.config.lr_scheduler !== cfg.lr_scheduler;
+      if (cfg.reset_optimizer) {
+        report.warn(`--reset-optimizer: keeping the weights of step ${globalStep}, fresh AdamW moments and a fresh LR schedule`);
+        schedulerSteps = 0;
+      } else {
+        schedulerSteps = sched.scheduler_steps;
+        if (!newSchedule) spec = lrScheduleFromJSON(sched.spec).spec;
+        else report.warn(`the LR schedule changed on resume (learning rate ${prev.config.learning_rate} -> ${cfg.learning_rate}, max steps ${prev.max_train_steps} -> ${maxSteps}): continuing at scheduler step ${schedulerSteps} of the new schedule`);
+      }
+      report.info(`resumed from ${dir} at step ${globalStep} (epoch ${prev.epoch}, sample ${prev.position})`);
+    }
+    if (globalStep >= maxSteps) {
+      report.info(`already at step ${globalStep} of ${maxSteps}: nothing to train (raise --max-train-steps to continue)`);
+    }
+
+    loader = new BatchLoader(dataset, {
+      batchSize,
+      seed: cfg.seed,
+      resolution: cfg.resolution,
+      interpolation: cfg.image_interpolation_mode,
+      centerCrop: cfg.center_crop,
+      randomFlip: cfg.random_flip,
+      cursor: cursor ? { epoch: cursor.epoch, position: cursor.position } : undefined,
+      prefetchBatches: 2,
+      concurrency: Math.max(1, cfg.dataloader_num_workers * 2),
+    });
+    // A cursor at the end of an epoch means the next batch starts the next epoch.
+
+    const losses: number[] = [];
+    let lastCheckpoint: string | undefined;
+    let lastLoss: number | null = prev?.train_loss ?? null;
+
+    const saveCheckpoint = async (reason: string): Promise<void> => {
+      const t = Date.now();
+      const state = loader!.state();
+      try {
+        const entry = await mgr.save(
+          globalStep,
+          async (tmp) => {
+            const st = await native().trainerSaveState(trainer, tmp, { format: 'pt', step: String(globalStep) });
+            writeJsonDurable(path.join(tmp, 'optimizer.json'), {
+              kind: 'AdamW',
+              betas: [cfg.adam_beta1, cfg.adam_beta2],
+              eps: cfg.adam_epsilon,
+              weight_decay: cfg.adam_weight_decay,
+              per_parameter_steps: st.optimizerSteps,
+            });
+            writeJsonDurable(path.join(tmp, 'scheduler.json'), { spec, scheduler_steps: schedulerSteps, next_lr: lrAt(spec, schedulerSteps) });
+            writeJsonDurable(path.join(tmp, 'scaler.json'), st.scaler);
+            writeJsonDurable(path.join(tmp, 'random_states_0.json'), { torch: st.rng, data: { sampler: state, seed: cfg.seed } });
+            const ts: TrainerStateFile = {
+              version: TRAINER_STATE_VERSION,
+              global_step: globalStep,
+              scheduler_steps: schedulerSteps,
+              epoch: state.epoch,
+              position: state.position,
+              samples_seen: samplesSeen,
+              max_train_steps: maxSteps,
+              train_loss: lastLoss,
+              best_metric: best,
+              base_model: { path: modelDir, fingerprint: modelFp },
+              dataset: { path: path.resolve(cfg.train_data_dir), fingerprint: dataFp, size: dataset.items.length },
+              config: cfg,
+              resumed_from: resumeFrom?.path ?? null,
+              versions: { train_lora: packageVersion(), torch: native().version().torch, node: process.version },
+              time: new Date().toISOString(),
+              host: os.hostname(),
+            };
+            writeJsonDurable(path.join(tmp, 'trainer_state.json'), ts);
+          },
+          { reason, expectedBytes: lastCheckpointSize(mgr) },
+        );
+        lastCheckpoint = entry.path;
+        // Best checkpoint by the monitored metric (train loss until validation loss exists).
+        if (lastLoss !== null && cfg.monitor === 'train_loss') {
+          const better = !best || (cfg.monitor_mode === 'min' ? lastLoss < best.value : lastLoss > best.value);
+          if (better) {
+            best = { name: 'train_loss', value: lastLoss, step: globalStep, mode: cfg.monitor_mode };
+            mgr.writeBest({ step: globalStep, metric: 'train_loss', value: lastLoss, mode: cfg.monitor_mode });
+          }
+        }
+        const removed = mgr.prune(cfg.checkpoints_total_limit, { best: best?.step, final: reason === 'final' ? globalStep : undefined });
+        report.info(`saved ${entry.path} (${reason}) in ${Date.now() - t} ms${removed.length ? `; removed ${removed.join(', ')}` : ''}`, {
+          checkpoint: entry.path,
+          saveMs: Date.now() - t,
+        });
+      } catch (e) {
+        if (cfg.on_save_error === 'continue' && reason !== 'final' && reason !== 'signal') {
+          report.error(`${(e as Error).message} (continuing: --on-save-error continue)`);
+          return;
+        }
+        throw e;
+      }
+    };
+
+    report.start?.(maxSteps, globalStep);
+    let stepStart = Date.now();
+    while (globalStep < maxSteps && !stop.signal) {
+      // One optimizer step: a full accumulation cycle, or what is left of the epoch.
+      let micro = 0;
+      let lossSum = 0;
+      let epoch = 0;
+      let endOfEpoch = false;
+      do {
+        const batch = await loader.next();
+        const ids = tokenizer.encodeBatch(batch.captions, { maxLength: tokenizer.modelMaxLength, padding: 'max_length' });
+        const b = batch.indices.length;
+        const pixels: HostTensor = fromFloat32('pixel_values', [b, 3, cfg.resolution, cfg.resolution], batch.pixelValues);
+        const inputIds = fromInt64('input_ids', [b, ids[0].length], ids.flat());
+        const loss = await native().trainerMicroStep(trainer as TrainerHandle, { pixelValues: pixels, inputIds }, accum);
+        if (!Number.isFinite(loss)) report.warn(`non-finite loss ${loss} at step ${globalStep + 1}`);
+        lossSum += loss;
+        micro++;
+        samplesSeen += b;
+        epoch = batch.epoch;
+        endOfEpoch = batch.lastInEpoch;
+      } while (micro < accum && !endOfEpoch);
+      const lr = lrAt(spec, schedulerSteps);
+      const r = await native().trainerOptimizerStep(trainer, lr);
+      if (!r.skipped) schedulerSteps++;
+      globalStep++;
+      const loss = lossSum / micro;
+      lastLoss = loss;
+      losses.push(loss);
+      const now = Date.now();
+      report.step({ step: globalStep, epoch, loss, lr, gradNorm: r.gradNorm, skipped: r.skipped, lossScale: r.lossScale, stepTime: (now - stepStart) / 1000, samplesSeen });
+      if (r.skipped) report.warn(`step ${globalStep}: fp16 overflow, update skipped (loss scale now ${r.lossScale})`);
+      stepStart = now;
+      if (opts.stopAtStep !== undefined && globalStep >= opts.stopAtStep) stop.signal = 'SIGINT';
+      const due =
+        globalStep % cfg.checkpointing_steps === 0 || (cfg.checkpoint_every_epoch && endOfEpoch);
+      if (stop.signal) break;
+      if (due && globalStep < maxSteps) await saveCheckpoint(endOfEpoch && cfg.checkpoint_every_epoch ? 'epoch-end' : 'interval');
+    }
+    report.finish?.();
+    const finished = globalStep >= maxSteps;
+    await saveCheckpoint(stop.signal ? 'signal' : finished ? 'final' : 'interval');
+    const loraFiles: string[] = [];
+    if (finished && cfg.train_mode === 'lora') {
+      const meta = {
+        format: 'pt',
+        'train_lora.rank': String(cfg.rank),
+        'train_lora.alpha': String(loraAlpha(cfg)),
+        'train_lora.steps': String(globalStep),
+        'train_lora.base_model_fingerprint': modelFp,
+      };
+      if (cfg.save_format.includes('diffusers')) {
+        const f = path.join(outputDir, 'pytorch_lora_weights.safetensors');
+        await native().trainerExportLora(trainer, f, 'diffusers', meta);
+        loraFiles.push(f);
+      }
+      if (cfg.save_format.includes('peft')) {
+        const d = path.join(outputDir, 'lora_weights');
+        fs.mkdirSync(d, { recursive: true });
+        const f = path.join(d, 'adapter_model.safetensors');
+        await native().trainerExportLora(trainer, f, 'peft', meta, 'base_model.model');
+        writeJsonDurable(path.join(d, 'adapter_config.json'), {
+          peft_type: 'LORA',
+          task_type: null,
+          r: cfg.rank,
+          lora_alpha: loraAlpha(cfg),
+          lora_dropout: cfg.lora_dropout,
+          target_modules: [...cfg.lora_target_modules].sort(),
+          init_lora_weights: 'gaussian',
+          bias: 'none',
+          use_rslora: false,
+          use_dora: false,
+          fan_in_fan_out: false,
+          modules_to_save: null,
+          rank_pattern: {},
+          alpha_pattern: {},
+          base_model_name_or_path: modelDir,
+          inference_mode: true,
+        });
+        loraFiles.push(f);
+      }
+      if (cfg.save_format.includes('kohya')) {
+        const f = path.join(outputDir, 'lora_kohya.safetensors');
+        await native().trainerExportLora(trainer, f, 'kohya', {
+          ss_network_module: 'networks.lora',
+          ss_network_dim: String(cfg.rank),
+          ss_network_alpha: String(loraAlpha(cfg)),
+          ss_steps: String(globalStep),
+          ss_resolution: `(${cfg.resolution}, ${cfg.resolution})`,
+          ss_num_train_images: String(dataset.items.length),
+          ss_base_model_version: 'sd_v1',
+          sshs_model_hash: modelFp,
+        });
+        loraFiles.push(f);
+      }
+    }
+    return { outputDir, globalStep, finished, signal: stop.signal, lastCheckpoint, loraFiles, losses };
+  } finally {
+    await loader?.close();
+    if (pipe) native().dispose(pipe);
+    if (opts.installSignalHandlers !== false) {
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    }
+    lock.release();
+  }
+}
+
+function lastCheckpointSize(mgr: CheckpointManager): number | undefined {
+  if (!fs.existsSync(mgr.dir)) return undefined;
+  const names = fs.readdirSync(mgr.dir).filter((n) => /^checkpoint-\d+$/.test(n)).sort((a, b) => Number(b.split('-')[1]) - Number(a.split('-')[1]));
+  if (!names.length) return undefined;
+  let total = 0;
+  const dir = path.join(mgr.dir, names[0]);
+  for (const f of fs.readdirSync(dir)) total += fs.statSync(path.join(dir, f)).size;
+  return total;
+}
