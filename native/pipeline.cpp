@@ -40,7 +40,10 @@ std::shared_ptr<Pipeline> load_pipeline(const std::string& dir, const PipelineOp
   auto p = std::make_shared<Pipeline>();
   p->dir = dir;
   p->device = opts.device;
-  p->dtype = opts.dtype;
+  // Like diffusers without torch_dtype: weights are converted to fp32 whatever the file holds (e.g. an fp16 variant).
+  p->dtype = opts.dtype.value_or(torch::kFloat32);
+  PipelineOptions o = opts;
+  o.dtype = p->dtype;
   auto need = [&](const std::string& c) { return opts.components.count(c) > 0; };
   auto check_dir = [&](const std::string& c) {
     if (!is_dir(dir + "/" + c))
@@ -48,17 +51,17 @@ std::shared_ptr<Pipeline> load_pipeline(const std::string& dir, const PipelineOp
     return dir + "/" + c;
   };
   if (need("text_encoder")) {
-    p->text_encoder = CLIPTextModel::load(check_dir("text_encoder"), opts.variant, opts.dtype, opts.device);
+    p->text_encoder = CLIPTextModel::load(check_dir("text_encoder"), o.variant, o.dtype, o.device);
     freeze(*p->text_encoder);
     p->text_encoder->eval();
   }
   if (need("unet")) {
-    p->unet = UNet2DConditionModel::load(check_dir("unet"), opts.variant, opts.dtype, opts.device);
+    p->unet = UNet2DConditionModel::load(check_dir("unet"), o.variant, o.dtype, o.device);
     freeze(*p->unet);
     p->unet->eval();
   }
   if (need("vae")) {
-    p->vae = AutoencoderKL::load(check_dir("vae"), opts.variant, opts.dtype, opts.device);
+    p->vae = AutoencoderKL::load(check_dir("vae"), o.variant, o.dtype, o.device);
     freeze(*p->vae);
     p->vae->eval();
   }

@@ -95,8 +95,10 @@ test('retention keeps the newest N, the best, the final and kept ones, and never
   const removed = mgr.prune(2, { best: 2 });
   expect(removed.sort()).toEqual(['checkpoint-3', 'checkpoint-4']);
   expect(fs.readdirSync(mgr.dir).sort()).toEqual(['checkpoint-1', 'checkpoint-2', 'checkpoint-5', 'checkpoint-6']);
-  expect(mgr.prune(1)).toEqual(['checkpoint-5']);
-  expect(mgr.prune(1)).toEqual([]);
+  expect(mgr.prune(1, { best: 2 })).toEqual(['checkpoint-5']);
+  expect(mgr.prune(1, { best: 2 })).toEqual([]);
+  // Without protection the kept one still stays, and the newest is never removed.
+  expect(mgr.prune(1).sort()).toEqual(['checkpoint-2']);
   expect((await mgr.latest())?.step).toBe(6);
 });
 

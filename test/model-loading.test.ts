@@ -195,5 +195,3 @@ describe('make-tiny-model', () => {
     expect(fs.readFileSync(unetFile(a)).equals(fs.readFileSync(unetFile(b)))).toBe(false);
   });
 });
-EOF
-tail -3 /tmp/build.log

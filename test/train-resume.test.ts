@@ -81,8 +81,10 @@ describe('training with checkpoints', () => {
   test('a checkpoint holds every state file, a manifest last, and is verifiable', async () => {
     const mgr = new CheckpointManager(straight.out);
     const list = await mgr.list('full');
-    // steps 3, 6 (interval) and 8 (final); limit 2 keeps the newest regular ones plus the final
-    expect(list.map((e) => e.step)).toEqual([8, 6]);
+    // Saved: 3, 6 (interval) and 8 (final). Limit 2 keeps the newest two, and never the best by train loss.
+    const best = mgr.readBest();
+    expect(best?.metric).toBe('train_loss');
+    expect(list.map((e) => e.step)).toEqual([...new Set([8, 6, best!.step])].sort((a, b) => b - a));
     for (const e of list) expect([e.name, e.valid, e.problem]).toEqual([e.name, true, undefined]);
     const files = Object.keys(list[0].manifest!.files).sort();
     expect(files).toEqual(['model.safetensors', 'optimizer.json', 'optimizer.safetensors', 'random_states_0.json', 'scaler.json', 'scheduler.json', 'trainer_state.json']);

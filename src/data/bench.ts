@@ -2,10 +2,12 @@
  * Decode throughput of the image pipeline: one image at a time vs the prefetching BatchLoader
  * (sharp's libuv concurrency) vs a worker_threads pool.
  *
- *   node dist/data/bench.js [--count 64] [--width 768] [--height 512] [--resolution 512] [--threads 2]
+ *   node dist/data/bench.js [--count 64] [--width 768] [--height 512] [--resolution 512] [--threads 2] [--passes 3]
  *
- * Writes `count` synthetic photo-like JPEGs to a temp folder, then reports images/s for each
- * strategy (best of 3 passes). Nothing here is used by training; it is a measuring stick.
+ * Writes `count` synthetic photo-like JPEGs to a temp folder, then reports for each strategy the
+ * best wall-clock images/s over the passes and the CPU time per image summed over all threads
+ * (robust on a shared machine; for the loader it includes work on batches prefetched past the
+ * last one consumed). Nothing here is used by training; it is a measuring stick.
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -25,10 +27,11 @@ interface BenchArgs {
   height: number;
   resolution: number;
   threads: number;
+  passes: number;
 }
 
 function parseArgs(argv: readonly string[]): BenchArgs {
-  const out: BenchArgs = { count: 64, width: 768, height: 512, resolution: 512, threads: 2 };
+  const out: BenchArgs = { count: 64, width: 768, height: 512, resolution: 512, threads: 2, passes: 3 };
   for (let i = 0; i < argv.length; i += 2) {
     const key = argv[i].replace(/^--/, '') as keyof BenchArgs;
     if (!(key in out)) throw new Error(`unknown option ${argv[i]}`);
@@ -66,14 +69,29 @@ async function writeImages(dir: string, a: BenchArgs): Promise<string[]> {
   return files;
 }
 
-async function bestOf(passes: number, n: number, fn: () => Promise<void>): Promise<number> {
+interface Measure {
+  /** Images per wall-clock second (best pass). */
+  perSecond: number;
+  /** CPU milliseconds per image over all threads of this process (median pass). */
+  cpuMs: number;
+}
+
+/** Best wall-clock throughput of `passes` runs, and the CPU time per image (all threads). */
+async function measure(passes: number, n: number, fn: () => Promise<(() => Promise<void>) | void>): Promise<Measure> {
   let best = Infinity;
+  const cpu: number[] = [];
   for (let p = 0; p < passes; p++) {
+    const c0 = process.cpuUsage();
     const t0 = process.hrtime.bigint();
-    await fn();
+    const cleanup = await fn();
     best = Math.min(best, Number(process.hrtime.bigint() - t0) / 1e9);
+    const c = process.cpuUsage(c0);
+    cpu.push((c.user + c.system) / 1000 / n);
+    // Outside the timing: e.g. a loader's close(), which waits for batches prefetched past the end.
+    if (cleanup) await cleanup();
   }
-  return n / best;
+  cpu.sort((a, b) => a - b);
+  return { perSecond: n / best, cpuMs: cpu[Math.floor(cpu.length / 2)] };
 }
 
 interface WorkerJob {
@@ -127,20 +145,22 @@ async function main(): Promise<void> {
     const opts: ImageTransformOptions = { resolution: a.resolution, randomFlip: true };
     const ds = await loadDataset(dir);
     const cores = os.availableParallelism();
+    const passes = a.passes;
     console.log(`${a.count} JPEGs ${a.width}x${a.height} -> ${a.resolution}, ${cores} cores, UV_THREADPOOL_SIZE=${process.env.UV_THREADPOOL_SIZE ?? '4 (default)'}`);
-    const report = (name: string, ips: number): void => console.log(`${name.padEnd(44)} ${ips.toFixed(1).padStart(7)} images/s`);
+    const report = (name: string, m: Measure): void =>
+      console.log(`${name.padEnd(44)} ${m.perSecond.toFixed(1).padStart(7)} images/s  ${m.cpuMs.toFixed(1).padStart(6)} CPU ms/image`);
 
-    report('single-threaded (one image at a time)', await bestOf(3, files.length, async () => {
+    report('single-threaded (one image at a time)', await measure(passes, files.length, async () => {
       for (let i = 0; i < files.length; i++) await processImage(files[i], opts, derive(1, i));
     }));
     for (const concurrency of [1, 2, 4, 8]) {
-      report(`BatchLoader, batch 8, concurrency ${concurrency}`, await bestOf(3, files.length, async () => {
+      report(`BatchLoader, batch 8, concurrency ${concurrency}`, await measure(passes, files.length, async () => {
         const loader = new BatchLoader(ds, { ...opts, batchSize: 8, seed: 1, concurrency, prefetchBatches: 2 });
         for (let b = 0; b < files.length / 8; b++) await loader.next();
-        await loader.close();
+        return () => loader.close();
       }));
     }
-    report(`worker_threads pool, ${a.threads} workers`, await bestOf(3, files.length, () => runWorkers(files, opts, a.threads)));
+    report(`worker_threads pool, ${a.threads} workers`, await measure(passes, files.length, () => runWorkers(files, opts, a.threads)));
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
