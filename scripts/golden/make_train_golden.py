@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Golden reference for the LoRA TRAINING STEP of diffusers' train_text_to_image_lora.py.
 
-How to run (from the repository root; CPU only, no network, about a minute):
+How to run (from the repository root; CPU only, no network; about 5 minutes, 2 with --skip-checks):
 
     PYTHONPATH=/path/to/diffusers/src python3 scripts/golden/make_train_golden.py
 
@@ -25,11 +25,13 @@ Deviations from the script, all deliberate (the brief of this golden):
   * `lora_alpha = 8` with `rank = 4` (the script uses lora_alpha = rank); so the LoRA scale is 2, not 1.
   * The script passes `params_to_clip = lora_layers`, which is the `filter(...)` iterator that the optimizer
     constructor has already consumed, so `accelerator.clip_grad_norm_` receives NO parameters: it returns 0 and
-    clips nothing (see `script_literal` in stats.json). Here the LoRA parameters are passed as a list, so
+    clips nothing (`effect_sizes_fp64.script_literal_*` in stats.json). Here the LoRA parameters are passed as a list, so
     clipping really happens, which is what `--max_grad_norm` is meant to do.
-  * lr = 1.0 (instead of the 1e-3 default) so that the pre-clip gradient norm exceeds max_grad_norm = 1.0
-    on the last optimizer step. The tiny model's LoRA gradient norm is ~0.08 at the start, and no plausible
-    input changes that much. A large step only makes the LoRA big enough to raise it.
+  * max_grad_norm: the tiny model's pre-clip LoRA gradient norm is only 0.01 to 0.08, so with max_grad_norm = 1.0
+    clipping would never act. `default` and `snr` therefore use lr = 1e-3 with max_grad_norm 0.068 / 0.022,
+    which clips some steps and not others. `bigstep` keeps max_grad_norm = 1.0 and uses lr = 1.0 to raise the
+    last step's gradient norm to 4.8. That run is strongly non-linear, and its fp32 noise floor is ~4e-3
+    (stats.json), so it is only a coarse check.
   * The float64 reference computes the loss in float64: the script's `model_pred.float()` is an upcast meant for
     fp16/bf16 training; applied to a float64 model it would be a downcast.
 
@@ -83,21 +85,27 @@ RANK = 4
 LORA_ALPHA = 8  # != rank on purpose: the LoRA scale is lora_alpha / rank = 2
 TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 SEED = 1234  # set_seed(SEED) immediately before unet.add_adapter
-LEARNING_RATE = 1.0
 ADAM = dict(betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 LR_SCHEDULER = "cosine"
 LR_WARMUP_STEPS = 2
 MAX_TRAIN_STEPS = 3  # optimizer steps
 GRADIENT_ACCUMULATION_STEPS = 2
 TRAIN_BATCH_SIZE = 2
-MAX_GRAD_NORM = 1.0
 NUM_MICRO_STEPS = MAX_TRAIN_STEPS * GRADIENT_ACCUMULATION_STEPS  # 6 dataloader batches
 
+# The tiny model's pre-clip LoRA gradient norm is only 0.013 to 0.073 with lr 1e-3, and no plausible input raises
+# it much (noise x 20 gives 0.35). So `default` and `snr` keep lr = 1e-3 and set max_grad_norm below those norms,
+# which makes clipping active on some steps and inactive on others. `bigstep` is max_grad_norm = 1.0 itself. It
+# needs lr = 1.0 to get a gradient norm above 1 (4.8 on its last step). That is far from linear: A moves by about
+# its own size, and the fp32 noise floor of the final weights rises to ~4e-3 (see stats.json).
 SCENARIOS = {
-    # name: (prediction_type as passed to --prediction_type, snr_gamma)
-    "default": (None, None),  # scheduler config's prediction_type = "epsilon", plain MSE
-    "snr": ("v_prediction", 5.0),  # min-SNR-gamma weighting, v-prediction target
+    # prediction_type as passed to --prediction_type (None: the scheduler config's "epsilon"), snr_gamma,
+    # learning_rate, max_grad_norm
+    "default": dict(prediction_type=None, snr_gamma=None, learning_rate=1e-3, max_grad_norm=0.068),
+    "snr": dict(prediction_type="v_prediction", snr_gamma=5.0, learning_rate=1e-3, max_grad_norm=0.022),
+    "bigstep": dict(prediction_type=None, snr_gamma=None, learning_rate=1.0, max_grad_norm=1.0),
 }
+EXPECTED_CLIPPED = {"default": [False, True, True], "snr": [False, True, False], "bigstep": [False, False, True]}
 
 # ---- fixed "random" inputs ---------------------------------------------------------------------------------
 INPUT_SEED = 4321
@@ -212,9 +220,10 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
-def train_accelerate(x: dict, lora_init: dict, scenario: str, dtype, clip_like_script: bool = False) -> dict:
+def train_accelerate(x: dict, lora_init: dict, cfg: dict, dtype, clip_like_script: bool = False,
+                     weight_decay: float = ADAM["weight_decay"]) -> dict:
     """The script's training loop with the real accelerate objects."""
-    prediction_type, snr_gamma = SCENARIOS[scenario]
+    prediction_type, snr_gamma = cfg["prediction_type"], cfg["snr_gamma"]
     reset_accelerate()
     accelerator = Accelerator(
         gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS, mixed_precision="no", cpu=True
@@ -225,7 +234,9 @@ def train_accelerate(x: dict, lora_init: dict, scenario: str, dtype, clip_like_s
     lora_layers = filter(lambda p: p.requires_grad, unet.parameters())  # as the script
     if not clip_like_script:
         lora_layers = list(lora_layers)  # reusable, so clip_grad_norm_ sees the parameters
-    optimizer = torch.optim.AdamW(lora_layers, lr=LEARNING_RATE, **ADAM)
+    optimizer = torch.optim.AdamW(
+        lora_layers, lr=cfg["learning_rate"], betas=ADAM["betas"], weight_decay=weight_decay, eps=ADAM["eps"]
+    )
     train_dataloader = torch.utils.data.DataLoader(
         FixedBatches(x), shuffle=False, collate_fn=collate_fn, batch_size=TRAIN_BATCH_SIZE
     )
@@ -250,7 +261,7 @@ def train_accelerate(x: dict, lora_init: dict, scenario: str, dtype, clip_like_s
             if accelerator.sync_gradients:
                 params_to_clip = lora_layers
                 res["lr"].append(float(optimizer.param_groups[0]["lr"]))  # the lr this optimizer.step() uses
-                res["grad_norm"].append(float(accelerator.clip_grad_norm_(params_to_clip, MAX_GRAD_NORM)))
+                res["grad_norm"].append(float(accelerator.clip_grad_norm_(params_to_clip, cfg["max_grad_norm"])))
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad()
@@ -272,14 +283,15 @@ def cosine_with_warmup(step: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
 
 
-def train_by_hand(x: dict, lora_init: dict, scenario: str, dtype) -> dict:
+def train_by_hand(x: dict, lora_init: dict, cfg: dict, dtype) -> dict:
     """The same training without accelerate or torch.optim: what a re-implementation has to do.
 
     Per micro-step i: loss_i (undivided); backward(loss_i / 2), so gradients accumulate (.grad +=).
-    After every 2nd micro-step (k = i // 2): the total L2 norm over all LoRA grads, then grads *= min(1, 1.0 / (norm +
-    1e-6)); one AdamW step with lr_k = 1.0 * cosine_with_warmup(k); then the grads are zeroed.
+    After every 2nd micro-step (k = i // 2): the total L2 norm over all LoRA grads, then
+    grads *= min(1, max_grad_norm / (norm + 1e-6)); one AdamW step with lr_k = learning_rate * cosine_with_warmup(k);
+    then the grads are zeroed.
     """
-    prediction_type, snr_gamma = SCENARIOS[scenario]
+    prediction_type, snr_gamma = cfg["prediction_type"], cfg["snr_gamma"]
     noise_scheduler = DDPMScheduler.from_pretrained(MODEL, subfolder="scheduler")
     unet, text_encoder = load_models(dtype, lora_init)
     unet.train()
@@ -298,8 +310,8 @@ def train_by_hand(x: dict, lora_init: dict, scenario: str, dtype) -> dict:
         k = i // GRADIENT_ACCUMULATION_STEPS
         with torch.no_grad():
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-            coef = torch.clamp(MAX_GRAD_NORM / (norm + 1e-6), max=1.0)
-            lr = LEARNING_RATE * cosine_with_warmup(k)
+            coef = torch.clamp(cfg["max_grad_norm"] / (norm + 1e-6), max=1.0)
+            lr = cfg["learning_rate"] * cosine_with_warmup(k)
             t = k + 1  # Adam's step count
             for p, mi, vi in zip(params, m, v):
                 g = p.grad * coef
@@ -406,7 +418,6 @@ def main():
             "init_lora_weights": "gaussian",
             "target_modules": TARGET_MODULES,
             "seed_before_add_adapter": SEED,
-            "learning_rate": LEARNING_RATE,
             "adam_beta1": ADAM["betas"][0],
             "adam_beta2": ADAM["betas"][1],
             "adam_weight_decay": ADAM["weight_decay"],
@@ -416,44 +427,60 @@ def main():
             "max_train_steps": MAX_TRAIN_STEPS,
             "gradient_accumulation_steps": GRADIENT_ACCUMULATION_STEPS,
             "train_batch_size": TRAIN_BATCH_SIZE,
-            "max_grad_norm": MAX_GRAD_NORM,
             "mixed_precision": "no",
             "noise_offset": 0,
-            "scenarios": {k: {"prediction_type": p or "epsilon (scheduler config)", "snr_gamma": s} for k, (p, s) in SCENARIOS.items()},
+            "scenarios": SCENARIOS,
         },
         "lora_init": {"num_tensors": len(lora_init), "num_params": sum(v.numel() for v in lora_init.values()),
                       "A_std": a_std, "peft_fp64_init_equals_fp32_init": init64_same},
         "scenarios": {},
     }
 
-    for scenario in SCENARIOS:
-        print(f"\n== scenario {scenario} ==")
-        ref = train_accelerate(x, lora_init, scenario, torch.float64)
-        f32 = train_accelerate(x, lora_init, scenario, torch.float32)
+    def split(d: dict, which: str) -> dict:
+        return {k: v for k, v in d.items() if f".lora_{which}." in k}
+
+    def lora_diff(a: dict, b: dict) -> dict:
+        """max over tensors of ||a - b|| / ||b|| for A and B, and for A relative to its update ||b - init||."""
+        return {
+            "A": max_rel_lora(split(a, "A"), split(b, "A")),
+            "B": max_rel_lora(split(a, "B"), split(b, "B")),
+            "A_update": max_rel_lora(split(a, "A"), split(b, "A"), lora_init),
+        }
+
+    for scenario, cfg in SCENARIOS.items():
+        print(f"\n== scenario {scenario}: {cfg} ==")
+        ref = train_accelerate(x, lora_init, cfg, torch.float64)
+        f32 = train_accelerate(x, lora_init, cfg, torch.float32)
         assert ref["sync"] == [False, True] * MAX_TRAIN_STEPS, ref["sync"]
         assert len(ref["grad_norm"]) == MAX_TRAIN_STEPS
-        clipped = [n > MAX_GRAD_NORM for n in ref["grad_norm"]]
-        assert any(clipped), f"clipping never active: {ref['grad_norm']}"
+        clipped = [n > cfg["max_grad_norm"] for n in ref["grad_norm"]]
+        assert clipped == EXPECTED_CLIPPED[scenario], (scenario, ref["grad_norm"])
+        assert clipped == [n > cfg["max_grad_norm"] for n in f32["grad_norm"]]
 
         expected = {f"loss.{i}": torch.tensor(v, dtype=torch.float32) for i, v in enumerate(ref["loss"])}
         expected.update({f"grad_norm.{k}": torch.tensor(v, dtype=torch.float32) for k, v in enumerate(ref["grad_norm"])})
         expected.update({f"lr.{k}": torch.tensor(v, dtype=torch.float32) for k, v in enumerate(ref["lr"])})
         expected.update({"lora." + k: v.to(torch.float32) for k, v in ref["lora"].items()})
-        save_tensors(OUT / f"expected_{scenario}.safetensors", expected,
-                     {**meta, "reference_dtype": "float64", "scenario": scenario})
+        save_tensors(
+            OUT / f"expected_{scenario}.safetensors",
+            expected,
+            {**meta, "reference_dtype": "float64", "scenario": scenario,
+             **{k: json.dumps(v) for k, v in cfg.items()}},
+        )
         scalars = {f"loss.{i}": v for i, v in enumerate(ref["loss"])}
         scalars.update({f"grad_norm.{k}": v for k, v in enumerate(ref["grad_norm"])})
         scalars.update({f"lr.{k}": v for k, v in enumerate(ref["lr"])})
         scalars.update({f"clipped.{k}": c for k, c in enumerate(clipped)})
-        scalars.update({f"clip_coef.{k}": min(1.0, MAX_GRAD_NORM / (n + 1e-6)) for k, n in enumerate(ref["grad_norm"])})
+        scalars.update({f"clip_coef.{k}": min(1.0, cfg["max_grad_norm"] / (n + 1e-6)) for k, n in enumerate(ref["grad_norm"])})
         with open(OUT / f"expected_{scenario}.json", "w") as fh:
-            json.dump({"scenario": scenario, "prediction_type": SCENARIOS[scenario][0] or "epsilon",
-                       "snr_gamma": SCENARIOS[scenario][1], **scalars}, fh, indent=2)
+            json.dump({"scenario": scenario, **{k: v for k, v in cfg.items()},
+                       "prediction_type": cfg["prediction_type"] or "epsilon", **scalars}, fh, indent=2)
             fh.write("\n")
 
         # noise floor: the same computation in float32, and the stored (fp32-rounded) reference
         stored = {k[len("lora."):]: v for k, v in expected.items() if k.startswith("lora.")}
         s = {
+            "config": cfg,
             "loss": ref["loss"],
             "grad_norm": ref["grad_norm"],
             "lr": ref["lr"],
@@ -464,36 +491,34 @@ def main():
                 "loss_max_rel": max_rel_scalars(f32["loss"], ref["loss"]),
                 "grad_norm_max_rel": max_rel_scalars(f32["grad_norm"], ref["grad_norm"]),
                 "lr_equal": f32["lr"] == ref["lr"],
-                "lora_max_rel": max_rel_lora(f32["lora"], ref["lora"]),
-                "lora_max_rel_to_update": max_rel_lora(f32["lora"], ref["lora"], lora_init),
-                "lora_A_max_rel": max_rel_lora({k: v for k, v in f32["lora"].items() if ".lora_A." in k},
-                                               {k: v for k, v in ref["lora"].items() if ".lora_A." in k}),
-                "lora_B_max_rel": max_rel_lora({k: v for k, v in f32["lora"].items() if ".lora_B." in k},
-                                               {k: v for k, v in ref["lora"].items() if ".lora_B." in k}),
+                "lora_max_rel": lora_diff(f32["lora"], ref["lora"]),
             },
-            "stored_fp32_vs_fp64_lora_max_rel": max_rel_lora(stored, ref["lora"]),
-            "update_size_rel": {  # how far training moved the weights: ||final - init|| / ||final||
-                "A_max": max(rel_err(lora_init[k], ref["lora"][k]) for k in lora_init if ".lora_A." in k),
-                "A_min": min(rel_err(lora_init[k], ref["lora"][k]) for k in lora_init if ".lora_A." in k),
-            },
+            "stored_fp32_vs_fp64_lora_max_rel": lora_diff(stored, ref["lora"]),
+            # how far training moved the weights: ||final - init|| / ||final|| (B starts at 0, so 1 for B)
+            "update_size_rel_A": [
+                min(rel_err(lora_init[k], ref["lora"][k]) for k in split(lora_init, "A")),
+                max(rel_err(lora_init[k], ref["lora"][k]) for k in split(lora_init, "A")),
+            ],
         }
         if not args.skip_checks:
-            hand = train_by_hand(x, lora_init, scenario, torch.float64)
+            hand = train_by_hand(x, lora_init, cfg, torch.float64)
             s["by_hand_vs_accelerate_fp64"] = {
                 "loss_max_rel": max_rel_scalars(hand["loss"], ref["loss"]),
                 "grad_norm_max_rel": max_rel_scalars(hand["grad_norm"], ref["grad_norm"]),
                 "lr_max_abs": max(abs(a - b) for a, b in zip(hand["lr"], ref["lr"])),
-                "lora_max_rel": max_rel_lora(hand["lora"], ref["lora"]),
-                "lora_bitwise_equal": all(torch.equal(hand["lora"][k], ref["lora"][k]) for k in ref["lora"]),
+                "lora_max_rel": lora_diff(hand["lora"], ref["lora"]),
             }
-            assert s["by_hand_vs_accelerate_fp64"]["lora_max_rel"] < 1e-10, s["by_hand_vs_accelerate_fp64"]
+            assert max(s["by_hand_vs_accelerate_fp64"]["lora_max_rel"].values()) < 1e-9, s["by_hand_vs_accelerate_fp64"]
             assert s["by_hand_vs_accelerate_fp64"]["loss_max_rel"] < 1e-12
-            # the script as written: params_to_clip is the exhausted filter -> clip_grad_norm_ sees no parameters
-            lit = train_accelerate(x, lora_init, scenario, torch.float32, clip_like_script=True)
-            s["script_literal"] = {
-                "clip_grad_norm_returns": lit["grad_norm"],
-                "final_lora_max_rel_vs_clipped_fp32": max_rel_lora(lit["lora"], f32["lora"]),
-                "loss": lit["loss"],
+            assert s["by_hand_vs_accelerate_fp64"]["lr_max_abs"] == 0.0
+            # The script as written: params_to_clip is the exhausted filter, so clip_grad_norm_ sees no parameters.
+            lit = train_accelerate(x, lora_init, cfg, torch.float64, clip_like_script=True)
+            s["effect_sizes_fp64"] = {  # how much a deviation changes the final weights (compare with the floor)
+                "script_literal_no_clipping": lora_diff(lit["lora"], ref["lora"]),
+                "script_literal_clip_grad_norm_returns": lit["grad_norm"],
+                "no_weight_decay": lora_diff(
+                    train_accelerate(x, lora_init, cfg, torch.float64, weight_decay=0.0)["lora"], ref["lora"]
+                ),
             }
         stats["scenarios"][scenario] = s
         print(json.dumps(s, indent=1))
