@@ -49,7 +49,7 @@ async function demoDefaults(log: CliReporter): Promise<Record<string, unknown>> 
     pretrained_model_name_or_path: model,
     train_data_dir: data,
     device: 'cpu',
-    resolution: 64,
+    resolution: 32,
     random_flip: true,
     train_batch_size: 4,
     gradient_accumulation_steps: 1,
