@@ -66,7 +66,7 @@ async function demoDefaults(log: CliReporter): Promise<Record<string, unknown>> 
 }
 
 async function runTrain(argv: Record<string, unknown>): Promise<void> {
-  const reporter = new CliReporter();
+  const reporter = new CliReporter((argv['log-level'] as 'info' | undefined) ?? 'info');
   const extra = argv.demo ? await demoDefaults(reporter) : {};
   if (!argv.demo && argv['pretrained-model-name-or-path'] === undefined && argv.config === undefined) {
     throw new ConfigError([

@@ -107,9 +107,9 @@ test.each([
 ] as const)('%s finishes the step, saves, exits %d, and the resume loses no step', async (sig, code) => {
   const out = path.join(tmp, `signal-${sig}`);
   // Signal right after step 3 is logged.
-  const r = await runAndSignal(out, false, sig, { line: /"step":3,/ });
+  const r = await runAndSignal(out, false, sig, { line: /"step":3,[^\n]*"msg":"step"/ });
   expect(r.code).toBe(code);
-  const stepsDone = [...r.stdout.matchAll(/"msg":"step","step":(\d+)/g)].map((m) => Number(m[1]));
+  const stepsDone = [...r.stdout.matchAll(/"step":(\d+),[^\n]*"msg":"step"/g)].map((m) => Number(m[1]));
   const lastDone = Math.max(...stepsDone);
   const latest = await new CheckpointManager(out).latest();
   expect(latest?.step).toBe(lastDone);
@@ -117,7 +117,7 @@ test.each([
   expect(r.stdout).toMatch(/resume with: npx train-lora .*--resume-from-checkpoint latest/);
   const rest = runToEnd(out, true);
   expect(rest.status).toBe(0);
-  const resumedSteps = [...rest.stdout.matchAll(/"msg":"step","step":(\d+)/g)].map((m) => Number(m[1]));
+  const resumedSteps = [...rest.stdout.matchAll(/"step":(\d+),[^\n]*"msg":"step"/g)].map((m) => Number(m[1]));
   expect(resumedSteps[0]).toBe(lastDone + 1);
   expect(fs.readFileSync(path.join(out, 'pytorch_lora_weights.safetensors')).equals(reference)).toBe(true);
 }, 600000);

@@ -1,64 +1,53 @@
 /**
- * The training reporter for the CLI: log lines (pretty on a terminal, JSON lines when piped, always a JSON log
- * file in OUT/logs/), a progress bar on a terminal, metrics.jsonl.
+ * The training reporter for the CLI: pino log lines (pretty on a terminal, JSON lines when piped, always a JSON log
+ * file in OUT/logs/train.log), a progress bar with loss, lr, it/s and ETA on a terminal, OUT/logs/metrics.jsonl and
+ * TensorBoard event files in OUT/logs/text2image-fine-tune (`tensorboard --logdir OUT/logs`).
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
-
-import { defaultTerminal, ProgressBar } from '../logging/progress';
+import { createLogger, logPaths, MetricsWriter, ProgressBar, TensorBoardWriter, type LoggerHandle } from '../logging';
 import type { StepMetrics, TrainReporter } from './train';
 
-type Level = 'info' | 'warn' | 'error';
-
 export class CliReporter implements TrainReporter {
+  private handle: LoggerHandle;
   private bar?: ProgressBar;
-  private logFile?: number;
-  private metricsFile?: number;
-  private readonly tty: boolean;
+  private metrics?: MetricsWriter;
+  private tb?: TensorBoardWriter;
+  private rate = 0;
 
-  constructor(private readonly opts: { quiet?: boolean; json?: boolean } = {}) {
-    this.tty = !!process.stderr.isTTY && !opts.json;
+  constructor(private readonly level: 'trace' | 'debug' | 'info' | 'warn' | 'error' = 'info') {
+    this.handle = createLogger({ level });
   }
 
   /** Starts the files in OUT/logs once the output folder is known. */
   attach(outputDir: string): void {
-    const logs = path.join(outputDir, 'logs');
-    fs.mkdirSync(logs, { recursive: true });
-    this.logFile = fs.openSync(path.join(logs, 'train.log'), 'a');
-    this.metricsFile = fs.openSync(path.join(outputDir, 'metrics.jsonl'), 'a');
-  }
-
-  private emit(level: Level, msg: string, data?: Record<string, unknown>): void {
-    const rec = { level, time: new Date().toISOString(), msg, ...data };
-    if (this.logFile !== undefined) fs.writeSync(this.logFile, JSON.stringify(rec) + '\n');
-    if (this.opts.quiet && level === 'info') return;
-    if (this.tty) {
-      const tag = level === 'info' ? '\x1b[36minfo\x1b[0m' : level === 'warn' ? '\x1b[33mwarn\x1b[0m' : '\x1b[31merror\x1b[0m';
-      defaultTerminal().write(process.stderr, `${tag} ${msg}\n`);
-    } else {
-      process.stdout.write(JSON.stringify(rec) + '\n');
-    }
+    const p = logPaths(outputDir);
+    this.handle = createLogger({ level: this.level, file: p.logFile });
+    this.metrics = new MetricsWriter(p.metrics);
+    this.tb = new TensorBoardWriter(p.tensorboard);
   }
 
   info(msg: string, data?: Record<string, unknown>): void {
-    this.emit('info', msg, data);
+    this.handle.logger.info(data ?? {}, msg);
   }
   warn(msg: string, data?: Record<string, unknown>): void {
-    this.emit('warn', msg, data);
+    this.handle.logger.warn(data ?? {}, msg);
   }
   error(msg: string, data?: Record<string, unknown>): void {
-    this.emit('error', msg, data);
+    this.handle.logger.error(data ?? {}, msg);
   }
 
   start(total: number, initial: number): void {
-    this.bar = new ProgressBar({ total, initial, label: 'Steps', stream: process.stderr, enabled: this.tty });
+    this.bar = new ProgressBar({ total, initial, label: 'Steps', stream: process.stderr });
   }
 
   step(m: StepMetrics): void {
-    const rec = { step: m.step, epoch: m.epoch, loss: m.loss, lr: m.lr, grad_norm: m.gradNorm, skipped: m.skipped, loss_scale: m.lossScale, step_time: m.stepTime, samples_seen: m.samplesSeen, time: new Date().toISOString() };
-    if (this.metricsFile !== undefined) fs.writeSync(this.metricsFile, JSON.stringify(rec) + '\n');
-    if (this.bar) this.bar.update(m.step, { loss: m.loss, lr: m.lr });
-    if (!this.tty && !this.opts.quiet) process.stdout.write(JSON.stringify({ level: 'info', msg: 'step', ...rec }) + '\n');
+    const itPerSec = m.stepTime > 0 ? 1 / m.stepTime : 0;
+    this.rate = this.rate === 0 ? itPerSec : 0.7 * this.rate + 0.3 * itPerSec;
+    this.metrics?.append({ step: m.step, epoch: m.epoch, loss: m.loss, lr: m.lr, grad_norm: m.gradNorm, it_per_sec: this.rate, skipped: m.skipped, loss_scale: m.lossScale, samples_seen: m.samplesSeen });
+    this.tb?.addScalars({ 'train/loss': m.loss, 'train/lr': m.lr, 'train/grad_norm': Number.isFinite(m.gradNorm) ? m.gradNorm : 0, 'train/it_per_sec': this.rate }, m.step);
+    this.bar?.update(m.step, { loss: m.loss, lr: m.lr });
+    // On a terminal the bar shows this; piped, every step is a JSON line (debug level in the file either way).
+    if (this.bar?.enabled) this.handle.logger.debug({ ...m }, 'step');
+    else this.handle.logger.info({ ...m }, 'step');
   }
 
   finish(): void {
@@ -66,7 +55,10 @@ export class CliReporter implements TrainReporter {
   }
 
   close(): void {
-    for (const fd of [this.logFile, this.metricsFile]) if (fd !== undefined) fs.closeSync(fd);
-    this.logFile = this.metricsFile = undefined;
+    this.metrics?.close();
+    this.tb?.close();
+    this.handle.close();
+    this.metrics = undefined;
+    this.tb = undefined;
   }
 }
