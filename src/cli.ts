@@ -9,6 +9,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as fs from 'node:fs';
 
+import { exportCommand, keepCommand, listCheckpoints, listRuns, verifyCommand } from './commands/checkpoints';
 import { runForwardCommand } from './commands/forward';
 import { addTrainOptions, configFromArgv } from './commands/train-options';
 import { ConfigError } from './config';
@@ -113,6 +114,28 @@ export async function main(argv: string[]): Promise<void> {
         }
       },
     )
+    .command('checkpoints', 'Inspect, verify, keep and export checkpoints', (y) =>
+      y
+        .command('list <run>', 'List a run\'s checkpoints (step, epoch, time, size, loss, latest/best, valid)', (c) =>
+          c.positional('run', { type: 'string', demandOption: true }).option('full', { type: 'boolean', default: false, describe: 'verify sha256 of every file' }),
+          async (a) => console.log(await listCheckpoints(a.run, a.full)))
+        .command('verify <path>', 'Verify a checkpoint: manifest hashes, every file parses, shapes match (exit 0/1)', (c) => c.positional('path', { type: 'string', demandOption: true }),
+          async (a) => {
+            const r = await verifyCommand(a.path);
+            console.log(r.text);
+            if (!r.ok) process.exitCode = 1;
+          })
+        .command('keep <path>', 'Never delete this checkpoint in retention', (c) => c.positional('path', { type: 'string', demandOption: true }),
+          (a) => console.log(keepCommand(a.path)))
+        .command('export <path>', 'Write the LoRA of a checkpoint for inference', (c) =>
+          c.positional('path', { type: 'string', demandOption: true })
+            .option('format', { choices: ['diffusers', 'peft', 'kohya'] as const, default: 'diffusers' as const })
+            .option('out', { type: 'string', demandOption: true, describe: 'output .safetensors file' }),
+          async (a) => console.log(await exportCommand(a.path, a.format, a.out)))
+        .demandCommand(1, 'name a checkpoints subcommand: list, verify, keep or export'),
+    )
+    .command('list-runs [root]', 'List the runs under a folder (default outputs/)', (y) => y.positional('root', { type: 'string', default: 'outputs' }),
+      async (a) => console.log(await listRuns(a.root)))
     .command(
       'make-tiny-model <out>',
       'Write a Stable-Diffusion-shaped model folder with seeded random weights (for tests, demos, benchmarks)',

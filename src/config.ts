@@ -40,7 +40,6 @@ export const TrainConfigSchema = z
     train_batch_size: positiveInt.default(2),
     gradient_accumulation_steps: positiveInt.default(8),
     max_train_steps: positiveInt.default(3000),
-    num_train_epochs: positiveInt.optional(),
     learning_rate: z.number().positive().default(1e-4),
     scale_lr: z.boolean().default(false),
     lr_scheduler: z.enum(LR_SCHEDULE_KINDS as unknown as [string, ...string[]]).default('cosine'),
@@ -111,6 +110,16 @@ export function parseTrainConfig(input: Record<string, unknown>): TrainConfig {
   throw new ConfigError(problems);
 }
 
+/** Other spellings of our keys found in training configs (kohya / older scripts). */
+export const CONFIG_KEY_ALIASES: Record<string, string> = { lora_rank: 'rank', network_dim: 'rank', network_alpha: 'lora_alpha', model: 'pretrained_model_name_or_path' };
+
+/** diffusers train_text_to_image_lora.py options that have no meaning here (hub, trackers, xformers ...). */
+export const IGNORED_DIFFUSERS_KEYS = new Set([
+  'report_to', 'logging_dir', 'revision', 'push_to_hub', 'hub_token', 'hub_model_id', 'local_rank', 'cache_dir',
+  'enable_xformers_memory_efficient_attention', 'use_8bit_adam', 'tracker_project_name', 'dataset_config_name', 'dataset_name',
+  'num_train_epochs',
+]);
+
 /** Reads a training_config.json (snake_case keys, as diffusers' scripts use). */
 export function readConfigFile(file: string): Record<string, unknown> {
   let text: string;
@@ -127,7 +136,13 @@ export function readConfigFile(file: string): Record<string, unknown> {
   }
   if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new ConfigError([`--config ${file}: must hold a JSON object of options`]);
   const out: Record<string, unknown> = {};
-  for (const [k, val] of Object.entries(v as Record<string, unknown>)) out[k.replace(/-/g, '_')] = val;
+  const ignored: string[] = [];
+  for (const [k0, val] of Object.entries(v as Record<string, unknown>)) {
+    const k = k0.replace(/-/g, '_');
+    if (IGNORED_DIFFUSERS_KEYS.has(k)) ignored.push(k);
+    else out[CONFIG_KEY_ALIASES[k] ?? k] = val;
+  }
+  if (ignored.length) process.stderr.write(`train-lora: ${file}: ignoring options that do not apply here: ${ignored.join(', ')}\n`);
   return out;
 }
 

@@ -25,6 +25,7 @@ export interface ForwardArgs {
 export async function runForwardCommand(args: ForwardArgs): Promise<string[]> {
   const inputs: HostTensor[] = args.inputs ? (await native().safetensorsRead(args.inputs)).tensors : [];
   if (!args.inputs && !args.prompt?.length) throw new Error('forward: give --inputs FILE and/or --prompt TEXT');
+  checkModelFolder(args.model, [], !!args.prompt?.length);
   const extra: HostTensor[] = [];
   if (args.prompt?.length) {
     const tok = CLIPTokenizer.fromFolder(path.join(args.model, 'tokenizer'));

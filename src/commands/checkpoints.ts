@@ -1,0 +1,146 @@
+/** `train-lora checkpoints list|verify|keep|export` and `train-lora list-runs`. */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+import { CheckpointManager, markKeep, verifyCheckpoint, type CheckpointEntry } from '../checkpoint/manager';
+import { formatBytes } from '../checkpoint/fsutil';
+import { native, type LoraFileFormat } from '../native';
+import type { TrainerStateFile } from '../train/train';
+
+function readState(dir: string): TrainerStateFile | undefined {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(dir, 'trainer_state.json'), 'utf8')) as TrainerStateFile;
+  } catch {
+    return undefined;
+  }
+}
+
+/** A table of the run's checkpoints: step, epoch, time, size, loss, latest / best, valid or not. */
+export async function listCheckpoints(runDir: string, full = false): Promise<string> {
+  const mgr = new CheckpointManager(runDir);
+  const entries = await mgr.list(full ? 'full' : 'quick');
+  if (!entries.length) return `${mgr.dir}: no checkpoints`;
+  const best = mgr.readBest();
+  const latest = entries.find((e) => e.valid);
+  const rows = [['checkpoint', 'step', 'epoch', 'saved', 'size', 'train_loss', 'flags', 'status']];
+  for (const e of entries) {
+    const st = readState(e.path);
+    const flags = [e === latest ? 'latest' : '', best?.step === e.step ? 'best' : '', e.kept ? 'kept' : '', e.manifest?.reason ?? ''].filter(Boolean).join(',');
+    rows.push([
+      e.name,
+      String(e.step),
+      st ? String(st.epoch) : '-',
+      e.manifest?.created.replace('T', ' ').slice(0, 19) ?? '-',
+      formatBytes(e.size),
+      st?.train_loss != null ? st.train_loss.toFixed(4) : '-',
+      flags || '-',
+      e.valid ? 'ok' : `INVALID: ${e.problem}`,
+    ]);
+  }
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]))).join('  ')).join('\n');
+}
+
+export async function verifyCommand(p: string): Promise<{ ok: boolean; text: string }> {
+  const e: CheckpointEntry = await verifyCheckpoint(path.resolve(p));
+  if (!e.valid) return { ok: false, text: `${e.path}: INVALID — ${e.problem}` };
+  // Shapes match the run's configuration: every LoRA pair has the recorded rank.
+  const st = readState(e.path);
+  const h = await native().safetensorsHeader(path.join(e.path, 'model.safetensors'));
+  if (st && st.config.train_mode === 'lora') {
+    for (const t of h.tensors) {
+      const r = t.name.endsWith('lora_A.weight') ? t.shape[0] : t.name.endsWith('lora_B.weight') ? t.shape[1] : st.config.rank;
+      if (r !== st.config.rank) return { ok: false, text: `${e.path}: INVALID — ${t.name} has rank ${r}, trainer_state.json says ${st.config.rank}` };
+    }
+  }
+  return { ok: true, text: `${e.path}: ok (step ${e.step}, ${Object.keys(e.manifest!.files).length} files verified by sha256, ${h.tensors.length} tensors)` };
+}
+
+export function keepCommand(p: string): string {
+  markKeep(path.resolve(p));
+  return `${p}: kept (retention will never delete it)`;
+}
+
+/**
+ * Writes a checkpoint's LoRA weights for inference in another format. model.safetensors holds PEFT keys
+ * (`unet.<module>.lora_A.weight`); alpha comes from trainer_state.json.
+ */
+export async function exportCommand(p: string, format: LoraFileFormat, out: string): Promise<string> {
+  const dir = path.resolve(p);
+  const v = await verifyCheckpoint(dir);
+  if (!v.valid) throw new Error(`${dir}: not a valid checkpoint (${v.problem})`);
+  const st = readState(dir);
+  if (!st || st.config.train_mode !== 'lora') throw new Error(`${dir}: export needs a LoRA checkpoint`);
+  const alpha = st.config.lora_alpha ?? st.config.rank;
+  const { tensors } = await native().safetensorsRead(path.join(dir, 'model.safetensors'));
+  const renamed = [];
+  const seen = new Set<string>();
+  for (const t of tensors) {
+    const m = /^unet\.(.+)\.lora_([AB])\.weight$/.exec(t.name);
+    if (!m) throw new Error(`${dir}/model.safetensors: unexpected key ${t.name}`);
+    const [, mod, ab] = m;
+    if (format === 'peft') renamed.push({ ...t, name: `base_model.model.${mod}.lora_${ab}.weight` });
+    else if (format === 'diffusers') renamed.push({ ...t, name: `unet.${mod}.lora.${ab === 'A' ? 'down' : 'up'}.weight` });
+    else {
+      const k = `lora_unet_${mod.replace(/\./g, '_')}`;
+      renamed.push({ ...t, name: `${k}.lora_${ab === 'A' ? 'down' : 'up'}.weight` });
+      if (!seen.has(k)) {
+        seen.add(k);
+        renamed.push({ name: `${k}.alpha`, dtype: 'F32' as const, shape: [], data: new Uint8Array(new Float32Array([alpha]).buffer) });
+      }
+    }
+  }
+  const meta: Record<string, string> = { format: 'pt', 'train_lora.rank': String(st.config.rank), 'train_lora.alpha': String(alpha), 'train_lora.steps': String(st.global_step) };
+  if (format !== 'kohya')
+    meta.lora_adapter_metadata = JSON.stringify({ 'unet.r': st.config.rank, 'unet.lora_alpha': alpha, 'unet.target_modules': [...st.config.lora_target_modules].sort(), 'unet.peft_type': 'LORA' });
+  else Object.assign(meta, { ss_network_module: 'networks.lora', ss_network_dim: String(st.config.rank), ss_network_alpha: String(alpha), ss_steps: String(st.global_step), ss_base_model_version: 'sd_v1' });
+  fs.mkdirSync(path.dirname(path.resolve(out)), { recursive: true });
+  await native().safetensorsWrite(out, renamed, meta);
+  if (format === 'peft')
+    fs.writeFileSync(
+      path.join(path.dirname(out), 'adapter_config.json'),
+      JSON.stringify({ peft_type: 'LORA', r: st.config.rank, lora_alpha: alpha, target_modules: [...st.config.lora_target_modules].sort(), init_lora_weights: 'gaussian', bias: 'none', base_model_name_or_path: st.base_model.path }, null, 2) + '\n',
+    );
+  return `wrote ${out} (${format}, ${tensors.length} LoRA tensors, rank ${st.config.rank}, alpha ${alpha}, step ${st.global_step})`;
+}
+
+/** Every run under a folder: base model, steps done/total, last and best checkpoint, status, size. */
+export async function listRuns(root = 'outputs'): Promise<string> {
+  if (!fs.existsSync(root)) return `${root}: no runs`;
+  const rows = [['run', 'base model', 'steps', 'last checkpoint', 'best', 'status', 'size']];
+  for (const name of fs.readdirSync(root).sort()) {
+    const dir = path.join(root, name);
+    if (!fs.existsSync(path.join(dir, 'checkpoints'))) continue;
+    const mgr = new CheckpointManager(dir);
+    const entries = await mgr.list('quick');
+    const last = entries.find((e) => e.valid);
+    const st = last ? readState(last.path) : undefined;
+    const best = mgr.readBest();
+    const lockFile = path.join(dir, 'train-lora.lock');
+    let status = 'interrupted';
+    if (st && st.global_step >= st.max_train_steps) status = 'finished';
+    if (fs.existsSync(lockFile)) {
+      try {
+        const pid = (JSON.parse(fs.readFileSync(lockFile, 'utf8')) as { pid: number }).pid;
+        process.kill(pid, 0);
+        status = 'running';
+      } catch {
+        /* stale lock: not running */
+      }
+    }
+    let size = 0;
+    for (const e of entries) size += e.size;
+    rows.push([
+      name,
+      st ? path.basename(st.base_model.path) : '-',
+      st ? `${st.global_step}/${st.max_train_steps}` : '-',
+      last?.name ?? '-',
+      best ? `checkpoint-${best.step} (${best.metric} ${best.value.toFixed(4)})` : '-',
+      status,
+      formatBytes(size),
+    ]);
+  }
+  if (rows.length === 1) return `${root}: no runs`;
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  return rows.map((r) => r.map((c, i) => c.padEnd(widths[i])).join('  ')).join('\n');
+}

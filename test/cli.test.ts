@@ -1,0 +1,129 @@
+/** The command line as a user runs it (node dist/cli.js ...). */
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+import { native } from '../src/native';
+import { byName, relativeError } from '../src/tensors';
+import { configFromArgv } from '../src/commands/train-options';
+import { ConfigError } from '../src/config';
+
+const cli = path.resolve(__dirname, '..', 'dist', 'cli.js');
+const fixtures = path.join(__dirname, 'fixtures');
+const tiny = path.join(fixtures, 'models', 'tiny');
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tl-cli-'));
+afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+function run(...args: string[]): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8', timeout: 120000 });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+describe('train-lora forward', () => {
+  test('writes outputs equal to the diffusers/transformers goldens', async () => {
+    const out = path.join(tmp, 'fwd.safetensors');
+    const r = run('forward', '--model', tiny, '--inputs', path.join(fixtures, 'golden', 'tiny', 'inputs.safetensors'), '--output', out);
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    const got = byName((await native().safetensorsRead(out)).tensors);
+    const ref = byName((await native().safetensorsRead(path.join(fixtures, 'golden', 'tiny', 'outputs.safetensors'))).tensors);
+    for (const k of ['text_embeddings', 'noise_pred', 'vae_mean', 'vae_std', 'vae_decoded']) expect([k, relativeError(got.get(k)!, ref.get(k)!) < 1e-4]).toEqual([k, true]);
+  });
+
+  test('--prompt tokenizes with the folder tokenizer and writes input_ids and text_embeddings', async () => {
+    const out = path.join(tmp, 'prompt.safetensors');
+    const r = run('forward', '--model', tiny, '--prompt', 'a red circle', '--prompt', 'a blue square on a white background', '--output', out);
+    expect(r.status).toBe(0);
+    const got = byName((await native().safetensorsRead(out)).tensors);
+    expect(got.get('input_ids')!.shape).toEqual([2, 77]);
+    expect(got.get('text_embeddings')!.shape).toEqual([2, 77, 32]);
+  });
+
+  test('a missing model folder is a one-line error naming it, exit 1', () => {
+    const r = run('forward', '--model', path.join(tmp, 'nope'), '--prompt', 'x', '--output', path.join(tmp, 'x.safetensors'));
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/^train-lora: .*nope: model folder not found/);
+  });
+});
+
+describe('training options', () => {
+  test('--help lists the groups', () => {
+    const r = run('--help');
+    expect(r.status).toBe(0);
+    for (const g of ['Model:', 'Data:', 'Training:', 'Precision & memory:', 'Checkpointing:', 'Validation:', 'Output & logging:']) expect(r.stdout).toContain(g);
+    expect(r.stdout).toContain('--max-train-steps');
+  });
+
+  test('snake_case spellings are aliases; flags override --config; the file overrides defaults', () => {
+    const cfgFile = path.join(tmp, 'training_config.json');
+    fs.writeFileSync(cfgFile, JSON.stringify({ train_batch_size: 2, gradient_accumulation_steps: 8, max_train_steps: 3000, learning_rate: 1e-4, lr_scheduler: 'cosine', lr_warmup_steps: 500, lora_rank: 8, lora_alpha: 16, validation_steps: 500, checkpointing_steps: 500 }));
+    // yargs maps aliases onto the kebab-case key; emulate its parsed output for the parts we own.
+    const c = configFromArgv({ config: cfgFile, 'pretrained-model-name-or-path': tiny, 'train-data-dir': tmp, 'max-train-steps': 10 });
+    expect(c.max_train_steps).toBe(10);
+    expect(c.gradient_accumulation_steps).toBe(8);
+    expect(c.rank).toBe(8);
+    expect(c.lora_alpha).toBe(16);
+    expect(c.checkpoints_total_limit).toBe(5);
+  });
+
+  test('every problem is reported at once, naming the flag', () => {
+    let err: ConfigError | undefined;
+    try {
+      configFromArgv({ 'train-data-dir': tmp, 'learning-rate': -1, 'lr-scheduler': 'sawtooth', 'train-batch-size': 0 });
+    } catch (e) {
+      err = e as ConfigError;
+    }
+    expect(err?.problems).toEqual(
+      expect.arrayContaining([
+        expect.stringMatching(/--pretrained-model-name-or-path is required/),
+        expect.stringMatching(/--learning-rate/),
+        expect.stringMatching(/--lr-scheduler: "sawtooth" is not one of/),
+        expect.stringMatching(/--train-batch-size/),
+      ]),
+    );
+  });
+
+  test('the CLI accepts --max_train_steps (diffusers spelling) and reports config errors with exit 1', () => {
+    const r = run('--pretrained_model_name_or_path', tiny, '--train-data-dir', path.join(tmp, 'no-data'), '--max_train_steps', '0', '--output-dir', path.join(tmp, 'o'));
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/--max-train-steps: Number must be greater than 0/);
+  });
+});
+
+describe('train-lora checkpoints', () => {
+  test('list, verify (exit 0/1), keep and export', async () => {
+    // A tiny real run to have checkpoints.
+    const data = path.join(tmp, 'data');
+    const { makeDemoData } = await import('../src/data/demo-data');
+    await makeDemoData(data, { count: 4, size: 32, seed: 0 });
+    const out = path.join(tmp, 'run');
+    const t = run('--model', tiny, '--data', data, '--out', out, '--device', 'cpu', '--resolution', '32', '--max-train-steps', '3', '--checkpointing-steps', '1', '--gradient-accumulation-steps', '1', '--rank', '4');
+    expect(t.status).toBe(0);
+    const list = run('checkpoints', 'list', out);
+    expect(list.stdout).toMatch(/checkpoint-3\s+3\s+.*latest.*ok/);
+    const ck = path.join(out, 'checkpoints', 'checkpoint-3');
+    expect(run('checkpoints', 'verify', ck).status).toBe(0);
+    const exported = path.join(tmp, 'exported.safetensors');
+    expect(run('checkpoints', 'export', ck, '--format', 'kohya', '--out', exported).status).toBe(0);
+    // The exported kohya file gives the same UNet output as the final diffusers file.
+    const inputs = (await native().safetensorsRead(path.join(fixtures, 'golden', 'tiny', 'inputs.safetensors'))).tensors.filter((x) =>
+      ['latents', 'timesteps', 'encoder_hidden_states'].includes(x.name),
+    );
+    const p = await native().loadPipeline(tiny, { components: ['unet'] });
+    const a = (await native().forward(p, inputs, { lora: exported }))[0];
+    const b = (await native().forward(p, inputs, { lora: path.join(out, 'pytorch_lora_weights.safetensors') }))[0];
+    expect(Buffer.from(a.data).equals(Buffer.from(b.data))).toBe(true);
+    expect(run('checkpoints', 'keep', ck).status).toBe(0);
+    expect(fs.existsSync(path.join(ck, 'KEEP'))).toBe(true);
+    // Damage it: verify fails with exit 1 and says why.
+    const f = path.join(ck, 'optimizer.safetensors');
+    const bytes = fs.readFileSync(f);
+    bytes[bytes.length - 1] ^= 1;
+    fs.writeFileSync(f, bytes);
+    const bad = run('checkpoints', 'verify', ck);
+    expect(bad.status).toBe(1);
+    expect(bad.stdout).toMatch(/INVALID — optimizer\.safetensors does not match its sha256/);
+    expect(run('list-runs', tmp).stdout).toMatch(/run\s+tiny\s+3\/3\s+checkpoint-3/);
+  });
+});
