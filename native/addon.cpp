@@ -514,12 +514,21 @@ Napi::Value TrainerSaveState(const Napi::CallbackInfo& info) {
   auto t = unwrap_handle<Trainer>(info[0], "Trainer");
   std::string dir = str_arg(info, 1, "checkpoint folder");
   auto meta = metadata_from_js(env, info.Length() > 2 ? info[2] : env.Undefined());
-  return Engine::of(env).run(env, [t, dir, meta] {
-    st::save(dir + "/model.safetensors", t->trainable_state(), meta);
-    st::save(dir + "/optimizer.safetensors", t->optimizer_tensors(), {{"format", "pt"}});
+  // Snapshot on the torch thread (host copies, consistent with the training jobs queued around it), then write on
+  // the I/O thread while training goes on.
+  return Engine::of(env).run_then_io(env, [t, dir, meta]() -> std::function<Completion()> {
+    auto host_copy = [](NamedTensors ts) {
+      for (auto& [_, x] : ts) x = x.detach().to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true).contiguous();
+      return ts;
+    };
+    auto model = std::make_shared<NamedTensors>(host_copy(t->trainable_state()));
+    auto optim = std::make_shared<NamedTensors>(host_copy(t->optimizer_tensors()));
     auto steps = t->optimizer_steps();
     auto scaler = t->scaler();
     auto rng = t->rng_state();
+    return [dir, meta, model, optim, steps, scaler, rng]() -> Completion {
+    st::save(dir + "/model.safetensors", *model, meta);
+    st::save(dir + "/optimizer.safetensors", *optim, {{"format", "pt"}});
     return Completion([steps, scaler, rng](Napi::Env env) -> Napi::Value {
       Napi::Object o = Napi::Object::New(env);
       Napi::Object s = Napi::Object::New(env);
@@ -535,6 +544,7 @@ Napi::Value TrainerSaveState(const Napi::CallbackInfo& info) {
       o.Set("rng", r);
       return o;
     });
+    };
   });
 }
 

@@ -18,6 +18,7 @@ Engine::Engine(Napi::Env env) {
   tsfn_ = Napi::TypedThreadSafeFunction<void, Done, &Engine::on_js>::New(env, "train-lora torch thread", 0, 1);
   tsfn_.Unref(env);
   thread_ = std::thread([this] { loop(); });
+  io_thread_ = std::thread([this] { io_loop(); });
 }
 
 Engine::~Engine() {
@@ -27,6 +28,12 @@ Engine::~Engine() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  {
+    std::lock_guard<std::mutex> lk(io_mu_);
+    io_stop_ = true;
+  }
+  io_cv_.notify_all();
+  if (io_thread_.joinable()) io_thread_.join();
   tsfn_.Release();
 }
 
@@ -50,6 +57,28 @@ void Engine::loop() {
     }
     job();
   }
+}
+
+void Engine::io_loop() {
+  while (true) {
+    std::function<void()> job;
+    {
+      std::unique_lock<std::mutex> lk(io_mu_);
+      io_cv_.wait(lk, [&] { return io_stop_ || !io_queue_.empty(); });
+      if (io_queue_.empty()) return;
+      job = std::move(io_queue_.front());
+      io_queue_.pop_front();
+    }
+    job();
+  }
+}
+
+void Engine::post_io(std::function<void()> work) {
+  {
+    std::lock_guard<std::mutex> lk(io_mu_);
+    io_queue_.push_back(std::move(work));
+  }
+  io_cv_.notify_one();
 }
 
 void Engine::post(std::function<void()> work) {
@@ -96,31 +125,64 @@ void Engine::on_js(Napi::Env env, Napi::Function, void*, Done* done) {
   }
 }
 
-Napi::Promise Engine::run(Napi::Env env, std::function<Completion()> work) {
+Engine::Done* Engine::make_done(Napi::Env env) {
   auto deferred = std::make_unique<Napi::Promise::Deferred>(env);
-  Napi::Promise promise = deferred->Promise();
   if (pending_++ == 0) tsfn_.Ref(env);
   auto* done = new Done();
   done->deferred = std::move(deferred);
+  return done;
+}
+
+// Runs `work`, recording its Completion or its error in `done`.
+void Engine::settle(Done* done, const std::function<Completion()>& work) {
+  try {
+    done->completion = work();
+  } catch (const UserError& e) {
+    done->failed = true;
+    done->error = e.what();
+    done->code = e.code;
+  } catch (const c10::Error& e) {
+    done->failed = true;
+    done->error = e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    done->failed = true;
+    done->error = e.what();
+  } catch (...) {
+    done->failed = true;
+    done->error = "unknown native error";
+  }
+}
+
+Napi::Promise Engine::run(Napi::Env env, std::function<Completion()> work) {
+  Done* done = make_done(env);
+  Napi::Promise promise = done->deferred->Promise();
   post([this, done, work = std::move(work)]() mutable {
-    try {
-      done->completion = work();
-    } catch (const UserError& e) {
-      done->failed = true;
-      done->error = e.what();
-      done->code = e.code;
-    } catch (const c10::Error& e) {
-      done->failed = true;
-      done->error = e.what_without_backtrace();
-    } catch (const std::exception& e) {
-      done->failed = true;
-      done->error = e.what();
-    } catch (...) {
-      done->failed = true;
-      done->error = "unknown native error";
-    }
+    settle(done, work);
     work = nullptr;  // release captured handles on this thread
     deliver(done);
+  });
+  return promise;
+}
+
+Napi::Promise Engine::run_then_io(Napi::Env env, std::function<std::function<Completion()>()> snapshot) {
+  Done* done = make_done(env);
+  Napi::Promise promise = done->deferred->Promise();
+  post([this, done, snapshot = std::move(snapshot)]() mutable {
+    std::function<Completion()> io;
+    settle(done, [&] {
+      io = snapshot();
+      return Completion();
+    });
+    snapshot = nullptr;
+    if (done->failed || !io) {
+      deliver(done);
+      return;
+    }
+    post_io([this, done, io = std::move(io)]() mutable {
+      settle(done, io);
+      io = nullptr;
+      deliver(done);
+    });
   });
   return promise;
 }

@@ -38,6 +38,10 @@ class Engine {
   // Runs `work` on the torch thread; the Promise resolves with its Completion's value, or rejects with an
   // Error carrying the exception's message (and `code` for UserError).
   Napi::Promise run(Napi::Env env, std::function<Completion()> work);
+  // Two-phase job: `snapshot` runs on the torch thread (copy what must be saved, in order with the training jobs
+  // around it); the function it returns runs on the addon's single I/O thread (writing files), so the torch thread
+  // goes on training meanwhile. I/O jobs run one at a time, in order. The Promise settles after the I/O phase.
+  Napi::Promise run_then_io(Napi::Env env, std::function<std::function<Completion()>()> snapshot);
   // Fire-and-forget work on the torch thread (releasing handles).
   void post(std::function<void()> work);
   // Sends a value to a JS callback from inside a running job (progress reports); never blocks the job for long.
@@ -58,6 +62,16 @@ class Engine {
   Napi::TypedThreadSafeFunction<void, Done, &Engine::on_js> tsfn_;
   size_t pending_ = 0;  // JS thread only: jobs whose Promise is unsettled (keeps the loop alive)
   std::thread thread_;
+  // The I/O thread (background checkpoint writes).
+  std::mutex io_mu_;
+  std::condition_variable io_cv_;
+  std::deque<std::function<void()>> io_queue_;
+  bool io_stop_ = false;
+  std::thread io_thread_;
+  void io_loop();
+  void post_io(std::function<void()> work);
+  Done* make_done(Napi::Env env);
+  static void settle(Done* done, const std::function<Completion()>& work);
 };
 
 // Opaque handles: JS holds an External that owns a shared_ptr; the object is released on the torch thread.

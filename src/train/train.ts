@@ -339,14 +339,22 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     let lastCheckpoint: string | undefined;
     let lastLoss: number | null = prev?.train_loss ?? null;
 
+    /**
+     * Starts a checkpoint save. Everything it records is captured now (the native snapshot is queued on the torch
+     * thread right behind the optimizer step), and the files are written in the background while training goes on.
+     */
     const saveCheckpoint = async (reason: string): Promise<void> => {
       const t = Date.now();
       const state = loader!.state();
+      const step = globalStep;
+      const schedSteps = schedulerSteps;
+      const seen = samplesSeen;
+      const loss = lastLoss;
       try {
         const entry = await mgr.save(
-          globalStep,
+          step,
           async (tmp) => {
-            const st = await native().trainerSaveState(trainer, tmp, { format: 'pt', step: String(globalStep) });
+            const st = await native().trainerSaveState(trainer, tmp, { format: 'pt', step: String(step) });
             writeJsonDurable(path.join(tmp, 'optimizer.json'), {
               kind: 'AdamW',
               betas: [cfg.adam_beta1, cfg.adam_beta2],
@@ -354,18 +362,18 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
               weight_decay: cfg.adam_weight_decay,
               per_parameter_steps: st.optimizerSteps,
             });
-            writeJsonDurable(path.join(tmp, 'scheduler.json'), { spec, scheduler_steps: schedulerSteps, next_lr: lrAt(spec, schedulerSteps) });
+            writeJsonDurable(path.join(tmp, 'scheduler.json'), { spec, scheduler_steps: schedSteps, next_lr: lrAt(spec, schedSteps) });
             writeJsonDurable(path.join(tmp, 'scaler.json'), st.scaler);
             writeJsonDurable(path.join(tmp, 'random_states_0.json'), { torch: st.rng, data: { sampler: state, seed: cfg.seed } });
             const ts: TrainerStateFile = {
               version: TRAINER_STATE_VERSION,
-              global_step: globalStep,
-              scheduler_steps: schedulerSteps,
+              global_step: step,
+              scheduler_steps: schedSteps,
               epoch: state.epoch,
               position: state.position,
-              samples_seen: samplesSeen,
+              samples_seen: seen,
               max_train_steps: maxSteps,
-              train_loss: lastLoss,
+              train_loss: loss,
               best_metric: best,
               base_model: { path: modelDir, fingerprint: modelFp },
               dataset: { path: path.resolve(cfg.train_data_dir), fingerprint: dataFp, size: dataset.items.length },
@@ -381,14 +389,14 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
         );
         lastCheckpoint = entry.path;
         // Best checkpoint by the monitored metric (train loss until validation loss exists).
-        if (lastLoss !== null && cfg.monitor === 'train_loss') {
-          const better = !best || (cfg.monitor_mode === 'min' ? lastLoss < best.value : lastLoss > best.value);
+        if (loss !== null && cfg.monitor === 'train_loss') {
+          const better = !best || (cfg.monitor_mode === 'min' ? loss < best.value : loss > best.value);
           if (better) {
-            best = { name: 'train_loss', value: lastLoss, step: globalStep, mode: cfg.monitor_mode };
-            mgr.writeBest({ step: globalStep, metric: 'train_loss', value: lastLoss, mode: cfg.monitor_mode });
+            best = { name: 'train_loss', value: loss, step, mode: cfg.monitor_mode };
+            mgr.writeBest({ step, metric: 'train_loss', value: loss, mode: cfg.monitor_mode });
           }
         }
-        const removed = mgr.prune(cfg.checkpoints_total_limit, { best: best?.step, final: reason === 'final' ? globalStep : undefined });
+        const removed = mgr.prune(cfg.checkpoints_total_limit, { best: best?.step, final: reason === 'final' ? step : undefined });
         report.info(`saved ${entry.path} (${reason}) in ${Date.now() - t} ms${removed.length ? `; removed ${removed.join(', ')}` : ''}`, {
           checkpoint: entry.path,
           saveMs: Date.now() - t,
@@ -402,9 +410,13 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       }
     };
 
+    let inflight: Promise<void> | undefined;
+    let saveError: Error | undefined;
+    const saveStallMs: number[] = [];
     report.start?.(maxSteps, globalStep);
     let stepStart = Date.now();
     while (globalStep < maxSteps && !stop.signal) {
+      if (saveError) throw saveError;
       // One optimizer step: a full accumulation cycle, or what is left of the epoch.
       let micro = 0;
       let lossSum = 0;
@@ -439,11 +451,24 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       const due =
         globalStep % cfg.checkpointing_steps === 0 || (cfg.checkpoint_every_epoch && endOfEpoch);
       if (stop.signal) break;
-      if (due && globalStep < maxSteps) await saveCheckpoint(endOfEpoch && cfg.checkpoint_every_epoch ? 'epoch-end' : 'interval');
+      if (due && globalStep < maxSteps) {
+        // At most one save in flight: wait for the previous one (its failure stops training unless
+        // --on-save-error continue), then start this one in the background.
+        const w = Date.now();
+        await inflight;
+        inflight = saveCheckpoint(endOfEpoch && cfg.checkpoint_every_epoch ? 'epoch-end' : 'interval');
+        inflight.catch((e: unknown) => {
+          saveError = e as Error; // surfaced at the next step
+        });
+        saveStallMs.push(Date.now() - w);
+      }
     }
     report.finish?.();
+    await inflight;
     const finished = globalStep >= maxSteps;
     await saveCheckpoint(stop.signal ? 'signal' : finished ? 'final' : 'interval');
+    if (saveStallMs.length)
+      report.info(`checkpoint saves stalled training by ${Math.max(...saveStallMs)} ms at most (${saveStallMs.length} background saves)`, { saveStallMs });
     const loraFiles: string[] = [];
     if (finished && cfg.train_mode === 'lora') {
       const meta = {
