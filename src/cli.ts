@@ -80,7 +80,9 @@ async function runTrain(argv: Record<string, unknown>): Promise<void> {
   try {
     const r = await train(cfg, reporter);
     const out = r.outputDir;
-    const resumeCmd = `npx train-lora ${argv.demo ? '--demo ' : ''}--output-dir ${path.relative(process.cwd(), out) || '.'} --resume-from-checkpoint latest`;
+    const rel = path.relative(process.cwd(), out);
+    const shown = rel && !rel.startsWith('..') ? rel : out;
+    const resumeCmd = `npx train-lora ${argv.demo ? '--demo ' : ''}--output-dir ${shown} --resume-from-checkpoint latest`;
     if (r.signal) {
       reporter.info(`stopped by ${r.signal} at step ${r.globalStep}; checkpoint: ${r.lastCheckpoint}`);
       reporter.info(`resume with: ${resumeCmd}`);

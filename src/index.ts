@@ -1,0 +1,34 @@
+/**
+ * train-lora's programmatic API. The CLI (`train-lora`) is built on exactly these pieces.
+ */
+export { native } from './native';
+export type {
+  DeviceInfo,
+  DType,
+  ForwardOptions,
+  HostTensor,
+  LoadPipelineOptions,
+  LoraFileFormat,
+  NativeBinding,
+  PipelineHandle,
+  Precision,
+  TrainerHandle,
+  TrainerOptions,
+} from './native';
+export { CheckpointManager, CheckpointError, RunLock, markKeep, verifyCheckpoint } from './checkpoint/manager';
+export type { BestRecord, CheckpointEntry, Manifest, SaveOptions } from './checkpoint/manager';
+export { TrainConfigSchema, parseTrainConfig, readConfigFile, ConfigError } from './config';
+export type { TrainConfig, TrainConfigInput } from './config';
+export { train, nextRunDir } from './train/train';
+export type { StepMetrics, TrainReporter, TrainResult, TrainerStateFile } from './train/train';
+export { CLIPTokenizer } from './tokenizer';
+export { loadDataset, datasetFingerprint } from './data/dataset';
+export { makeDemoData } from './data/demo-data';
+export { makeTinyModel, checkModelFolder } from './models/model-folder';
+export { NoiseSchedule } from './train/schedules/noise';
+export { createLrSchedule, lrAt } from './train/schedules/lr';
+/** Resolves with the devices libtorch can use (cpu, cuda with name and memory, mps with the reason it is missing). */
+export function devices(): ReturnType<import('./native').NativeBinding['devices']> {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  return (require('./native') as typeof import('./native')).native().devices();
+}
