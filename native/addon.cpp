@@ -638,6 +638,56 @@ Napi::Value TrainerExportLora(const Napi::CallbackInfo& info) {
   });
 }
 
+// vaeEncode(pipeline, pixelValues [B,3,H,W]) -> [mean, std] of the latent distribution (before scaling_factor)
+Napi::Value VaeEncode(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto p = unwrap_handle<Pipeline>(info[0], "Pipeline");
+  auto px = std::make_shared<HostTensor>(host_from_js(env, info[1], 0));
+  return Engine::of(env).run(env, [p, px] {
+    if (!p->vae) throw UserError("EINPUT", "the VAE is not loaded");
+    torch::NoGradGuard ng;
+    auto post = p->vae->encode(host_to_tensor(*px).to(p->device, p->dtype.value_or(torch::kFloat32)));
+    auto hosts = std::make_shared<std::vector<HostTensor>>();
+    hosts->push_back(to_host("mean", post.mean.to(torch::kFloat32)));
+    hosts->push_back(to_host("std", post.std.to(torch::kFloat32)));
+    return Completion([hosts](Napi::Env env) { return hosts_to_js(env, *hosts); });
+  });
+}
+
+// trainerLoadLora(trainer, file): initial adapter weights from a LoRA file (diffusers, PEFT or kohya keys).
+Napi::Value TrainerLoadLora(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto t = unwrap_handle<Trainer>(info[0], "Trainer");
+  std::string file = str_arg(info, 1, "LoRA file");
+  return Engine::of(env).run(env, [t, file] {
+    auto& unet = *t->pipeline().unet;
+    std::vector<std::string> paths;
+    for (const auto& item : unet.named_modules("", false))
+      if (dynamic_cast<nn::Linear*>(item.value().get())) paths.push_back(item.key());
+    LoraFile lf = read_lora_file(file, {{"unet", paths}});
+    auto it = lf.components.find("unet");
+    if (it == lf.components.end()) throw UserError("ELORAKEYS", file + ": has no UNet LoRA weights");
+    const auto have = lora_modules(unet);
+    for (const auto& [mpath, e] : it->second.modules) {
+      bool found = false;
+      for (const auto& m : have) found = found || m.path == mpath;
+      if (!found)
+        throw UserError("ELORAKEYS", file + ": has an adapter for \"" + mpath + "\", which is not a LoRA target of this run (see --lora-target-modules)");
+    }
+    apply_lora_weights(unet, it->second, t->pipeline().device, file);
+    // Keep this run's alpha; fold a different alpha of the file into B so the adapter computes the same function.
+    const double run_alpha = t->config().lora.alpha;
+    torch::NoGradGuard ng;
+    for (auto& m : lora_modules(unet)) {
+      if (m.linear->lora.alpha != run_alpha) {
+        m.linear->lora_B.mul_(m.linear->lora.alpha / run_alpha);
+        m.linear->lora.alpha = run_alpha;
+      }
+    }
+    return Completion([n = it->second.modules.size()](Napi::Env env) { return Napi::Number::New(env, static_cast<double>(n)); });
+  });
+}
+
 Napi::Value Dispose(const Napi::CallbackInfo& info) {
   if (info.Length() < 1) throw Napi::TypeError::New(info.Env(), "dispose(handle)");
   dispose_handle(info.Env(), info[0]);
@@ -663,6 +713,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("trainerSaveState", Napi::Function::New(env, TrainerSaveState));
   exports.Set("trainerLoadState", Napi::Function::New(env, TrainerLoadState));
   exports.Set("trainerExportLora", Napi::Function::New(env, TrainerExportLora));
+  exports.Set("trainerLoadLora", Napi::Function::New(env, TrainerLoadLora));
+  exports.Set("vaeEncode", Napi::Function::New(env, VaeEncode));
   return exports;
 }
 

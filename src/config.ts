@@ -28,6 +28,9 @@ export const TrainConfigSchema = z
     random_flip: z.boolean().default(false),
     image_interpolation_mode: z.enum(['lanczos', 'bilinear', 'bicubic', 'nearest', 'area']).default('lanczos'),
     skip_bad_images: z.boolean().default(false),
+    skip_uncaptioned: z.boolean().default(false),
+    dataset_layout: z.enum(['captions.json', 'metadata.jsonl', 'txt']).optional(),
+    image_resampler: z.enum(['auto', 'sharp', 'pil']).default('auto'),
     cache_latents: z.boolean().default(false),
     dataloader_num_workers: nonNegInt.default(2),
     // Training

@@ -91,6 +91,10 @@ export interface NativeBinding {
   /** Loads dir/model.safetensors, and the optimizer / scaler / RNG parts that are given. */
   trainerLoadState(trainer: TrainerHandle, dir: string, state?: Partial<TrainerStateJson>): Promise<void>;
   /** `prefix`: the key prefix for diffusers/peft keys (default "unet"; "base_model.model" for PEFT adapter files). */
+  /** Initial adapter weights from a LoRA file (any supported format); resolves with the number of modules. */
+  trainerLoadLora(trainer: TrainerHandle, file: string): Promise<number>;
+  /** The VAE posterior (mean, std; before scaling_factor) of pixel values [B,3,H,W] in [-1,1]. */
+  vaeEncode(pipeline: PipelineHandle, pixelValues: HostTensor): Promise<[HostTensor, HostTensor]>;
   trainerExportLora(trainer: TrainerHandle, path: string, format: LoraFileFormat, metadata?: Record<string, string>, prefix?: string): Promise<void>;
 }
 

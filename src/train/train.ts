@@ -17,7 +17,7 @@ import { type CheckpointEntry, CheckpointError, CheckpointManager, RunLock } fro
 import { writeJsonDurable } from '../checkpoint/fsutil';
 import { loraAlpha, type TrainConfig } from '../config';
 import { datasetFingerprint, describeDataset, loadDataset, type Dataset } from '../data/dataset';
-import { BatchLoader } from '../data/loader';
+import type { LoaderOptions } from '../data/loader';
 import type { SampleOrderState } from '../data/sampler';
 import { checkModelFolder } from '../models/model-folder';
 import { modelFingerprint } from '../models/fingerprint';
@@ -26,6 +26,7 @@ import { fromFloat32, fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
 import { lrAt, lrScheduleFromJSON, trainingLrSchedule, type LrScheduleSpec } from './schedules/lr';
 import { NoiseSchedule } from './schedules/noise';
+import { buildLatentCache, CachedLatentSource, ImageSource, type MicroBatchSource } from './sources';
 
 export const TRAINER_STATE_VERSION = 1;
 
@@ -196,12 +197,14 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
   }
-  let loader: BatchLoader | undefined;
+  let loader: MicroBatchSource | undefined;
   let pipe: PipelineHandle | undefined;
   try {
     for (const n of mgr.cleanStale()) report.info(`removed an incomplete checkpoint folder left by a crash: ${n}`);
 
     // ---- model, data, schedule ----
+    if (cfg.cache_latents && (cfg.random_flip || !cfg.center_crop))
+      throw new Error('--cache-latents encodes each image once, so it needs --center-crop and no --random-flip');
     const modelDir = path.resolve(cfg.pretrained_model_name_or_path);
     checkModelFolder(modelDir, ['unet', 'vae', 'text_encoder']);
     const device = await resolveDevice(cfg.device);
@@ -213,6 +216,8 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       captionColumn: cfg.caption_column,
       imageColumn: cfg.image_column,
       skipBadImages: cfg.skip_bad_images,
+      skipUncaptioned: cfg.skip_uncaptioned,
+      layout: cfg.dataset_layout,
       maxTrainSamples: cfg.max_train_samples,
       seed: cfg.seed,
     });
@@ -265,6 +270,12 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       seed: cfg.seed,
     });
     report.info(`trainable parameters: ${trainableParams.toLocaleString('en-US')} of ${totalParams.toLocaleString('en-US')} (${((100 * trainableParams) / totalParams).toFixed(3)} %)`);
+
+    if (cfg.init_lora_weights && !resumeFrom) {
+      if (cfg.train_mode !== 'lora') throw new Error('--init-lora-weights needs --train-mode lora');
+      const n = await native().trainerLoadLora(trainer, path.resolve(cfg.init_lora_weights));
+      report.info(`initialized ${n} LoRA modules from ${cfg.init_lora_weights}`);
+    }
 
     // ---- schedule and data order ----
     const batchSize = cfg.train_batch_size;
@@ -322,17 +333,26 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       report.info(`already at step ${globalStep} of ${maxSteps}: nothing to train (raise --max-train-steps to continue)`);
     }
 
-    loader = new BatchLoader(dataset, {
+    const loaderOpts: LoaderOptions = {
       batchSize,
       seed: cfg.seed,
       resolution: cfg.resolution,
       interpolation: cfg.image_interpolation_mode,
       centerCrop: cfg.center_crop,
       randomFlip: cfg.random_flip,
+      resampler: cfg.image_resampler,
       cursor: cursor ? { epoch: cursor.epoch, position: cursor.position } : undefined,
       prefetchBatches: 2,
-      concurrency: Math.max(1, cfg.dataloader_num_workers * 2),
-    });
+      concurrency: Math.max(4, cfg.dataloader_num_workers * 2),
+    };
+    if (cfg.cache_latents) {
+      const t1 = Date.now();
+      const cache = await buildLatentCache(pipe, dataset, loaderOpts);
+      report.info(`--cache-latents: encoded ${dataset.items.length} images once in ${((Date.now() - t1) / 1000).toFixed(1)} s`);
+      loader = new CachedLatentSource(dataset, cache, batchSize, cfg.seed, loaderOpts.cursor);
+    } else {
+      loader = new ImageSource(dataset, loaderOpts);
+    }
     // A cursor at the end of an epoch means the next batch starts the next epoch.
 
     const losses: number[] = [];
@@ -426,9 +446,8 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
         const batch = await loader.next();
         const ids = tokenizer.encodeBatch(batch.captions, { maxLength: tokenizer.modelMaxLength, padding: 'max_length' });
         const b = batch.indices.length;
-        const pixels: HostTensor = fromFloat32('pixel_values', [b, 3, cfg.resolution, cfg.resolution], batch.pixelValues);
         const inputIds = fromInt64('input_ids', [b, ids[0].length], ids.flat());
-        const loss = await native().trainerMicroStep(trainer as TrainerHandle, { pixelValues: pixels, inputIds }, accum);
+        const loss = await native().trainerMicroStep(trainer, { ...batch.images, inputIds }, accum);
         if (!Number.isFinite(loss)) report.warn(`non-finite loss ${loss} at step ${globalStep + 1}`);
         lossSum += loss;
         micro++;
