@@ -11,6 +11,7 @@ import * as fs from 'node:fs';
 
 import { exportCommand, keepCommand, listCheckpoints, listRuns, verifyCommand } from './commands/checkpoints';
 import { runForwardCommand } from './commands/forward';
+import { testSetup } from './commands/test-setup';
 import { addTrainOptions, configFromArgv } from './commands/train-options';
 import { ConfigError } from './config';
 import { makeDemoData } from './data/demo-data';
@@ -138,6 +139,21 @@ export async function main(argv: string[]): Promise<void> {
     )
     .command('list-runs [root]', 'List the runs under a folder (default outputs/)', (y) => y.positional('root', { type: 'string', default: 'outputs' }),
       async (a) => console.log(await listRuns(a.root)))
+    .command(
+      'test-setup',
+      'Check this machine and configuration: data, models, LoRA, 5 steps, a checkpoint round trip, memory (same flags as training)',
+      (y) => addTrainOptions(y),
+      async (a) => {
+        const argv = a as Record<string, unknown>;
+        const reporter = new CliReporter('warn');
+        const extra = argv.demo || (argv['pretrained-model-name-or-path'] === undefined && argv.config === undefined) ? await demoDefaults(reporter) : {};
+        if (Object.keys(extra).length) console.log('test-setup: no model/data given, checking the embedded demo configuration');
+        const results = await testSetup(configFromArgv(argv, extra));
+        const bad = results.filter((r) => r.ok === false).length;
+        console.log(bad ? `${bad} check(s) failed` : 'all checks passed');
+        if (bad) process.exitCode = 1;
+      },
+    )
     .command(
       'make-tiny-model <out>',
       'Write a Stable-Diffusion-shaped model folder with seeded random weights (for tests, demos, benchmarks)',

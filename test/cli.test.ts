@@ -127,3 +127,33 @@ describe('train-lora checkpoints', () => {
     expect(run('list-runs', tmp).stdout).toMatch(/run\s+tiny\s+3\/3\s+checkpoint-3/);
   });
 });
+
+describe('train-lora test-setup', () => {
+  test('passes on a good configuration and fails (exit 1) on a broken image or a model folder without a VAE', async () => {
+    const { makeDemoData } = await import('../src/data/demo-data');
+    const good = path.join(tmp, 'setup-data');
+    await makeDemoData(good, { count: 4, size: 32, seed: 0 });
+    const common = ['--device', 'cpu', '--resolution', '32', '--rank', '4'];
+    const ok = run('test-setup', '--model', tiny, '--data', good, ...common);
+    expect(ok.stdout).toMatch(/\[OK\] {3}5 training steps: losses/);
+    expect(ok.stdout).toMatch(/\[OK\] {3}checkpoint round trip/);
+    expect(ok.status).toBe(0);
+
+    const broken = path.join(tmp, 'setup-broken');
+    fs.cpSync(good, broken, { recursive: true });
+    const img = fs.readdirSync(path.join(broken, 'images'))[0];
+    fs.writeFileSync(path.join(broken, 'images', img), 'not an image');
+    const r1 = run('test-setup', '--model', tiny, '--data', broken, ...common);
+    expect(r1.status).toBe(1);
+    expect(r1.stdout).toMatch(new RegExp(`\\[FAIL\\] dataset loads: .*${img.replace('.', '\\.')}`, 's'));
+    expect(r1.stdout).toMatch(/fix: /);
+
+    const noVae = path.join(tmp, 'setup-novae');
+    fs.cpSync(tiny, noVae, { recursive: true });
+    fs.rmSync(path.join(noVae, 'vae'), { recursive: true });
+    const r2 = run('test-setup', '--model', noVae, '--data', good, ...common);
+    expect(r2.status).toBe(1);
+    expect(r2.stdout).toMatch(/\[FAIL\] models load: .*vae\/config\.json is missing/s);
+    expect(r2.stdout).toMatch(/\[SKIP\] 5 training steps/);
+  });
+});

@@ -1,0 +1,148 @@
+/**
+ * `train-lora test-setup` (`npm run test-setup`): checks a machine and a configuration before a long run. Each
+ * check prints [OK] / [FAIL] with a reason and a fix; the exit code is non-zero when any check fails.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+import { CheckpointManager, verifyCheckpoint } from '../checkpoint/manager';
+import { formatBytes } from '../checkpoint/fsutil';
+import { loraAlpha, type TrainConfig } from '../config';
+import { describeDataset, loadDataset, type Dataset } from '../data/dataset';
+import { checkModelFolder } from '../models/model-folder';
+import { native, type PipelineHandle, type TrainerHandle } from '../native';
+import { fromInt64 } from '../tensors';
+import { CLIPTokenizer } from '../tokenizer';
+import { NoiseSchedule } from '../train/schedules/noise';
+import { ImageSource } from '../train/sources';
+import { resolveDevice, resolveMixedPrecision } from '../train/train';
+
+export interface CheckResult {
+  name: string;
+  ok: boolean | 'skip';
+  detail: string;
+  fix?: string;
+}
+
+function rssBytes(): number {
+  return process.memoryUsage().rss;
+}
+
+export async function testSetup(cfg: TrainConfig, print: (line: string) => void = (l) => console.log(l)): Promise<CheckResult[]> {
+  const results: CheckResult[] = [];
+  const report = (r: CheckResult) => {
+    results.push(r);
+    const tag = r.ok === 'skip' ? '[SKIP]' : r.ok ? '[OK]  ' : '[FAIL]';
+    print(`${tag} ${r.name}: ${r.detail}${r.fix && r.ok !== true ? `\n       fix: ${r.fix}` : ''}`);
+  };
+  const failed = (name: string) => report({ name, ok: 'skip', detail: 'skipped (an earlier check failed)' });
+
+  let dataset: Dataset | undefined;
+  try {
+    dataset = await loadDataset(cfg.train_data_dir, { captionColumn: cfg.caption_column, imageColumn: cfg.image_column, skipBadImages: cfg.skip_bad_images, skipUncaptioned: cfg.skip_uncaptioned, layout: cfg.dataset_layout, maxTrainSamples: cfg.max_train_samples, seed: cfg.seed });
+    report({ name: 'dataset loads', ok: true, detail: describeDataset(dataset) });
+  } catch (e) {
+    const err = e as Error & { fix?: string };
+    report({ name: 'dataset loads', ok: false, detail: err.message, fix: err.fix ?? 'see README "Training your own LoRA" for the data layouts' });
+  }
+
+  if (dataset) {
+    const t0 = Date.now();
+    const src = new ImageSource(dataset, { batchSize: cfg.train_batch_size, seed: cfg.seed, resolution: cfg.resolution, interpolation: cfg.image_interpolation_mode, centerCrop: cfg.center_crop, randomFlip: cfg.random_flip, prefetchBatches: 0 });
+    try {
+      const n = Math.min(2, Math.ceil(dataset.items.length / cfg.train_batch_size));
+      let images = 0;
+      for (let i = 0; i < n; i++) images += (await src.next()).indices.length;
+      report({ name: 'dataloader yields batches', ok: true, detail: `${n} batches, ${images} images at ${cfg.resolution}px in ${Date.now() - t0} ms` });
+    } catch (e) {
+      report({ name: 'dataloader yields batches', ok: false, detail: (e as Error).message, fix: 'fix or remove the image named above (or --skip-bad-images)' });
+    } finally {
+      await src.close();
+    }
+  } else failed('dataloader yields batches');
+
+  let pipe: PipelineHandle | undefined;
+  let trainer: TrainerHandle | undefined;
+  const device = await resolveDevice(cfg.device);
+  const mixed = resolveMixedPrecision(cfg.mixed_precision, device);
+  const modelDir = path.resolve(cfg.pretrained_model_name_or_path);
+  const rss0 = rssBytes();
+  try {
+    checkModelFolder(modelDir, ['unet', 'vae', 'text_encoder']);
+    const t0 = Date.now();
+    pipe = await native().loadPipeline(modelDir, { device, dtype: mixed === 'no' ? 'fp32' : mixed, variant: cfg.variant });
+    report({ name: 'models load', ok: true, detail: `${modelDir} on ${device} (${mixed === 'no' ? 'fp32' : mixed}) in ${((Date.now() - t0) / 1000).toFixed(1)} s` });
+  } catch (e) {
+    report({ name: 'models load', ok: false, detail: (e as Error).message, fix: 'point --pretrained-model-name-or-path at a complete diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)' });
+  }
+
+  let noise: NoiseSchedule | undefined;
+  if (pipe) {
+    try {
+      noise = NoiseSchedule.fromFile(path.join(modelDir, 'scheduler', 'scheduler_config.json'), cfg.prediction_type ? { predictionType: cfg.prediction_type } : {});
+      const r = await native().createTrainer(pipe, { mode: cfg.train_mode, rank: cfg.rank, alpha: loraAlpha(cfg), targets: cfg.lora_target_modules, mixedPrecision: mixed, gradientCheckpointing: cfg.gradient_checkpointing, predictionType: noise.predictionType as 'epsilon', alphasCumprod: Array.from(noise.alphasCumprod), seed: cfg.seed, maxGradNorm: cfg.max_grad_norm });
+      trainer = r.trainer;
+      report({ name: 'LoRA configured', ok: true, detail: `rank ${cfg.rank}, alpha ${loraAlpha(cfg)}, targets ${cfg.lora_target_modules.join(',')}: ${r.trainableParams.toLocaleString('en-US')} trainable of ${r.totalParams.toLocaleString('en-US')} (${((100 * r.trainableParams) / r.totalParams).toFixed(3)} %)` });
+    } catch (e) {
+      report({ name: 'LoRA configured', ok: false, detail: (e as Error).message, fix: 'check --lora-target-modules (peft names such as to_q, to_k, to_v, to_out.0)' });
+    }
+  } else failed('LoRA configured');
+
+  if (trainer && dataset) {
+    const src = new ImageSource(dataset, { batchSize: cfg.train_batch_size, seed: cfg.seed, resolution: cfg.resolution, interpolation: cfg.image_interpolation_mode, centerCrop: cfg.center_crop, randomFlip: cfg.random_flip });
+    try {
+      const tok = CLIPTokenizer.fromFolder(path.join(modelDir, 'tokenizer'));
+      const losses: number[] = [];
+      const t0 = Date.now();
+      for (let i = 0; i < 5; i++) {
+        const b = await src.next();
+        const ids = tok.encodeBatch(b.captions, { maxLength: tok.modelMaxLength });
+        losses.push(await native().trainerMicroStep(trainer, { ...b.images, inputIds: fromInt64('input_ids', [ids.length, ids[0].length], ids.flat()) }, 1));
+        await native().trainerOptimizerStep(trainer, cfg.learning_rate);
+      }
+      const ok = losses.every(Number.isFinite);
+      report({ name: '5 training steps', ok, detail: `losses ${losses.map((l) => l.toFixed(4)).join(', ')} (${((Date.now() - t0) / 5000).toFixed(2)} s/step)`, fix: ok ? undefined : 'NaN/inf losses: try --mixed-precision no or bf16, a lower --learning-rate, or check the model weights' });
+    } catch (e) {
+      report({ name: '5 training steps', ok: false, detail: (e as Error).message, fix: 'out of memory? lower --train-batch-size, add --gradient-checkpointing, or use --mixed-precision bf16/fp16' });
+    } finally {
+      await src.close();
+    }
+  } else failed('5 training steps');
+
+  if (trainer) {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'train-lora-setup-'));
+    try {
+      const t0 = Date.now();
+      const mgr = new CheckpointManager(dir);
+      const saved = await mgr.save(1, async (tmp) => {
+        const s = await native().trainerSaveState(trainer!, tmp);
+        fs.writeFileSync(path.join(tmp, 'optimizer.json'), JSON.stringify({ per_parameter_steps: s.optimizerSteps }));
+        fs.writeFileSync(path.join(tmp, 'random_states_0.json'), JSON.stringify({ torch: s.rng }));
+      });
+      const v = await verifyCheckpoint(saved.path);
+      if (!v.valid) throw new Error(`verify failed: ${v.problem}`);
+      const steps = JSON.parse(fs.readFileSync(path.join(saved.path, 'optimizer.json'), 'utf8')).per_parameter_steps as Record<string, number>;
+      await native().trainerLoadState(trainer, saved.path, { optimizerSteps: steps });
+      report({ name: 'checkpoint round trip', ok: true, detail: `write + verify + load of ${formatBytes(saved.size)} in ${Date.now() - t0} ms (${dir})` });
+    } catch (e) {
+      report({ name: 'checkpoint round trip', ok: false, detail: (e as Error).message, fix: 'check free space and write permissions of the temp folder / --output-dir' });
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  } else failed('checkpoint round trip');
+
+  const devs = await native().devices();
+  const d = devs.find((x) => x.type === device.split(':')[0]);
+  const rss = rssBytes();
+  report({
+    name: 'memory',
+    ok: true,
+    detail:
+      `host: ${formatBytes(os.totalmem())} total, ${formatBytes(os.freemem())} free, this process ${formatBytes(rss)} RSS` +
+      (d && d.type !== 'cpu' && d.totalMemory ? `; ${d.type}: ${formatBytes(d.totalMemory)} total` : '') +
+      `; training with batch ${cfg.train_batch_size}${cfg.gradient_checkpointing ? ' and gradient checkpointing' : ''} used about ${formatBytes(Math.max(0, rss - rss0))} beyond start-up here`,
+  });
+  if (pipe) native().dispose(pipe);
+  return results;
+}
