@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "config.h"
 #include "engine.h"
 #include "weights.h"
 
@@ -10,22 +11,7 @@ namespace {
 
 using torch::Tensor;
 
-// ---- config.json reading: defaults for missing/null keys, errors naming the file, the key and what is accepted ----
-
-[[noreturn]] void config_error(const std::string& path, const std::string& key, const std::string& what) {
-  throw UserError("EBADCONFIG", path + (key.empty() ? "" : ": \"" + key + "\"") + ": " + what);
-}
-
-std::string json_brief(const Json& v) {
-  std::string s = v.dump();
-  if (s.size() > 60) {
-    s.resize(57);
-    s += "...";
-  }
-  return s;
-}
-
-bool present(const Json& j, const std::string& key) { return j.has(key) && !j[key].is_null(); }
+// ---- config.json reading (config_error, json_brief, present: config.h) ----
 
 int64_t read_int(const Json& j, const std::string& key, int64_t def, const std::string& path, int64_t min_value) {
   if (!present(j, key)) return def;

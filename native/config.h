@@ -9,15 +9,31 @@
 
 namespace tl {
 
+// An error in a config.json: names the file, the key (when there is one) and what is wrong or accepted.
+[[noreturn]] inline void config_error(const std::string& path, const std::string& key, const std::string& what) {
+  throw UserError("EBADCONFIG", path + (key.empty() ? "" : ": \"" + key + "\"") + ": " + what);
+}
+
+// A value shortened for messages.
+inline std::string json_brief(const Json& v) {
+  std::string s = v.dump();
+  if (s.size() > 60) {
+    s.resize(57);
+    s += "...";
+  }
+  return s;
+}
+
+// Missing and null keys both mean "use the default" (older files have fewer keys).
+inline bool present(const Json& j, const std::string& key) { return j.has(key) && !j[key].is_null(); }
+
 class ConfigReader {
  public:
   ConfigReader(const Json& j, std::string path) : j_(j), path_(std::move(path)) {
     if (!j_.is_object()) fail("", "the file must hold a JSON object");
   }
-  [[noreturn]] void fail(const std::string& key, const std::string& what) const {
-    throw UserError("EBADCONFIG", path_ + (key.empty() ? "" : ": \"" + key + "\"") + ": " + what);
-  }
-  bool present(const std::string& key) const { return j_.has(key) && !j_[key].is_null(); }
+  [[noreturn]] void fail(const std::string& key, const std::string& what) const { config_error(path_, key, what); }
+  bool present(const std::string& key) const { return tl::present(j_, key); }
   const Json& raw(const std::string& key) const { return j_[key]; }
 
   int64_t integer(const std::string& key, int64_t def) const {

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <map>
 
+#include "config.h"
 #include "engine.h"
 #include "weights.h"
 
@@ -15,22 +16,7 @@ using torch::Tensor;
 
 constexpr double kEps = 1e-6;  // resnet_eps / GroupNorm eps everywhere in diffusers' Encoder and Decoder
 
-// ---- config.json reading: defaults for missing/null keys, errors naming the file, the key and what is accepted ----
-
-[[noreturn]] void config_error(const std::string& path, const std::string& key, const std::string& what) {
-  throw UserError("EBADCONFIG", path + (key.empty() ? "" : ": \"" + key + "\"") + ": " + what);
-}
-
-std::string json_brief(const Json& v) {
-  std::string s = v.dump();
-  if (s.size() > 60) {
-    s.resize(57);
-    s += "...";
-  }
-  return s;
-}
-
-bool present(const Json& j, const std::string& key) { return j.has(key) && !j[key].is_null(); }
+// ---- config.json reading (config_error, json_brief, present: config.h) ----
 
 bool is_integer(const Json& v) {
   return v.is_number() && v.as_number() == std::floor(v.as_number()) && std::fabs(v.as_number()) < 9.0e15;

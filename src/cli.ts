@@ -9,6 +9,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as fs from 'node:fs';
 
+import { formatBytes } from './checkpoint/fsutil';
 import { exportCommand, keepCommand, listCheckpoints, listRuns, verifyCommand } from './commands/checkpoints';
 import { runForwardCommand } from './commands/forward';
 import { testSetup } from './commands/test-setup';
@@ -19,16 +20,6 @@ import { CliReporter } from './train/reporter';
 import { nextRunDir, train } from './train/train';
 import { makeTinyModel, type ModelPreset } from './models/model-folder';
 import { native, type Precision } from './native';
-
-function formatBytes(n: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) {
-    n /= 1024;
-    i++;
-  }
-  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
-}
 
 function cacheDir(): string {
   return process.env.TRAIN_LORA_CACHE ?? path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'train-lora');

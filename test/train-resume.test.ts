@@ -10,29 +10,14 @@ import { CheckpointManager, RunLock } from '../src/checkpoint/manager';
 import { parseTrainConfig, type TrainConfig } from '../src/config';
 import { makeDemoData } from '../src/data/demo-data';
 import { native } from '../src/native';
-import { train, type StepMetrics, type TrainReporter } from '../src/train/train';
+import { train, type StepMetrics } from '../src/train/train';
+import { Quiet } from './helpers/quiet-reporter';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tl-train-'));
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 const model = path.join(__dirname, 'fixtures', 'models', 'tiny');
 const data = path.join(tmp, 'data');
 
-class Quiet implements TrainReporter {
-  steps: StepMetrics[] = [];
-  messages: string[] = [];
-  info(m: string): void {
-    this.messages.push(m);
-  }
-  warn(m: string): void {
-    this.messages.push(`warn: ${m}`);
-  }
-  error(m: string): void {
-    this.messages.push(`error: ${m}`);
-  }
-  step(m: StepMetrics): void {
-    this.steps.push(m);
-  }
-}
 
 function config(out: string, over: Record<string, unknown> = {}): TrainConfig {
   return parseTrainConfig({

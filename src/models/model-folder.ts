@@ -54,16 +54,6 @@ export function checkModelFolder(dir: string, components: Component[], needToken
     );
 }
 
-function copyTree(src: string, dst: string): void {
-  fs.mkdirSync(dst, { recursive: true });
-  for (const e of fs.readdirSync(src, { withFileTypes: true })) {
-    const s = path.join(src, e.name);
-    const d = path.join(dst, e.name);
-    if (e.isDirectory()) copyTree(s, d);
-    else fs.copyFileSync(s, d);
-  }
-}
-
 /**
  * Writes a complete diffusers-layout folder with seeded random weights: `tiny` (a few MB) or `sd15` (the real
  * SD 1.5 shapes: 860M-parameter UNet, ~4 GB in fp32). The tokenizer is the project's small CLIP BPE vocabulary.
@@ -73,8 +63,8 @@ export async function makeTinyModel(outDir: string, preset: ModelPreset = 'tiny'
   if (!fs.existsSync(configs)) throw new Error(`unknown preset ${preset}`);
   const tmp = `${outDir}.tmp-${process.pid}`;
   fs.rmSync(tmp, { recursive: true, force: true });
-  copyTree(configs, tmp);
-  copyTree(path.join(ASSETS, 'tiny-clip-tokenizer'), path.join(tmp, 'tokenizer'));
+  fs.cpSync(configs, tmp, { recursive: true });
+  fs.cpSync(path.join(ASSETS, 'tiny-clip-tokenizer'), path.join(tmp, 'tokenizer'), { recursive: true });
   let k = 0;
   for (const c of Object.keys(COMPONENTS) as Component[]) {
     await native().writeRandomWeights(path.join(tmp, c), c, seed * 1000 + k++);

@@ -13,16 +13,16 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
-import { type CheckpointEntry, CheckpointError, CheckpointManager, RunLock } from '../checkpoint/manager';
-import { writeJsonDurable } from '../checkpoint/fsutil';
+import { type CheckpointEntry, CheckpointError, CheckpointManager, RunLock, verifyCheckpoint } from '../checkpoint/manager';
+import { dirSize, writeJsonDurable } from '../checkpoint/fsutil';
 import { loraAlpha, type TrainConfig } from '../config';
 import { datasetFingerprint, describeDataset, loadDataset, type Dataset } from '../data/dataset';
 import type { LoaderOptions } from '../data/loader';
 import type { SampleOrderState } from '../data/sampler';
 import { checkModelFolder } from '../models/model-folder';
 import { modelFingerprint } from '../models/fingerprint';
-import { native, type HostTensor, type PipelineHandle, type TrainerHandle, type TrainerStateJson } from '../native';
-import { fromFloat32, fromInt64 } from '../tensors';
+import { native, type PipelineHandle, type TrainerStateJson } from '../native';
+import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
 import { lrAt, lrScheduleFromJSON, trainingLrSchedule, type LrScheduleSpec } from './schedules/lr';
 import { NoiseSchedule } from './schedules/noise';
@@ -140,7 +140,6 @@ export async function resolveResume(value: string, mgr: CheckpointManager, stric
     if (!e) throw new CheckpointError(`--resume-from-checkpoint ${value}: that run has no valid checkpoint`, 'ENOENT');
     return e;
   }
-  const { verifyCheckpoint } = await import('../checkpoint/manager');
   const e = await verifyCheckpoint(p);
   if (!e.valid) throw new CheckpointError(`--resume-from-checkpoint ${value}: ${e.problem}`, 'EBADCKPT');
   return e;
@@ -556,10 +555,6 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
 
 function lastCheckpointSize(mgr: CheckpointManager): number | undefined {
   if (!fs.existsSync(mgr.dir)) return undefined;
-  const names = fs.readdirSync(mgr.dir).filter((n) => /^checkpoint-\d+$/.test(n)).sort((a, b) => Number(b.split('-')[1]) - Number(a.split('-')[1]));
-  if (!names.length) return undefined;
-  let total = 0;
-  const dir = path.join(mgr.dir, names[0]);
-  for (const f of fs.readdirSync(dir)) total += fs.statSync(path.join(dir, f)).size;
-  return total;
+  const steps = fs.readdirSync(mgr.dir).map((n) => /^checkpoint-(\d+)$/.exec(n)?.[1]).filter((x): x is string => x !== undefined).map(Number);
+  return steps.length ? dirSize(CheckpointManager.pathFor(mgr.dir, Math.max(...steps))) : undefined;
 }
