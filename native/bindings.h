@@ -1,0 +1,11 @@
+// Binding files beyond addon.cpp register their functions here (one per area), so that areas stay in their own
+// translation units: addon_<area>.cpp defines register_<area>(env, exports).
+#pragma once
+#include <napi.h>
+
+namespace tl {
+
+// Calls every area's register function (defined in bindings.cpp).
+void register_area_bindings(Napi::Env env, Napi::Object exports);
+
+}  // namespace tl

@@ -1,0 +1,40 @@
+// Argument checking and host-tensor conversion shared by the binding files (addon*.cpp). Everything here runs on
+// the JS thread except to_host/host_to_tensor, which run on the torch thread.
+#pragma once
+#include <napi.h>
+
+#include <torch/torch.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace tl {
+
+// A tensor's bytes on the host, ready to become a JS Buffer.
+struct HostTensor {
+  std::string name, dtype;
+  std::vector<int64_t> shape;
+  std::shared_ptr<std::vector<uint8_t>> bytes;
+};
+
+std::string str_arg(const Napi::CallbackInfo& info, size_t i, const char* what);
+Napi::Object obj_arg(const Napi::CallbackInfo& info, size_t i);
+std::optional<std::string> opt_str(const Napi::Object& o, const char* key);
+torch::ScalarType parse_dtype(Napi::Env env, const std::string& s);
+Napi::Array shape_to_js(Napi::Env env, const std::vector<int64_t>& shape);
+Napi::Object metadata_to_js(Napi::Env env, const std::map<std::string, std::string>& m);
+HostTensor to_host(const std::string& name, const torch::Tensor& t0);
+Napi::Object host_to_js(Napi::Env env, const HostTensor& h);
+HostTensor host_from_js(Napi::Env env, const Napi::Value& v, size_t index);
+torch::Tensor host_to_tensor(const HostTensor& h);
+std::map<std::string, std::string> metadata_from_js(Napi::Env env, const Napi::Value& v);
+torch::Device parse_device(Napi::Env env, const std::string& s);
+std::vector<HostTensor> hosts_from_js(Napi::Env env, const Napi::Value& v, const char* what);
+Napi::Value hosts_to_js(Napi::Env env, const std::vector<HostTensor>& hs);
+double num_opt(const Napi::Object& o, const char* key, double def);
+bool bool_opt(const Napi::Object& o, const char* key, bool def);
+
+}  // namespace tl
