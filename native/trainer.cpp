@@ -61,6 +61,14 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
   auto& p = *pipe_;
   const auto dev = p.device;
   const auto dt = p.dtype.value_or(torch::kFloat32);
+  // This rank's rows of a draw for the global batch (see DataParallel); a plain draw with one process.
+  const int64_t R = data_parallel.world_size, rank = data_parallel.rank;
+  auto randn_rows = [&](c10::IntArrayRef sizes, const torch::TensorOptions& o) {
+    std::vector<int64_t> s(sizes.begin(), sizes.end());
+    const int64_t rows = s[0];
+    s[0] *= R;
+    return torch::randn(s, o).narrow(0, rank * rows, rows).contiguous();
+  };
   torch::Tensor latents;
   {
     torch::NoGradGuard ng;
@@ -78,18 +86,21 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
         throw UserError("EINPUT", "a micro-batch needs pixel values or cached latents");
       }
       // latent_dist.sample(): mean + std * N(0, 1)
-      latents = mean + std * torch::randn(mean.sizes(), mean.options());
+      latents = mean + std * (R == 1 ? torch::randn(mean.sizes(), mean.options()) : randn_rows(mean.sizes(), mean.options()));
       const double sf = p.vae ? p.vae->config.scaling_factor : 0.18215;
       latents = latents * sf;
     }
   }
   const int64_t B = latents.size(0);
-  torch::Tensor noise = b.noise.defined() ? b.noise.to(dev, latents.scalar_type()) : torch::randn_like(latents);
+  torch::Tensor noise = b.noise.defined() ? b.noise.to(dev, latents.scalar_type())
+                      : R == 1          ? torch::randn_like(latents)
+                                        : randn_rows(latents.sizes(), latents.options());
   if (cfg_.noise_offset != 0 && !b.noise.defined())
-    noise = noise + cfg_.noise_offset * torch::randn({B, latents.size(1), 1, 1}, latents.options());
+    noise = noise + cfg_.noise_offset * randn_rows({B, latents.size(1), 1, 1}, latents.options());
   const int64_t T = alphas_cumprod_.size(0);
-  torch::Tensor timesteps = b.timesteps.defined() ? b.timesteps.to(dev, torch::kLong)
-                                                  : torch::randint(0, T, {B}, torch::TensorOptions().dtype(torch::kLong).device(dev));
+  torch::Tensor timesteps =
+      b.timesteps.defined() ? b.timesteps.to(dev, torch::kLong)
+                            : torch::randint(0, T, {B * R}, torch::TensorOptions().dtype(torch::kLong).device(dev)).narrow(0, rank * B, B).contiguous();
   // add_noise / get_velocity exactly as DDPMScheduler: coefficients in the sample dtype.
   torch::Tensor ac = alphas_cumprod_.to(dev, latents.scalar_type());
   torch::Tensor sqrt_alpha = broadcast_to_dims(ac.index({timesteps}).pow(0.5), latents.dim());
@@ -155,6 +166,7 @@ StepResult Trainer::optimizer_step(double lr) {
   StepResult r;
   std::vector<torch::Tensor> grads;
   for (auto& [_, p] : params_) grads.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
+  if (data_parallel.reduce_grads) data_parallel.reduce_grads(grads);
   if (scaler_.enabled) {
     const double inv = 1.0 / scaler_.scale;
     bool found_inf = false;

@@ -6,6 +6,7 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -84,6 +85,16 @@ class Trainer {
   // Every RNG stream torch uses here: "cpu" and "cuda:N" generator states.
   std::vector<std::pair<std::string, std::vector<uint8_t>>> rng_state() const;
   void set_rng_state(const std::vector<std::pair<std::string, std::vector<uint8_t>>>& s);
+
+  // Data parallelism (set by the distributed bindings). Every rank draws the random tensors of the whole global
+  // batch (world_size micro-batches of the same size) from its identically seeded generator and keeps its own rows,
+  // so N ranks draw exactly what one process with an N-times larger batch would. reduce_grads averages the
+  // gradients over the ranks before unscaling, clipping and AdamW.
+  struct DataParallel {
+    int64_t rank = 0, world_size = 1;
+    std::function<void(std::vector<torch::Tensor>&)> reduce_grads;
+  };
+  DataParallel data_parallel;
 
   int64_t trainable_count() const;
   int64_t total_count() const;

@@ -15,6 +15,8 @@ import { runForwardCommand } from './commands/forward';
 import { testSetup } from './commands/test-setup';
 import { addTrainOptions, configFromArgv } from './commands/train-options';
 import { ConfigError } from './config';
+import { launchPlan } from './distributed/env';
+import { superviseWorkers } from './distributed/launcher';
 import { makeDemoData } from './data/demo-data';
 import { CliReporter } from './train/reporter';
 import { nextRunDir, train } from './train/train';
@@ -67,10 +69,27 @@ async function runTrain(argv: Record<string, unknown>): Promise<void> {
     ]);
   }
   const cfg = configFromArgv(argv, extra);
+  const chosenDir = !cfg.output_dir;
   if (!cfg.output_dir) cfg.output_dir = nextRunDir();
-  reporter.attach(cfg.output_dir);
+  const plan = launchPlan(cfg);
+  if (plan.kind === 'supervise') {
+    // --num-processes N: this process only starts and watches the workers (same arguments, one output folder).
+    const args = [process.argv[1], ...process.argv.slice(2), ...(chosenDir ? ['--output-dir', cfg.output_dir] : [])];
+    try {
+      process.exitCode = await superviseWorkers({ ...plan, args, info: (m) => reporter.info(m), error: (m) => reporter.error(m) });
+    } finally {
+      reporter.close();
+    }
+    return;
+  }
+  const isMain = plan.kind === 'single' || plan.env.rank === 0;
+  if (isMain) reporter.attach(cfg.output_dir);
   try {
     const r = await train(cfg, reporter);
+    if (!isMain) {
+      if (r.signal) process.exitCode = r.signal === 'SIGINT' ? 130 : 143;
+      return;
+    }
     const out = r.outputDir;
     const rel = path.relative(process.cwd(), out);
     const shown = rel && !rel.startsWith('..') ? rel : out;

@@ -62,6 +62,14 @@ export const TrainConfigSchema = z
     mixed_precision: z.enum(['auto', 'no', 'fp16', 'bf16']).default('auto'),
     allow_tf32: z.boolean().default(false),
     gradient_checkpointing: z.boolean().default(false),
+    // Distributed (data parallel; see src/distributed/)
+    num_processes: positiveInt.default(1),
+    nnodes: positiveInt.default(1),
+    node_rank: nonNegInt.default(0),
+    master_addr: z.string().min(1).optional(),
+    master_port: z.number().int().min(1).max(65535).optional(),
+    dist_backend: z.enum(['auto', 'gloo', 'nccl']).default('auto'),
+    dist_timeout: z.number().positive().default(1800),
     // Checkpointing
     output_dir: z.string().optional(),
     checkpointing_steps: positiveInt.default(500),

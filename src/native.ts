@@ -47,6 +47,8 @@ export interface Handle<Kind extends string> {
 }
 export type PipelineHandle = Handle<'Pipeline'>;
 export type TrainerHandle = Handle<'Trainer'>;
+/** A c10d process group (data-parallel training). */
+export type ProcessGroupHandle = Handle<'ProcessGroup'>;
 
 export type PipelineComponent = 'text_encoder' | 'unet' | 'vae';
 
@@ -96,6 +98,33 @@ export interface NativeBinding {
   /** The VAE posterior (mean, std; before scaling_factor) of pixel values [B,3,H,W] in [-1,1]. */
   vaeEncode(pipeline: PipelineHandle, pixelValues: HostTensor): Promise<[HostTensor, HostTensor]>;
   trainerExportLora(trainer: TrainerHandle, path: string, format: LoraFileFormat, metadata?: Record<string, string>, prefix?: string): Promise<void>;
+
+  // ---- data parallelism (native/addon_distributed.cpp); every rank must issue the collectives in the same order ----
+  /** Backends this build can create: 'gloo' always, 'nccl' in CUDA builds compiled with nccl.h. */
+  distBackends(): Array<'gloo' | 'nccl'>;
+  /** Rendezvous at masterAddr:masterPort (rank 0 hosts the TCPStore) and create the backend; rejects (code EDIST) after timeoutMs. */
+  distInit(options: DistInitNativeOptions): Promise<ProcessGroupHandle>;
+  /** The trainer then draws its rows of every global batch's random tensors and averages gradients over the group before clipping. */
+  distAttachTrainer(group: ProcessGroupHandle, trainer: TrainerHandle): Promise<void>;
+  /** Element-wise sum/max/min of a few numbers over all ranks (float64). */
+  distAllReduce(group: ProcessGroupHandle, values: number[], op?: 'sum' | 'max' | 'min'): Promise<number[]>;
+  distBarrier(group: ProcessGroupHandle, timeoutMs: number, what?: string): Promise<void>;
+  distDestroy(group: ProcessGroupHandle): Promise<void>;
+  /** The trainer's RNG streams ("cpu", "cuda:N"), base64, as trainerSaveState reports them (no files written). */
+  trainerRngState(trainer: TrainerHandle): Promise<Record<string, string>>;
+}
+
+export interface DistInitNativeOptions {
+  backend: 'gloo' | 'nccl';
+  masterAddr: string;
+  masterPort: number;
+  rank: number;
+  worldSize: number;
+  timeoutMs: number;
+  /** Training device ('cpu', 'cuda:N'). */
+  device?: string;
+  /** Gradient bucket size (default 25 MiB). */
+  bucketBytes?: number;
 }
 
 export interface TrainerOptions {

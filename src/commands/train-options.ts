@@ -21,6 +21,7 @@ const MODEL = 'Model:';
 const DATA = 'Data:';
 const TRAINING = 'Training:';
 const PRECISION = 'Precision & memory:';
+const DIST = 'Distributed:';
 const CKPT = 'Checkpointing:';
 const VALID = 'Validation:';
 const OUTPUT = 'Output & logging:';
@@ -72,6 +73,13 @@ export const TRAIN_OPTIONS: readonly Opt[] = [
   { key: 'mixed_precision', group: PRECISION, kind: 'string', describe: 'auto: fp16 on CUDA, no elsewhere [default: auto]', choices: ['auto', 'no', 'fp16', 'bf16'] },
   { key: 'allow_tf32', group: PRECISION, kind: 'boolean', describe: 'TF32 matmuls on Ampere+ GPUs' },
   { key: 'gradient_checkpointing', group: PRECISION, kind: 'boolean', describe: 'recompute activations in backward to save memory' },
+  { key: 'num_processes', group: DIST, kind: 'number', describe: 'data-parallel worker processes on this machine (one per GPU; CPU workers for testing); effective batch = batch × accumulation × all processes [default: 1]' },
+  { key: 'nnodes', group: DIST, kind: 'number', describe: 'machines taking part (each runs train-lora with the same flags and its --node-rank) [default: 1]' },
+  { key: 'node_rank', group: DIST, kind: 'number', describe: 'this machine\'s index, 0..nnodes-1 [default: 0]' },
+  { key: 'master_addr', group: DIST, kind: 'string', describe: 'address of node 0 for the rendezvous [default: 127.0.0.1; MASTER_ADDR under torchrun]' },
+  { key: 'master_port', group: DIST, kind: 'number', describe: 'rendezvous port on node 0 [default: a free port on one node, 29500 on several]' },
+  { key: 'dist_backend', group: DIST, kind: 'string', describe: 'c10d backend: auto (nccl on CUDA when built with it, else gloo) [default: auto]', choices: ['auto', 'gloo', 'nccl'] },
+  { key: 'dist_timeout', group: DIST, kind: 'number', describe: 'seconds a rank waits for the others (rendezvous, collectives, checkpoint barriers) before failing [default: 1800]' },
   { key: 'output_dir', group: CKPT, kind: 'string', describe: 'run folder [default: outputs/run-NNN]', aliases: ['out'] },
   { key: 'checkpointing_steps', group: CKPT, kind: 'number', describe: 'save every N optimizer steps [default: 500]' },
   { key: 'checkpoints_total_limit', group: CKPT, kind: 'number', describe: 'keep the newest N regular checkpoints [default: 5]' },

@@ -5,7 +5,7 @@
  */
 import { pickCaption, type Dataset } from '../data/dataset';
 import { BatchLoader, type LoaderOptions } from '../data/loader';
-import { SampleOrder, type SampleOrderState } from '../data/sampler';
+import { SampleOrder, type SampleOrderState, type ShardOptions } from '../data/sampler';
 import { native, type HostTensor, type PipelineHandle, type TrainBatch } from '../native';
 import { fromFloat32, numel } from '../tensors';
 
@@ -93,8 +93,9 @@ export class CachedLatentSource implements MicroBatchSource {
     private readonly batchSize: number,
     private readonly seed: number,
     cursor?: { epoch: number; position: number },
+    shard: ShardOptions = {},
   ) {
-    this.order = new SampleOrder(dataset.items.length, { seed, cursor });
+    this.order = new SampleOrder(dataset.items.length, { seed, cursor, ...shard });
   }
   async next(): Promise<MicroBatch> {
     const s = this.order.nextBatch(this.batchSize);

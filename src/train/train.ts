@@ -17,6 +17,8 @@ import { type CheckpointEntry, CheckpointError, CheckpointManager, RunLock, veri
 import { dirSize, writeJsonDurable } from '../checkpoint/fsutil';
 import { loraAlpha, type TrainConfig } from '../config';
 import { datasetFingerprint, describeDataset, loadDataset, type Dataset } from '../data/dataset';
+import { collectRankParts, initDistributed, pickBackend, removeRankParts, singleProcess, writeRankPart, type DistContext } from '../distributed/context';
+import { distEnvFromProcess } from '../distributed/env';
 import type { LoaderOptions } from '../data/loader';
 import type { SampleOrderState } from '../data/sampler';
 import { checkModelFolder } from '../models/model-folder';
@@ -24,7 +26,7 @@ import { modelFingerprint } from '../models/fingerprint';
 import { native, type PipelineHandle, type TrainerStateJson } from '../native';
 import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
-import { lrAt, lrScheduleFromJSON, trainingLrSchedule, type LrScheduleSpec } from './schedules/lr';
+import { lrForOptimizerStep, lrScheduleFromJSON, trainingLrSchedule, type LrScheduleSpec } from './schedules/lr';
 import { NoiseSchedule } from './schedules/noise';
 import { buildLatentCache, CachedLatentSource, ImageSource, type MicroBatchSource } from './sources';
 
@@ -61,8 +63,10 @@ export interface TrainerStateFile {
   /** Optimizer steps that advanced the LR schedule (not skipped by fp16 overflow). */
   scheduler_steps: number;
   epoch: number;
-  /** Samples of `epoch` already consumed (the data cursor). */
+  /** Samples of `epoch` already consumed (the data cursor; global over all ranks). */
   position: number;
+  /** Data-parallel processes that trained up to here (absent: 1). */
+  world_size?: number;
   samples_seen: number;
   max_train_steps: number;
   train_loss: number | null;
@@ -176,11 +180,26 @@ export interface TrainOptions {
   stopAtStep?: number;
 }
 
+/** Reporter of ranks > 0: only warnings and errors, prefixed with the rank (rank 0 logs, shows progress, writes metrics). */
+function rankReporter(report: TrainReporter, rank: number): TrainReporter {
+  return {
+    info: () => undefined,
+    warn: (m, d) => report.warn(`[rank ${rank}] ${m}`, d),
+    error: (m, d) => report.error(`[rank ${rank}] ${m}`, d),
+    step: () => undefined,
+  };
+}
+
 export async function train(cfg: TrainConfig, report: TrainReporter, opts: TrainOptions = {}): Promise<TrainResult> {
   const outputDir = path.resolve(cfg.output_dir ?? nextRunDir());
   fs.mkdirSync(outputDir, { recursive: true });
+  // Data parallel (torchrun's environment, or train-lora --num-processes): rank 0 owns the run folder.
+  const distEnv = distEnvFromProcess();
+  const isMain = !distEnv || distEnv.worldSize === 1 || distEnv.rank === 0;
+  if (!isMain) report = rankReporter(report, distEnv!.rank);
+  let dist: DistContext = singleProcess();
   const lock = new RunLock(outputDir);
-  lock.acquire();
+  if (isMain) lock.acquire();
   const mgr = new CheckpointManager(outputDir, { faultHook: opts.faultHook });
   const stop: Stop = {};
   const onSignal = (sig: NodeJS.Signals) => {
@@ -192,21 +211,34 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     stop.signal = sig;
     report.warn(`${sig} received: finishing the current optimizer step, then saving a checkpoint (press again to abort)`);
   };
+  // A worker started by train-lora --num-processes: the supervisor going away is a SIGTERM.
+  const onDisconnect = () => onSignal('SIGTERM');
   if (opts.installSignalHandlers !== false) {
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
+    if (process.env.TRAIN_LORA_SUPERVISED && process.channel) {
+      process.channel.unref();
+      process.on('disconnect', onDisconnect);
+    }
   }
   let loader: MicroBatchSource | undefined;
   let pipe: PipelineHandle | undefined;
   try {
-    for (const n of mgr.cleanStale()) report.info(`removed an incomplete checkpoint folder left by a crash: ${n}`);
+    if (isMain) for (const n of mgr.cleanStale()) report.info(`removed an incomplete checkpoint folder left by a crash: ${n}`);
 
     // ---- model, data, schedule ----
     if (cfg.cache_latents && (cfg.random_flip || !cfg.center_crop))
       throw new Error('--cache-latents encodes each image once, so it needs --center-crop and no --random-flip');
     const modelDir = path.resolve(cfg.pretrained_model_name_or_path);
     checkModelFolder(modelDir, ['unet', 'vae', 'text_encoder']);
-    const device = await resolveDevice(cfg.device);
+    let device = await resolveDevice(cfg.device);
+    if (distEnv && distEnv.worldSize > 1) {
+      if (device === 'cuda') device = `cuda:${distEnv.localRank}`; // one GPU per local rank
+      const backend = pickBackend(cfg.dist_backend, device);
+      const t = Date.now();
+      dist = await initDistributed(distEnv, { backend, timeoutMs: cfg.dist_timeout * 1000, device });
+      report.info(`joined the process group: ${dist.worldSize} processes (${backend}, rendezvous ${distEnv.masterAddr}:${distEnv.masterPort}, ${Date.now() - t} ms)`);
+    }
     const mixed = resolveMixedPrecision(cfg.mixed_precision, device);
     const tokenizer = CLIPTokenizer.fromFolder(path.join(modelDir, 'tokenizer'));
     const noise = NoiseSchedule.fromFile(path.join(modelDir, 'scheduler', 'scheduler_config.json'), cfg.prediction_type ? { predictionType: cfg.prediction_type } : {});
@@ -268,6 +300,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       maxGradNorm: cfg.max_grad_norm,
       seed: cfg.seed,
     });
+    await dist.attach(trainer);
     report.info(`trainable parameters: ${trainableParams.toLocaleString('en-US')} of ${totalParams.toLocaleString('en-US')} (${((100 * trainableParams) / totalParams).toFixed(3)} %)`);
 
     if (cfg.init_lora_weights && !resumeFrom) {
@@ -279,8 +312,9 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     // ---- schedule and data order ----
     const batchSize = cfg.train_batch_size;
     const accum = cfg.gradient_accumulation_steps;
+    const world = dist.worldSize;
     const batchesPerEpoch = Math.ceil(dataset.items.length / batchSize);
-    const updatesPerEpoch = Math.ceil(batchesPerEpoch / accum);
+    const updatesPerEpoch = Math.ceil(Math.ceil(dataset.items.length / (batchSize * world)) / accum);
     const maxSteps = cfg.max_train_steps;
     let spec: LrScheduleSpec = trainingLrSchedule({
       kind: cfg.lr_scheduler as LrScheduleSpec['kind'],
@@ -292,7 +326,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       batchesPerEpoch,
       gradientAccumulationSteps: accum,
       trainBatchSize: batchSize,
-      numProcesses: 1,
+      numProcesses: world,
       numCycles: cfg.lr_num_cycles,
       power: cfg.lr_power,
     });
@@ -303,7 +337,9 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     let best = prev?.best_metric ?? null;
     if (resumeFrom && prev) {
       const dir = resumeFrom.path;
-      const rng = readJson<{ torch: Record<string, string>; data: { sampler: SampleOrderState } }>(path.join(dir, 'random_states_0.json'));
+      // This rank's RNG streams (every rank draws the same global-batch tensors, so rank 0's serve a new rank).
+      const ownRng = path.join(dir, `random_states_${dist.rank}.json`);
+      const rng = readJson<{ torch: Record<string, string>; data: { sampler: SampleOrderState } }>(fs.existsSync(ownRng) ? ownRng : path.join(dir, 'random_states_0.json'));
       const scaler = readJson<TrainerStateJson['scaler']>(path.join(dir, 'scaler.json'));
       const optim = readJson<{ per_parameter_steps: Record<string, number> }>(path.join(dir, 'optimizer.json'));
       const sched = readJson<{ spec: unknown; scheduler_steps: number }>(path.join(dir, 'scheduler.json'));
@@ -317,14 +353,21 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       const sameData = prev.dataset.fingerprint === dataFp;
       cursor = sameData ? rng.data.sampler : undefined;
       if (!sameData) report.warn('the dataset changed: starting its order from the beginning of a new epoch');
-      const newSchedule = cfg.reset_optimizer || prev.config.learning_rate !== cfg.learning_rate || prev.max_train_steps !== maxSteps || prev.config.lr_scheduler !== cfg.lr_scheduler;
+      const prevWorld = prev.world_size ?? 1;
+      if (prevWorld !== world)
+        report.warn(
+          `resuming a checkpoint made by ${prevWorld} process(es) with ${world}: the data cursor is global, so the same sample order continues at epoch ${prev.epoch}, sample ${prev.position}; ` +
+            `the global batch is now ${batchSize * accum * world} (was ${prev.config.train_batch_size * prev.config.gradient_accumulation_steps * prevWorld}) and the LR schedule is rebuilt for ${world} process(es)`,
+        );
+      const changedArgs = prev.config.learning_rate !== cfg.learning_rate || prev.max_train_steps !== maxSteps || prev.config.lr_scheduler !== cfg.lr_scheduler;
+      const newSchedule = cfg.reset_optimizer || changedArgs || prevWorld !== world;
       if (cfg.reset_optimizer) {
         report.warn(`--reset-optimizer: keeping the weights of step ${globalStep}, fresh AdamW moments and a fresh LR schedule`);
         schedulerSteps = 0;
       } else {
         schedulerSteps = sched.scheduler_steps;
         if (!newSchedule) spec = lrScheduleFromJSON(sched.spec).spec;
-        else report.warn(`the LR schedule changed on resume (learning rate ${prev.config.learning_rate} -> ${cfg.learning_rate}, max steps ${prev.max_train_steps} -> ${maxSteps}): continuing at scheduler step ${schedulerSteps} of the new schedule`);
+        else if (changedArgs) report.warn(`the LR schedule changed on resume (learning rate ${prev.config.learning_rate} -> ${cfg.learning_rate}, max steps ${prev.max_train_steps} -> ${maxSteps}): continuing at scheduler step ${schedulerSteps} of the new schedule`);
       }
       report.info(`resumed from ${dir} at step ${globalStep} (epoch ${prev.epoch}, sample ${prev.position})`);
     }
@@ -341,6 +384,8 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       randomFlip: cfg.random_flip,
       resampler: cfg.image_resampler,
       cursor: cursor ? { epoch: cursor.epoch, position: cursor.position } : undefined,
+      rank: dist.rank,
+      worldSize: world,
       prefetchBatches: 2,
       concurrency: Math.max(4, cfg.dataloader_num_workers * 2),
     };
@@ -348,7 +393,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       const t1 = Date.now();
       const cache = await buildLatentCache(pipe, dataset, loaderOpts);
       report.info(`--cache-latents: encoded ${dataset.items.length} images once in ${((Date.now() - t1) / 1000).toFixed(1)} s`);
-      loader = new CachedLatentSource(dataset, cache, batchSize, cfg.seed, loaderOpts.cursor);
+      loader = new CachedLatentSource(dataset, cache, batchSize, cfg.seed, loaderOpts.cursor, { rank: dist.rank, worldSize: world });
     } else {
       loader = new ImageSource(dataset, loaderOpts);
     }
@@ -381,15 +426,17 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
               weight_decay: cfg.adam_weight_decay,
               per_parameter_steps: st.optimizerSteps,
             });
-            writeJsonDurable(path.join(tmp, 'scheduler.json'), { spec, scheduler_steps: schedSteps, next_lr: lrAt(spec, schedSteps) });
+            writeJsonDurable(path.join(tmp, 'scheduler.json'), { spec, scheduler_steps: schedSteps, num_processes: world, next_lr: lrForOptimizerStep(spec, schedSteps, world) });
             writeJsonDurable(path.join(tmp, 'scaler.json'), st.scaler);
             writeJsonDurable(path.join(tmp, 'random_states_0.json'), { torch: st.rng, data: { sampler: state, seed: cfg.seed } });
+            if (world > 1) collectRankParts(mgr.dir, step, world, tmp);
             const ts: TrainerStateFile = {
               version: TRAINER_STATE_VERSION,
               global_step: step,
               scheduler_steps: schedSteps,
               epoch: state.epoch,
               position: state.position,
+              world_size: world,
               samples_seen: seen,
               max_train_steps: maxSteps,
               train_loss: loss,
@@ -407,6 +454,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
           { reason, expectedBytes: lastCheckpointSize(mgr) },
         );
         lastCheckpoint = entry.path;
+        if (world > 1) removeRankParts(mgr.dir, step);
         // Best checkpoint by the monitored metric (train loss until validation loss exists).
         if (loss !== null && cfg.monitor === 'train_loss') {
           const better = !best || (cfg.monitor_mode === 'min' ? loss < best.value : loss > best.value);
@@ -421,12 +469,23 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
           saveMs: Date.now() - t,
         });
       } catch (e) {
+        if (world > 1) removeRankParts(mgr.dir, step);
         if (cfg.on_save_error === 'continue' && reason !== 'final' && reason !== 'signal') {
           report.error(`${(e as Error).message} (continuing: --on-save-error continue)`);
           return;
         }
         throw e;
       }
+    };
+
+    /**
+     * Every rank at the same step before a save: ranks > 0 stage their RNG state (random_states_<rank>.json), then
+     * all meet at a barrier (failing after --dist-timeout), so rank 0 seals the checkpoint only with every part in.
+     */
+    const syncRanksForSave = async (): Promise<void> => {
+      if (world === 1) return;
+      if (!dist.isMain) writeRankPart(mgr.dir, globalStep, dist.rank, { torch: await native().trainerRngState(trainer), data: { sampler: loader!.state(), seed: cfg.seed } });
+      await dist.barrier(`checkpoint-${globalStep}: waiting for every rank's random state`);
     };
 
     let inflight: Promise<void> | undefined;
@@ -450,22 +509,30 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
         if (!Number.isFinite(loss)) report.warn(`non-finite loss ${loss} at step ${globalStep + 1}`);
         lossSum += loss;
         micro++;
-        samplesSeen += b;
+        samplesSeen += b * world;
         epoch = batch.epoch;
         endOfEpoch = batch.lastInEpoch;
       } while (micro < accum && !endOfEpoch);
-      const lr = lrAt(spec, schedulerSteps);
+      const lr = lrForOptimizerStep(spec, schedulerSteps, world);
       const r = await native().trainerOptimizerStep(trainer, lr);
       if (!r.skipped) schedulerSteps++;
       globalStep++;
-      const loss = lossSum / micro;
+      if (opts.stopAtStep !== undefined && globalStep >= opts.stopAtStep) stop.signal = 'SIGINT';
+      let loss = lossSum / micro;
+      if (world > 1) {
+        // The global mean loss, and a stop request that every rank honours at this same step.
+        const own = stop.signal as NodeJS.Signals | undefined;
+        const [sum, sigint, sigterm] = await dist.allReduce([loss, own === 'SIGINT' ? 1 : 0, own === 'SIGTERM' ? 1 : 0]);
+        loss = sum / world;
+        if (sigterm > 0) stop.signal = 'SIGTERM';
+        else if (sigint > 0) stop.signal = 'SIGINT';
+      }
       lastLoss = loss;
       losses.push(loss);
       const now = Date.now();
       report.step({ step: globalStep, epoch, loss, lr, gradNorm: r.gradNorm, skipped: r.skipped, lossScale: r.lossScale, stepTime: (now - stepStart) / 1000, samplesSeen });
       if (r.skipped) report.warn(`step ${globalStep}: fp16 overflow, update skipped (loss scale now ${r.lossScale})`);
       stepStart = now;
-      if (opts.stopAtStep !== undefined && globalStep >= opts.stopAtStep) stop.signal = 'SIGINT';
       const due =
         globalStep % cfg.checkpointing_steps === 0 || (cfg.checkpoint_every_epoch && endOfEpoch);
       if (stop.signal) break;
@@ -474,8 +541,9 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
         // --on-save-error continue), then start this one in the background.
         const w = Date.now();
         await inflight;
-        inflight = saveCheckpoint(endOfEpoch && cfg.checkpoint_every_epoch ? 'epoch-end' : 'interval');
-        inflight.catch((e: unknown) => {
+        await syncRanksForSave();
+        inflight = dist.isMain ? saveCheckpoint(endOfEpoch && cfg.checkpoint_every_epoch ? 'epoch-end' : 'interval') : undefined;
+        inflight?.catch((e: unknown) => {
           saveError = e as Error; // surfaced at the next step
         });
         saveStallMs.push(Date.now() - w);
@@ -484,11 +552,12 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     report.finish?.();
     await inflight;
     const finished = globalStep >= maxSteps;
-    await saveCheckpoint(stop.signal ? 'signal' : finished ? 'final' : 'interval');
+    await syncRanksForSave();
+    if (dist.isMain) await saveCheckpoint(stop.signal ? 'signal' : finished ? 'final' : 'interval');
     if (saveStallMs.length)
       report.info(`checkpoint saves stalled training by ${Math.max(...saveStallMs)} ms at most (${saveStallMs.length} background saves)`, { saveStallMs });
     const loraFiles: string[] = [];
-    if (finished && cfg.train_mode === 'lora') {
+    if (finished && cfg.train_mode === 'lora' && dist.isMain) {
       const meta = {
         format: 'pt',
         'train_lora.rank': String(cfg.rank),
@@ -544,10 +613,12 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     return { outputDir, globalStep, finished, signal: stop.signal, lastCheckpoint, loraFiles, losses };
   } finally {
     await loader?.close();
+    await dist.destroy().catch(() => undefined);
     if (pipe) native().dispose(pipe);
     if (opts.installSignalHandlers !== false) {
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
+      process.off('disconnect', onDisconnect);
     }
     lock.release();
   }
