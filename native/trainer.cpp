@@ -92,9 +92,24 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
     }
   }
   const int64_t B = latents.size(0);
-  torch::Tensor noise = b.noise.defined() ? b.noise.to(dev, latents.scalar_type())
-                      : R == 1          ? torch::randn_like(latents)
-                                        : randn_rows(latents.sizes(), latents.options());
+  // randn_like(latents) keeps latents' memory layout (not always contiguous: the VAE posterior is a chunk), and
+  // the fill order (and generator use) follows the layout: the global draw must have the same layout.
+  auto randn_like_rows = [&](const torch::Tensor& like) {
+    if (R == 1) return torch::randn_like(like);
+    const int64_t D = like.dim();
+    std::vector<int64_t> order(D);  // dims from outermost to innermost in memory
+    for (int64_t d = 0; d < D; ++d) order[d] = d;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return like.stride(a) > like.stride(c); });
+    std::vector<int64_t> sizes(D), inverse(D);
+    for (int64_t k = 0; k < D; ++k) {
+      sizes[k] = like.size(order[k]) * (order[k] == 0 ? R : 1);
+      inverse[order[k]] = k;
+    }
+    torch::Tensor full = torch::empty(sizes, like.options()).permute(inverse);
+    full.normal_();
+    return full.narrow(0, rank * like.size(0), like.size(0));
+  };
+  torch::Tensor noise = b.noise.defined() ? b.noise.to(dev, latents.scalar_type()) : randn_like_rows(latents);
   if (cfg_.noise_offset != 0 && !b.noise.defined())
     noise = noise + cfg_.noise_offset * randn_rows({B, latents.size(1), 1, 1}, latents.options());
   const int64_t T = alphas_cumprod_.size(0);

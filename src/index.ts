@@ -12,6 +12,7 @@ export type {
   NativeBinding,
   PipelineHandle,
   Precision,
+  ProcessGroupHandle,
   TrainerHandle,
   TrainerOptions,
 } from './native';
@@ -21,6 +22,9 @@ export { TrainConfigSchema, parseTrainConfig, readConfigFile, ConfigError } from
 export type { TrainConfig, TrainConfigInput } from './config';
 export { train, nextRunDir } from './train/train';
 export type { StepMetrics, TrainReporter, TrainResult, TrainerStateFile } from './train/train';
+export { distEnvFromProcess, launchPlan } from './distributed/env';
+export type { DistEnv, LaunchPlan } from './distributed/env';
+export { superviseWorkers } from './distributed/launcher';
 export { CLIPTokenizer } from './tokenizer';
 export { loadDataset, datasetFingerprint } from './data/dataset';
 export { makeDemoData } from './data/demo-data';
