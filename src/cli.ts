@@ -160,6 +160,21 @@ export async function main(argv: string[]): Promise<void> {
       },
     )
     .command(
+      'make-demo-data <out>',
+      'Write a small captioned dataset of coloured shapes (what --demo trains on)',
+      (y) =>
+        y
+          .positional('out', { type: 'string', demandOption: true, describe: 'output folder' })
+          .option('count', { type: 'number', default: 48, describe: 'number of images' })
+          .option('size', { type: 'number', default: 64, describe: 'image side in pixels' })
+          .option('seed', { type: 'number', default: 0 })
+          .option('layout', { choices: ['captions.json', 'metadata.jsonl', 'txt'] as const, default: 'captions.json' as const, describe: 'dataset layout to write' }),
+      async (a) => {
+        const d = await makeDemoData(a.out, { count: a.count, size: a.size, seed: a.seed, layout: a.layout });
+        console.log(`wrote ${d.items.length} images (${a.size}x${a.size}, ${d.layout}) to ${d.root}`);
+      },
+    )
+    .command(
       'forward',
       'Run the networks on tensors from a safetensors file (parity checks against diffusers)',
       (y) =>
