@@ -132,3 +132,24 @@ export function configFromArgv(argv: Record<string, unknown>, extra: Record<stri
   }
   return parseTrainConfig({ ...extra, ...fromFile, ...fromFlags });
 }
+
+/** The README's flag reference: one markdown table per group, in help order (kept in sync by a test). */
+export function flagTableMarkdown(): string {
+  const groups = new Map<string, Opt[]>();
+  for (const g of [MODEL, DATA, TRAINING, PRECISION, CKPT, VALID]) groups.set(g, []);
+  for (const o of TRAIN_OPTIONS) if (o.group !== OUTPUT) groups.set(o.group, [...(groups.get(o.group) ?? []), o]);
+  groups.set(OUTPUT, TRAIN_OPTIONS.filter((o) => o.group === OUTPUT));
+  const esc = (s: string) => s.replace(/\|/g, '\\|');
+  const out: string[] = [];
+  for (const [g, opts] of groups) {
+    out.push(`**${g.replace(/:$/, '')}**`, '', '| flag | also | what it does |', '|---|---|---|');
+    for (const o of opts) {
+      const flag = kebab(o.key);
+      const also = [...(o.key !== flag ? [o.key] : []), ...(o.aliases ?? [])].map((a) => `\`--${a}\``).join(' ');
+      const kind = o.kind === 'boolean' ? '' : o.choices ? ` ${o.choices.join('\\|')}` : o.kind === 'array' ? ' X...' : o.kind === 'number' ? ' N' : ' X';
+      out.push(`| \`--${flag}${kind}\` | ${also} | ${esc(o.describe)} |`);
+    }
+    out.push('');
+  }
+  return out.join('\n').trimEnd();
+}
