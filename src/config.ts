@@ -83,6 +83,7 @@ export const TrainConfigSchema = z
     validation_before_training: z.boolean().default(false),
     // Output & logging
     save_format: z.array(z.enum(['diffusers', 'peft', 'kohya'])).default(['diffusers', 'peft']),
+    merge: z.boolean().default(false),
     log_level: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
   })
   .strict();

@@ -90,6 +90,7 @@ export const TRAIN_OPTIONS: readonly Opt[] = [
   { key: 'validation_epochs', group: VALID, kind: 'number', describe: 'render every N epochs' },
   { key: 'validation_before_training', group: VALID, kind: 'boolean', describe: 'render once before the first step' },
   { key: 'save_format', group: OUTPUT, kind: 'array', describe: 'final LoRA files: diffusers, peft, kohya [default: diffusers peft]' },
+  { key: 'merge', group: OUTPUT, kind: 'boolean', describe: 'also write OUT/final_pipeline/: a complete diffusers pipeline with the LoRA merged into the UNet weights' },
   { key: 'log_level', group: OUTPUT, kind: 'string', describe: '[default: info]', choices: ['trace', 'debug', 'info', 'warn', 'error'] },
 ];
 
