@@ -333,3 +333,27 @@ describe('checkpoints export (CLI)', () => {
     expect(fs.existsSync(path.join(run0, 'exports', 'checkpoint-3', 'pytorch_lora_weights.safetensors'))).toBe(true);
   });
 });
+
+describe('end of training', () => {
+  test('train() with --merge and --save-format kohya: one export call writes the LoRA and final_pipeline, logged once', async () => {
+    const { makeDemoData } = await import('../src/data/demo-data');
+    const { train } = await import('../src/train/train');
+    const { Quiet } = await import('./helpers/quiet-reporter');
+    const data = path.join(tmp, 'train-data');
+    await makeDemoData(data, { count: 2, size: 32, seed: 0 });
+    const out = path.join(tmp, 'train-run');
+    const rep = new Quiet();
+    const cfg = parseTrainConfig({
+      pretrained_model_name_or_path: tiny, train_data_dir: data, output_dir: out, device: 'cpu', resolution: 32, train_batch_size: 2,
+      gradient_accumulation_steps: 1, max_train_steps: 1, rank: 4, save_format: ['kohya'], merge: true,
+    });
+    const r = await train(cfg, rep, { installSignalHandlers: false });
+    expect(r.loraFiles).toEqual([path.join(out, 'lora_kohya.safetensors'), path.join(out, 'final_pipeline', 'unet', 'diffusion_pytorch_model.safetensors')]);
+    const { meta } = await read(path.join(out, 'lora_kohya.safetensors'));
+    expect([meta.ss_steps, meta.ss_network_dim, meta.ss_network_alpha, meta.ss_num_train_images]).toEqual(['1', '4', '4.0', '2']);
+    expect(kohyaHashes(path.join(out, 'lora_kohya.safetensors'))).toEqual({ modelHash: meta.sshs_model_hash, legacyHash: meta.sshs_legacy_hash });
+    expect(fs.existsSync(path.join(out, 'final_pipeline', 'vae', 'diffusion_pytorch_model.safetensors'))).toBe(true);
+    expect(fs.existsSync(path.join(out, 'pytorch_lora_weights.safetensors'))).toBe(false);
+    expect(rep.messages.filter((m) => m.startsWith('exported LoRA'))).toEqual([expect.stringMatching(/lora_kohya\.safetensors, .*; merged pipeline .*final_pipeline \(unet: 48 weights \(F32\)\)$/)]);
+  });
+});
