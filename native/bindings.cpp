@@ -2,6 +2,6 @@
 
 namespace tl {
 
-void register_area_bindings(Napi::Env, Napi::Object) {}
+void register_area_bindings(Napi::Env env, Napi::Object exports) { register_export(env, exports); }
 
 }  // namespace tl

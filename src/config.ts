@@ -92,6 +92,7 @@ export const TrainConfigSchema = z
     validation_data_dir: z.string().min(1).optional(),
     // Output & logging
     save_format: z.array(z.enum(['diffusers', 'peft', 'kohya'])).default(['diffusers', 'peft']),
+    merge: z.boolean().default(false),
     log_level: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
   })
   .strict()

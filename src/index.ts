@@ -9,6 +9,8 @@ export type {
   HostTensor,
   LoadPipelineOptions,
   LoraFileFormat,
+  LoraSource,
+  LoraSummary,
   NativeBinding,
   PipelineHandle,
   Precision,
@@ -21,6 +23,8 @@ export { TrainConfigSchema, parseTrainConfig, readConfigFile, ConfigError } from
 export type { TrainConfig, TrainConfigInput } from './config';
 export { train, nextRunDir } from './train/train';
 export type { StepMetrics, TrainReporter, TrainResult, TrainerStateFile } from './train/train';
+export { exportLora, exportCheckpoint, ExportError, LORA_FILES, MERGED_PIPELINE_DIR } from './export/lora-export';
+export type { ExportSpec, ExportResult, CheckpointExportOptions } from './export/lora-export';
 export { CLIPTokenizer } from './tokenizer';
 export { loadDataset, datasetFingerprint } from './data/dataset';
 export { makeDemoData } from './data/demo-data';

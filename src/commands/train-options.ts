@@ -99,6 +99,7 @@ export const TRAIN_OPTIONS: readonly Opt[] = [
   { key: 'validation_split', group: VALID, kind: 'number', describe: 'hold out this fraction of the images for val_loss (e.g. 0.1)' },
   { key: 'validation_data_dir', group: VALID, kind: 'string', describe: 'held-out images for val_loss (same layouts as --train-data-dir)' },
   { key: 'save_format', group: OUTPUT, kind: 'array', describe: 'final LoRA files: diffusers, peft, kohya [default: diffusers peft]' },
+  { key: 'merge', group: OUTPUT, kind: 'boolean', describe: 'also write OUT/final_pipeline/: a complete diffusers pipeline with the LoRA merged into the UNet weights' },
   { key: 'log_level', group: OUTPUT, kind: 'string', describe: '[default: info]', choices: ['trace', 'debug', 'info', 'warn', 'error'] },
 ];
 

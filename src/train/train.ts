@@ -16,6 +16,7 @@ import * as path from 'node:path';
 import { type CheckpointEntry, CheckpointError, CheckpointManager, RunLock, verifyCheckpoint } from '../checkpoint/manager';
 import { dirSize, writeJsonDurable } from '../checkpoint/fsutil';
 import { loraAlpha, type TrainConfig } from '../config';
+import { exportLora } from '../export/lora-export';
 import { datasetFingerprint, describeDataset, loadDataset, type Dataset } from '../data/dataset';
 import type { LoaderOptions } from '../data/loader';
 import type { SampleOrderState } from '../data/sampler';
@@ -208,6 +209,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
   }
   let loader: MicroBatchSource | undefined;
   let pipe: PipelineHandle | undefined;
+  const startedAt = Date.now();
   try {
     for (const n of mgr.cleanStale()) report.info(`removed an incomplete checkpoint folder left by a crash: ${n}`);
 
@@ -549,57 +551,27 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       report.info(`checkpoint saves stalled training by ${Math.max(...saveStallMs)} ms at most (${saveStallMs.length} background saves)`, { saveStallMs });
     const loraFiles: string[] = [];
     if (finished && cfg.train_mode === 'lora') {
-      const meta = {
-        format: 'pt',
-        'train_lora.rank': String(cfg.rank),
-        'train_lora.alpha': String(loraAlpha(cfg)),
-        'train_lora.steps': String(globalStep),
-        'train_lora.base_model_fingerprint': modelFp,
-      };
-      if (cfg.save_format.includes('diffusers')) {
-        const f = path.join(outputDir, 'pytorch_lora_weights.safetensors');
-        await native().trainerExportLora(trainer, f, 'diffusers', meta);
-        loraFiles.push(f);
-      }
-      if (cfg.save_format.includes('peft')) {
-        const d = path.join(outputDir, 'lora_weights');
-        fs.mkdirSync(d, { recursive: true });
-        const f = path.join(d, 'adapter_model.safetensors');
-        await native().trainerExportLora(trainer, f, 'peft', meta, 'base_model.model');
-        writeJsonDurable(path.join(d, 'adapter_config.json'), {
-          peft_type: 'LORA',
-          task_type: null,
-          r: cfg.rank,
-          lora_alpha: loraAlpha(cfg),
-          lora_dropout: cfg.lora_dropout,
-          target_modules: [...cfg.lora_target_modules].sort(),
-          init_lora_weights: 'gaussian',
-          bias: 'none',
-          use_rslora: false,
-          use_dora: false,
-          fan_in_fan_out: false,
-          modules_to_save: null,
-          rank_pattern: {},
-          alpha_pattern: {},
-          base_model_name_or_path: modelDir,
-          inference_mode: true,
-        });
-        loraFiles.push(f);
-      }
-      if (cfg.save_format.includes('kohya')) {
-        const f = path.join(outputDir, 'lora_kohya.safetensors');
-        await native().trainerExportLora(trainer, f, 'kohya', {
-          ss_network_module: 'networks.lora',
-          ss_network_dim: String(cfg.rank),
-          ss_network_alpha: String(loraAlpha(cfg)),
-          ss_steps: String(globalStep),
-          ss_resolution: `(${cfg.resolution}, ${cfg.resolution})`,
-          ss_num_train_images: String(dataset.items.length),
-          ss_base_model_version: 'sd_v1',
-          sshs_model_hash: modelFp,
-        });
-        loraFiles.push(f);
-      }
+      const r = await exportLora(
+        {
+          source: { trainer },
+          outDir: outputDir,
+          formats: cfg.save_format,
+          merge: cfg.merge,
+          baseModel: modelDir,
+          variant: cfg.variant,
+          config: cfg,
+          steps: globalStep,
+          epoch: loader.state().epoch,
+          numTrainImages: dataset.items.length,
+          mixedPrecision: mixed,
+          baseModelFingerprint: modelFp,
+          trainingStartedAt: startedAt,
+        },
+        (m) => report.info(m),
+      );
+      loraFiles.push(...r.files);
+    } else if (finished && cfg.merge) {
+      report.warn('--merge applies to LoRA training; a --train-mode full run\'s UNet is in its final checkpoint\'s model.safetensors');
     }
     return { outputDir, globalStep, finished, signal: stop.signal, lastCheckpoint, loraFiles, losses };
   } finally {
