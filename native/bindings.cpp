@@ -2,6 +2,9 @@
 
 namespace tl {
 
-void register_area_bindings(Napi::Env env, Napi::Object exports) { register_distributed(env, exports); }
+void register_area_bindings(Napi::Env env, Napi::Object exports) {
+  register_export(env, exports);
+  register_distributed(env, exports);
+}
 
 }  // namespace tl

@@ -8,6 +8,9 @@ namespace tl {
 // Calls every area's register function (defined in bindings.cpp).
 void register_area_bindings(Napi::Env env, Napi::Object exports);
 
+// addon_export.cpp: loraSummary, loraExport, loraMergeComponent.
+void register_export(Napi::Env env, Napi::Object exports);
+// addon_distributed.cpp: distInit, distAllReduce, distBarrier, ...
 void register_distributed(Napi::Env env, Napi::Object exports);
 
 }  // namespace tl

@@ -84,10 +84,14 @@ void Linear::add_lora(const LoraOptions& opts, torch::Device device) {
   lora_B = lora_B_mod->register_parameter("weight", b);
 }
 
+Tensor lora_delta(const Tensor& B, const Tensor& A, double scale) {
+  return at::matmul(B.to(torch::kFloat32), A.to(torch::kFloat32)) * scale;
+}
+
 void Linear::merge_lora() {
   if (!lora_A.defined()) return;
   torch::NoGradGuard ng;
-  Tensor delta = at::matmul(lora_B, lora_A) * (lora_scale() * lora_multiplier);
+  Tensor delta = lora_delta(lora_B, lora_A, lora_scale() * lora_multiplier);
   weight.copy_((weight.to(torch::kFloat32) + delta.to(weight.device())).to(weight.scalar_type()));
   unregister_module("lora_A");
   unregister_module("lora_B");

@@ -88,6 +88,10 @@ struct Linear : torch::nn::Module {
   void merge_lora();
 };
 
+// The LoRA update of a weight: scale * B @ A in fp32 (scale = alpha / r * multiplier); merge_lora and the merged
+// exports (lora_export.cpp) both fold it into W this way.
+Tensor lora_delta(const Tensor& B, const Tensor& A, double scale);
+
 // diffusers' Attention with AttnProcessor2_0 (scaled_dot_product_attention), for [B, N, C] inputs, or
 // [B, C, H, W] when it carries its own group_norm (the VAE mid-block form, with a residual connection).
 struct Attention : torch::nn::Module {

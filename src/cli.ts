@@ -21,7 +21,7 @@ import { makeDemoData } from './data/demo-data';
 import { CliReporter } from './train/reporter';
 import { nextRunDir, train } from './train/train';
 import { makeTinyModel, type ModelPreset } from './models/model-folder';
-import { native, type Precision } from './native';
+import { native, type LoraFileFormat, type Precision } from './native';
 
 function cacheDir(): string {
   return process.env.TRAIN_LORA_CACHE ?? path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'train-lora');
@@ -140,11 +140,13 @@ export async function main(argv: string[]): Promise<void> {
           })
         .command('keep <path>', 'Never delete this checkpoint in retention', (c) => c.positional('path', { type: 'string', demandOption: true }),
           (a) => console.log(keepCommand(a.path)))
-        .command('export <path>', 'Write the LoRA of a checkpoint for inference', (c) =>
-          c.positional('path', { type: 'string', demandOption: true })
-            .option('format', { choices: ['diffusers', 'peft', 'kohya'] as const, default: 'diffusers' as const })
-            .option('out', { type: 'string', demandOption: true, describe: 'output .safetensors file' }),
-          async (a) => console.log(await exportCommand(a.path, a.format, a.out)))
+        .command('export <path>', 'Write the LoRA of a checkpoint for inference (diffusers, peft, kohya), optionally a merged pipeline', (c) =>
+          c.positional('path', { type: 'string', demandOption: true, describe: 'a checkpoint-<step> folder' })
+            .option('format', { type: 'string', array: true, choices: ['diffusers', 'peft', 'kohya'], default: ['diffusers'], describe: 'one or more formats' })
+            .option('merge', { type: 'boolean', default: false, describe: 'also write OUT/final_pipeline/: the base pipeline with the LoRA merged into the UNet' })
+            .option('out', { type: 'string', describe: 'output folder [default: <run>/exports/<checkpoint>], or a .safetensors file for one format' })
+            .option('model', { type: 'string', describe: 'the base model folder, if it moved since training (for --merge)' }),
+          async (a) => console.log(await exportCommand(a.path, { formats: a.format as LoraFileFormat[], merge: a.merge, out: a.out, model: a.model })))
         .demandCommand(1, 'name a checkpoints subcommand: list, verify, keep or export'),
     )
     .command('list-runs [root]', 'List the runs under a folder (default outputs/)', (y) => y.positional('root', { type: 'string', default: 'outputs' }),
@@ -176,6 +178,21 @@ export async function main(argv: string[]): Promise<void> {
         const t0 = Date.now();
         await makeTinyModel(a.out, a.preset as ModelPreset, a.seed);
         console.log(`wrote ${a.preset} model to ${a.out} in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+      },
+    )
+    .command(
+      'make-demo-data <out>',
+      'Write a small captioned dataset of coloured shapes (what --demo trains on)',
+      (y) =>
+        y
+          .positional('out', { type: 'string', demandOption: true, describe: 'output folder' })
+          .option('count', { type: 'number', default: 48, describe: 'number of images' })
+          .option('size', { type: 'number', default: 64, describe: 'image side in pixels' })
+          .option('seed', { type: 'number', default: 0 })
+          .option('layout', { choices: ['captions.json', 'metadata.jsonl', 'txt'] as const, default: 'captions.json' as const, describe: 'dataset layout to write' }),
+      async (a) => {
+        const d = await makeDemoData(a.out, { count: a.count, size: a.size, seed: a.seed, layout: a.layout });
+        console.log(`wrote ${d.items.length} images (${a.size}x${a.size}, ${d.layout}) to ${d.root}`);
       },
     )
     .command(

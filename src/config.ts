@@ -82,6 +82,7 @@ export const TrainConfigSchema = z
     on_save_error: z.enum(['stop', 'continue']).default('stop'),
     monitor: z.enum(['train_loss', 'val_loss']).default('train_loss'),
     monitor_mode: z.enum(['min', 'max']).default('min'),
+    stage: z.string().min(1).optional(),
     // Validation
     validation_prompt: z.array(z.string()).default([]),
     validation_prompts_file: z.string().optional(),
@@ -89,11 +90,28 @@ export const TrainConfigSchema = z
     validation_steps: positiveInt.default(500),
     validation_epochs: positiveInt.optional(),
     validation_before_training: z.boolean().default(false),
+    validation_negative_prompt: z.string().default(''),
+    validation_scheduler: z.enum(['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m']).default('pndm'),
+    validation_num_inference_steps: positiveInt.default(30),
+    validation_guidance_scale: z.number().min(0).default(7.5),
+    validation_seed: nonNegInt.optional(),
+    validation_resolution: positiveInt.optional(),
+    validation_split: z.number().gt(0).lt(1).optional(),
+    validation_data_dir: z.string().min(1).optional(),
     // Output & logging
     save_format: z.array(z.enum(['diffusers', 'peft', 'kohya'])).default(['diffusers', 'peft']),
+    merge: z.boolean().default(false),
     log_level: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
   })
-  .strict();
+  .strict()
+  .superRefine((c, ctx) => {
+    if (c.validation_split !== undefined && c.validation_data_dir !== undefined)
+      ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['validation_split'], message: 'use --validation-split or --validation-data-dir, not both' });
+    if (c.monitor === 'val_loss' && c.validation_split === undefined && c.validation_data_dir === undefined)
+      ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['monitor'], message: 'val_loss needs held-out images: add --validation-split 0.1 or --validation-data-dir DIR' });
+    if (c.validation_resolution !== undefined && c.validation_resolution % 8 !== 0)
+      ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['validation_resolution'], message: 'must be a multiple of 8' });
+  });
 
 export type TrainConfig = z.infer<typeof TrainConfigSchema>;
 export type TrainConfigInput = z.input<typeof TrainConfigSchema>;

@@ -9,6 +9,8 @@ export type {
   HostTensor,
   LoadPipelineOptions,
   LoraFileFormat,
+  LoraSource,
+  LoraSummary,
   NativeBinding,
   PipelineHandle,
   Precision,
@@ -25,6 +27,8 @@ export type { StepMetrics, TrainReporter, TrainResult, TrainerStateFile } from '
 export { distEnvFromProcess, launchPlan } from './distributed/env';
 export type { DistEnv, LaunchPlan } from './distributed/env';
 export { superviseWorkers } from './distributed/launcher';
+export { exportLora, exportCheckpoint, ExportError, LORA_FILES, MERGED_PIPELINE_DIR } from './export/lora-export';
+export type { ExportSpec, ExportResult, CheckpointExportOptions } from './export/lora-export';
 export { CLIPTokenizer } from './tokenizer';
 export { loadDataset, datasetFingerprint } from './data/dataset';
 export { makeDemoData } from './data/demo-data';

@@ -112,6 +112,42 @@ export interface NativeBinding {
   distDestroy(group: ProcessGroupHandle): Promise<void>;
   /** The trainer's RNG streams ("cpu", "cuda:N"), base64, as trainerSaveState reports them (no files written). */
   trainerRngState(trainer: TrainerHandle): Promise<Record<string, string>>;
+  /** The LoRA adapters a source holds, per component (see src/export/lora-export.ts). */
+  loraSummary(source: LoraSource): Promise<LoraSummary>;
+  /**
+   * Writes the source's adapters as one LoRA safetensors file, keys sorted by name. `prefix` replaces the component
+   * name in peft/diffusers keys ("base_model.model" for a peft adapter folder); `components` limits what is written.
+   */
+  loraExport(source: LoraSource, path: string, format: LoraFileFormat, options?: LoraExportOptions): Promise<{ tensors: number; components: LoraSummary }>;
+  /**
+   * Writes <outComponentDir>/diffusion_pytorch_model.safetensors (model.safetensors for the text encoder): the base
+   * component's weights as stored, with W + alpha/r * B @ A folded into every adapted weight, in the base dtype.
+   */
+  loraMergeComponent(source: LoraSource, component: LoraComponent, baseComponentDir: string, outComponentDir: string, options?: { variant?: string }): Promise<LoraMergeResult>;
+}
+
+/** Where LoRA adapters come from: a live trainer or pipeline, or a checkpoint's model.safetensors (peft keys) + alpha. */
+export type LoraSource = { trainer: TrainerHandle } | { pipeline: PipelineHandle } | { checkpoint: string; alpha: number };
+export type LoraComponent = 'unet' | 'text_encoder';
+export interface LoraComponentSummary {
+  rank: number;
+  alpha: number;
+  /** Module paths with an adapter, sorted. */
+  modules: string[];
+}
+export type LoraSummary = Partial<Record<LoraComponent, LoraComponentSummary>>;
+export interface LoraExportOptions {
+  metadata?: Record<string, string>;
+  prefix?: string;
+  components?: LoraComponent[];
+}
+export interface LoraMergeResult {
+  file: string;
+  /** Weights that got an adapter folded in. */
+  merged: number;
+  tensors: number;
+  /** safetensors dtype of the merged weights (the base file's). */
+  dtype: string;
 }
 
 export interface DistInitNativeOptions {

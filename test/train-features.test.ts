@@ -116,3 +116,34 @@ test('fp16 mixed precision keeps LoRA in fp32 and records the loss scaler', asyn
   const h = await native().safetensorsHeader(path.join(out, 'checkpoints', 'checkpoint-2', 'model.safetensors'));
   expect(new Set(h.tensors.map((t) => t.dtype))).toEqual(new Set(['F32']));
 }, 300000);
+
+test('--train-mode full trains every UNet weight, checkpoints them all, and resumes exactly', async () => {
+  const over = { train_mode: 'full', learning_rate: 1e-4, max_train_steps: 4 };
+  const straight = path.join(tmp, 'full-straight');
+  const rep = new Quiet();
+  await train(cfg(straight, over), rep, { installSignalHandlers: false });
+  const ck = path.join(straight, 'checkpoints', 'checkpoint-4');
+  const h = await native().safetensorsHeader(path.join(ck, 'model.safetensors'));
+  const unetShapes = await native().componentParamShapes(path.join(model, 'unet'), 'unet');
+  const unetParams = Object.values(unetShapes).reduce((s, shape) => s + shape.reduce((a, b) => a * b, 1), 0);
+  const line = rep.messages.find((m) => m.startsWith('trainable parameters:'))!;
+  expect(Number(/trainable parameters: ([\d,]+) of/.exec(line)![1].replace(/,/g, ''))).toBe(unetParams);
+  expect(new Set(h.tensors.map((t) => t.name))).toEqual(new Set(Object.keys(unetShapes)));
+  for (const t of h.tensors) expect(t.shape).toEqual(unetShapes[t.name]);
+  // The weights moved away from the base model.
+  const base = await native().safetensorsRead(path.join(model, 'unet', 'diffusion_pytorch_model.safetensors'));
+  const trained = await native().safetensorsRead(path.join(ck, 'model.safetensors'));
+  const baseByName = new Map(base.tensors.map((t) => [t.name, Buffer.from(t.data)]));
+  const changed = trained.tensors.filter((t) => !Buffer.from(t.data).equals(baseByName.get(t.name)!)).length;
+  expect(changed).toBeGreaterThan(trained.tensors.length / 2);
+  expect(fs.existsSync(path.join(straight, 'pytorch_lora_weights.safetensors'))).toBe(false);
+  // Interrupted at step 2 and resumed: the same losses and bit-identical weights.
+  const resumed = path.join(tmp, 'full-resumed');
+  const a = new Quiet();
+  await train(cfg(resumed, over), a, { installSignalHandlers: false, stopAtStep: 2 });
+  const b = new Quiet();
+  await train(cfg(resumed, { ...over, resume_from_checkpoint: 'latest' }), b, { installSignalHandlers: false });
+  expect([...a.steps, ...b.steps].map((m) => m.loss)).toEqual(rep.steps.map((m) => m.loss));
+  const file = (d: string) => fs.readFileSync(path.join(d, 'checkpoints', 'checkpoint-4', 'model.safetensors'));
+  expect(file(resumed).equals(file(straight))).toBe(true);
+}, 600000);

@@ -205,7 +205,23 @@ export class CheckpointManager {
   }
 
   /** Deletes regular checkpoints beyond the newest `limit`, never the best, the final, or kept ones. */
-  prune(limit: number, protect: { best?: number; final?: number; extra?: number[] } = {}): string[] {
+  /** Steps of the last checkpoint of every stage other than `current` (stage from trainer_state.json). */
+  private stageEnds(entries: readonly CheckpointEntry[], current: string): number[] {
+    const last = new Map<string, number>();
+    for (const e of entries) {
+      let stage: unknown;
+      try {
+        stage = (JSON.parse(fs.readFileSync(path.join(e.path, 'trainer_state.json'), 'utf8')) as { stage?: unknown }).stage;
+      } catch {
+        continue;
+      }
+      if (typeof stage !== 'string' || stage === current) continue;
+      last.set(stage, Math.max(last.get(stage) ?? -1, e.step));
+    }
+    return [...last.values()];
+  }
+
+  prune(limit: number, protect: { best?: number; final?: number; extra?: number[]; stage?: string } = {}): string[] {
     if (limit <= 0 || !fs.existsSync(this.dir)) return [];
     const entries = fs
       .readdirSync(this.dir)
@@ -214,6 +230,9 @@ export class CheckpointManager {
       .filter((e) => e.valid)
       .sort((a, b) => b.step - a.step);
     const keep = new Set<number>([protect.best, protect.final, ...(protect.extra ?? [])].filter((s): s is number => s !== undefined));
+    // A training's final checkpoint is never pruned, nor the last checkpoint of each earlier stage.
+    for (const e of entries) if (e.manifest?.reason === 'final') keep.add(e.step);
+    if (protect.stage !== undefined) for (const s of this.stageEnds(entries, protect.stage)) keep.add(s);
     const regular = entries.filter((e) => !keep.has(e.step) && !e.kept);
     const removed: string[] = [];
     for (const e of regular.slice(limit)) {

@@ -4,7 +4,8 @@ import * as path from 'node:path';
 
 import { CheckpointManager, markKeep, verifyCheckpoint, type CheckpointEntry } from '../checkpoint/manager';
 import { formatBytes } from '../checkpoint/fsutil';
-import { native, type LoraFileFormat } from '../native';
+import { exportCheckpoint, type CheckpointExportOptions } from '../export/lora-export';
+import { native } from '../native';
 import type { TrainerStateFile } from '../train/train';
 
 function readState(dir: string): TrainerStateFile | undefined {
@@ -62,46 +63,13 @@ export function keepCommand(p: string): string {
 }
 
 /**
- * Writes a checkpoint's LoRA weights for inference in another format. model.safetensors holds PEFT keys
- * (`unet.<module>.lora_A.weight`); alpha comes from trainer_state.json.
+ * `train-lora checkpoints export PATH --format diffusers|peft|kohya [--merge] [--out DIR|FILE.safetensors] [--model DIR]`:
+ * the checkpoint's LoRA in the requested formats (see src/export/lora-export.ts). Returns the report line.
  */
-export async function exportCommand(p: string, format: LoraFileFormat, out: string): Promise<string> {
-  const dir = path.resolve(p);
-  const v = await verifyCheckpoint(dir);
-  if (!v.valid) throw new Error(`${dir}: not a valid checkpoint (${v.problem})`);
-  const st = readState(dir);
-  if (!st || st.config.train_mode !== 'lora') throw new Error(`${dir}: export needs a LoRA checkpoint`);
-  const alpha = st.config.lora_alpha ?? st.config.rank;
-  const { tensors } = await native().safetensorsRead(path.join(dir, 'model.safetensors'));
-  const renamed = [];
-  const seen = new Set<string>();
-  for (const t of tensors) {
-    const m = /^unet\.(.+)\.lora_([AB])\.weight$/.exec(t.name);
-    if (!m) throw new Error(`${dir}/model.safetensors: unexpected key ${t.name}`);
-    const [, mod, ab] = m;
-    if (format === 'peft') renamed.push({ ...t, name: `base_model.model.${mod}.lora_${ab}.weight` });
-    else if (format === 'diffusers') renamed.push({ ...t, name: `unet.${mod}.lora.${ab === 'A' ? 'down' : 'up'}.weight` });
-    else {
-      const k = `lora_unet_${mod.replace(/\./g, '_')}`;
-      renamed.push({ ...t, name: `${k}.lora_${ab === 'A' ? 'down' : 'up'}.weight` });
-      if (!seen.has(k)) {
-        seen.add(k);
-        renamed.push({ name: `${k}.alpha`, dtype: 'F32' as const, shape: [], data: new Uint8Array(new Float32Array([alpha]).buffer) });
-      }
-    }
-  }
-  const meta: Record<string, string> = { format: 'pt', 'train_lora.rank': String(st.config.rank), 'train_lora.alpha': String(alpha), 'train_lora.steps': String(st.global_step) };
-  if (format !== 'kohya')
-    meta.lora_adapter_metadata = JSON.stringify({ 'unet.r': st.config.rank, 'unet.lora_alpha': alpha, 'unet.target_modules': [...st.config.lora_target_modules].sort(), 'unet.peft_type': 'LORA' });
-  else Object.assign(meta, { ss_network_module: 'networks.lora', ss_network_dim: String(st.config.rank), ss_network_alpha: String(alpha), ss_steps: String(st.global_step), ss_base_model_version: 'sd_v1' });
-  fs.mkdirSync(path.dirname(path.resolve(out)), { recursive: true });
-  await native().safetensorsWrite(out, renamed, meta);
-  if (format === 'peft')
-    fs.writeFileSync(
-      path.join(path.dirname(out), 'adapter_config.json'),
-      JSON.stringify({ peft_type: 'LORA', r: st.config.rank, lora_alpha: alpha, target_modules: [...st.config.lora_target_modules].sort(), init_lora_weights: 'gaussian', bias: 'none', base_model_name_or_path: st.base_model.path }, null, 2) + '\n',
-    );
-  return `wrote ${out} (${format}, ${tensors.length} LoRA tensors, rank ${st.config.rank}, alpha ${alpha}, step ${st.global_step})`;
+export async function exportCommand(p: string, opts: CheckpointExportOptions): Promise<string> {
+  let line = '';
+  await exportCheckpoint(p, opts, (m) => (line = m));
+  return line;
 }
 
 /** Every run under a folder: base model, steps done/total, last and best checkpoint, status, size. */

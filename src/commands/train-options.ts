@@ -91,13 +91,23 @@ export const TRAIN_OPTIONS: readonly Opt[] = [
   { key: 'on_save_error', group: CKPT, kind: 'string', describe: 'stop or continue when a checkpoint cannot be written [default: stop]', choices: ['stop', 'continue'] },
   { key: 'monitor', group: CKPT, kind: 'string', describe: 'metric that picks the best checkpoint [default: train_loss]', choices: ['train_loss', 'val_loss'] },
   { key: 'monitor_mode', group: CKPT, kind: 'string', describe: '[default: min]', choices: ['min', 'max'] },
+  { key: 'stage', group: CKPT, kind: 'string', describe: 'name of this training stage; the last checkpoint of each earlier stage is kept [default: derived from dataset and mode]' },
   { key: 'validation_prompt', group: VALID, kind: 'array', describe: 'prompt(s) rendered during training (repeatable)' },
   { key: 'validation_prompts_file', group: VALID, kind: 'string', describe: 'one prompt per line' },
   { key: 'num_validation_images', group: VALID, kind: 'number', describe: 'images per prompt [default: 4]' },
   { key: 'validation_steps', group: VALID, kind: 'number', describe: 'render every N steps [default: 500]' },
   { key: 'validation_epochs', group: VALID, kind: 'number', describe: 'render every N epochs' },
   { key: 'validation_before_training', group: VALID, kind: 'boolean', describe: 'render once before the first step' },
+  { key: 'validation_negative_prompt', group: VALID, kind: 'string', describe: 'negative prompt for validation images [default: none]' },
+  { key: 'validation_scheduler', group: VALID, kind: 'string', describe: 'sampler for validation images [default: pndm]', choices: ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m'] },
+  { key: 'validation_num_inference_steps', group: VALID, kind: 'number', describe: 'sampling steps per validation image [default: 30]' },
+  { key: 'validation_guidance_scale', group: VALID, kind: 'number', describe: 'classifier-free guidance scale [default: 7.5]' },
+  { key: 'validation_seed', group: VALID, kind: 'number', describe: 'seed of the validation images (same noise every time) [default: --seed]' },
+  { key: 'validation_resolution', group: VALID, kind: 'number', describe: 'validation image size, multiple of 8 [default: --resolution]' },
+  { key: 'validation_split', group: VALID, kind: 'number', describe: 'hold out this fraction of the images for val_loss (e.g. 0.1)' },
+  { key: 'validation_data_dir', group: VALID, kind: 'string', describe: 'held-out images for val_loss (same layouts as --train-data-dir)' },
   { key: 'save_format', group: OUTPUT, kind: 'array', describe: 'final LoRA files: diffusers, peft, kohya [default: diffusers peft]' },
+  { key: 'merge', group: OUTPUT, kind: 'boolean', describe: 'also write OUT/final_pipeline/: a complete diffusers pipeline with the LoRA merged into the UNet weights' },
   { key: 'log_level', group: OUTPUT, kind: 'string', describe: '[default: info]', choices: ['trace', 'debug', 'info', 'warn', 'error'] },
 ];
 
@@ -130,4 +140,25 @@ export function configFromArgv(argv: Record<string, unknown>, extra: Record<stri
     if (v !== undefined) fromFlags[o.key] = v;
   }
   return parseTrainConfig({ ...extra, ...fromFile, ...fromFlags });
+}
+
+/** The README's flag reference: one markdown table per group, in help order (kept in sync by a test). */
+export function flagTableMarkdown(): string {
+  const groups = new Map<string, Opt[]>();
+  for (const g of [MODEL, DATA, TRAINING, PRECISION, CKPT, VALID]) groups.set(g, []);
+  for (const o of TRAIN_OPTIONS) if (o.group !== OUTPUT) groups.set(o.group, [...(groups.get(o.group) ?? []), o]);
+  groups.set(OUTPUT, TRAIN_OPTIONS.filter((o) => o.group === OUTPUT));
+  const esc = (s: string) => s.replace(/\|/g, '\\|');
+  const out: string[] = [];
+  for (const [g, opts] of groups) {
+    out.push(`**${g.replace(/:$/, '')}**`, '', '| flag | also | what it does |', '|---|---|---|');
+    for (const o of opts) {
+      const flag = kebab(o.key);
+      const also = [...(o.key !== flag ? [o.key] : []), ...(o.aliases ?? [])].map((a) => `\`--${a}\``).join(' ');
+      const kind = o.kind === 'boolean' ? '' : o.choices ? ` ${o.choices.join('\\|')}` : o.kind === 'array' ? ' X...' : o.kind === 'number' ? ' N' : ' X';
+      out.push(`| \`--${flag}${kind}\` | ${also} | ${esc(o.describe)} |`);
+    }
+    out.push('');
+  }
+  return out.join('\n').trimEnd();
 }

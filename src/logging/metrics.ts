@@ -15,9 +15,10 @@ export type MetricValue = number | string | boolean | null;
 
 export interface StepMetrics {
   step: number;
-  epoch: number;
-  loss: number;
-  lr: number;
+  /** Absent on validation lines (which carry val_loss). */
+  epoch?: number;
+  loss?: number;
+  lr?: number;
   grad_norm?: number | null;
   /** Smoothed optimizer steps per second. */
   it_per_sec?: number | null;

@@ -5,6 +5,7 @@
  */
 import { createLogger, logPaths, MetricsWriter, ProgressBar, TensorBoardWriter, type LoggerHandle } from '../logging';
 import type { StepMetrics, TrainReporter } from './train';
+import type { ValidationResult } from './validation';
 
 export class CliReporter implements TrainReporter {
   private handle: LoggerHandle;
@@ -48,6 +49,15 @@ export class CliReporter implements TrainReporter {
     // On a terminal the bar shows this; piped, every step is a JSON line (debug level in the file either way).
     if (this.bar?.enabled) this.handle.logger.debug({ ...m }, 'step');
     else this.handle.logger.info({ ...m }, 'step');
+  }
+
+  validation(r: ValidationResult): void {
+    if (r.valLoss !== undefined) {
+      this.metrics?.append({ step: r.step, val_loss: r.valLoss });
+      this.tb?.addScalar('val/loss', r.valLoss, r.step);
+    }
+    for (const im of r.pngs) this.tb?.addImage(im.tag, im.png, r.step, { width: im.width, height: im.height });
+    this.tb?.flush();
   }
 
   finish(): void {

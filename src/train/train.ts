@@ -16,6 +16,7 @@ import * as path from 'node:path';
 import { type CheckpointEntry, CheckpointError, CheckpointManager, RunLock, verifyCheckpoint } from '../checkpoint/manager';
 import { dirSize, writeJsonDurable } from '../checkpoint/fsutil';
 import { loraAlpha, type TrainConfig } from '../config';
+import { exportLora } from '../export/lora-export';
 import { datasetFingerprint, describeDataset, loadDataset, type Dataset } from '../data/dataset';
 import { collectRankParts, initDistributed, pickBackend, removeRankParts, singleProcess, writeRankPart, type DistContext } from '../distributed/context';
 import { distEnvFromProcess } from '../distributed/env';
@@ -23,12 +24,14 @@ import type { LoaderOptions } from '../data/loader';
 import type { SampleOrderState } from '../data/sampler';
 import { checkModelFolder } from '../models/model-folder';
 import { modelFingerprint } from '../models/fingerprint';
-import { native, type PipelineHandle, type TrainerStateJson } from '../native';
+import { native, type PipelineHandle, type TrainerHandle, type TrainerStateJson } from '../native';
 import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
 import { lrForOptimizerStep, lrScheduleFromJSON, trainingLrSchedule, type LrScheduleSpec } from './schedules/lr';
 import { NoiseSchedule } from './schedules/noise';
 import { buildLatentCache, CachedLatentSource, ImageSource, type MicroBatchSource } from './sources';
+import { type ImageRenderer, Validator, type ValidationResult } from './validation';
+import { splitDataset, ValidationLoss, vaeScalingFactor } from './validation-loss';
 
 export const TRAINER_STATE_VERSION = 1;
 
@@ -39,6 +42,8 @@ export interface TrainReporter {
   error(msg: string, data?: Record<string, unknown>): void;
   /** After every optimizer step. */
   step(m: StepMetrics): void;
+  /** After each validation (val_loss and/or images). */
+  validation?(r: ValidationResult): void;
   /** Progress bar lifecycle. */
   start?(total: number, initial: number): void;
   finish?(): void;
@@ -70,6 +75,10 @@ export interface TrainerStateFile {
   samples_seen: number;
   max_train_steps: number;
   train_loss: number | null;
+  /** Held-out loss at this step (when validation data exists and it was measured here). */
+  val_loss?: number | null;
+  /** Training stage (the last checkpoint of each earlier stage is kept by retention). */
+  stage?: string;
   best_metric: { name: string; value: number; step: number; mode: 'min' | 'max' } | null;
   base_model: { path: string; fingerprint: string };
   dataset: { path: string; fingerprint: string; size: number };
@@ -172,6 +181,8 @@ function compatibilityProblems(prev: TrainerStateFile, cfg: TrainConfig, modelFp
 }
 
 export interface TrainOptions {
+  /** Makes the validation image renderer for a run (prompts → PNG files); none means val_loss only. */
+  renderValidationImages?: (pipe: PipelineHandle, trainer: TrainerHandle, outputDir: string) => ImageRenderer | undefined;
   /** Test-only fault injection for checkpoint saves. */
   faultHook?: (stage: string) => void;
   /** Default true: SIGINT/SIGTERM finish the step, save and stop. */
@@ -223,6 +234,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
   }
   let loader: MicroBatchSource | undefined;
   let pipe: PipelineHandle | undefined;
+  const startedAt = Date.now();
   try {
     if (isMain) for (const n of mgr.cleanStale()) report.info(`removed an incomplete checkpoint folder left by a crash: ${n}`);
 
@@ -243,7 +255,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     const tokenizer = CLIPTokenizer.fromFolder(path.join(modelDir, 'tokenizer'));
     const noise = NoiseSchedule.fromFile(path.join(modelDir, 'scheduler', 'scheduler_config.json'), cfg.prediction_type ? { predictionType: cfg.prediction_type } : {});
     if (noise.predictionType === 'sample') throw new Error('prediction_type "sample" is not supported for training; use epsilon or v_prediction');
-    const dataset: Dataset = await loadDataset(cfg.train_data_dir, {
+    const fullDataset: Dataset = await loadDataset(cfg.train_data_dir, {
       captionColumn: cfg.caption_column,
       imageColumn: cfg.image_column,
       skipBadImages: cfg.skip_bad_images,
@@ -252,10 +264,21 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       maxTrainSamples: cfg.max_train_samples,
       seed: cfg.seed,
     });
-    report.info(describeDataset(dataset));
-    for (const s of dataset.skipped) report.warn(`skipped ${s.file}: ${s.reason}`);
+    report.info(describeDataset(fullDataset));
+    for (const s of fullDataset.skipped) report.warn(`skipped ${s.file}: ${s.reason}`);
     const modelFp = await modelFingerprint(modelDir);
-    const dataFp = datasetFingerprint(dataset);
+    const dataFp = datasetFingerprint(fullDataset);
+    // Held-out images for val_loss: a seeded split of the training folder, or a folder of their own.
+    let dataset = fullDataset;
+    let heldOut: Dataset | undefined;
+    if (cfg.validation_split !== undefined) {
+      ({ train: dataset, val: heldOut } = splitDataset(fullDataset, cfg.validation_split, cfg.seed));
+      report.info(`--validation-split ${cfg.validation_split}: ${heldOut.items.length} images held out for val_loss, ${dataset.items.length} train`);
+    } else if (cfg.validation_data_dir) {
+      heldOut = await loadDataset(cfg.validation_data_dir, { captionColumn: cfg.caption_column, imageColumn: cfg.image_column, skipBadImages: cfg.skip_bad_images, skipUncaptioned: cfg.skip_uncaptioned, seed: cfg.seed });
+      report.info(`--validation-data-dir: ${heldOut.items.length} held-out images for val_loss`);
+    }
+    const stage = cfg.stage ?? `${cfg.train_mode}-${dataFp.slice(0, 12)}`;
 
     // ---- resume ----
     let resumeFrom: CheckpointEntry | undefined;
@@ -399,6 +422,31 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     }
     // A cursor at the end of an epoch means the next batch starts the next epoch.
 
+    // ---- validation ----
+    // Validation runs on rank 0 only (outside any collective); other ranks wait at the next step's all-reduce.
+    let valLossSet: ValidationLoss | undefined;
+    if (heldOut && dist.isMain) {
+      const t1 = Date.now();
+      valLossSet = await ValidationLoss.prepare(pipe, tokenizer, heldOut, {
+        loader: loaderOpts,
+        seed: cfg.validation_seed ?? cfg.seed,
+        numTrainTimesteps: noise.alphasCumprod.length,
+        scalingFactor: vaeScalingFactor(modelDir),
+        batchSize,
+      });
+      report.info(`val_loss: ${valLossSet.size} held-out images encoded in ${((Date.now() - t1) / 1000).toFixed(1)} s (fixed noise and timesteps)`);
+    }
+    const validator = new Validator(cfg, valLossSet, dist.isMain ? opts.renderValidationImages?.(pipe, trainer, outputDir) : undefined);
+    let lastVal: { step: number; loss: number } | undefined;
+    const validate = async (step: number): Promise<void> => {
+      const r = await validator.run(step, trainer);
+      if (r.valLoss !== undefined) lastVal = { step, loss: r.valLoss };
+      report.validation?.(r);
+      const parts = [r.valLoss !== undefined ? `val_loss ${r.valLoss.toPrecision(5)}` : '', r.images.length ? `${r.images.length} images in ${path.dirname(r.images[0])}` : ''].filter(Boolean);
+      report.info(`validation at step ${step}: ${parts.join(', ')} (${r.ms} ms)`, { step, val_loss: r.valLoss, images: r.images.length, grid: r.grid });
+    };
+    if (cfg.validation_before_training && validator.enabled && globalStep < maxSteps) await validate(globalStep);
+
     const losses: number[] = [];
     let lastCheckpoint: string | undefined;
     let lastLoss: number | null = prev?.train_loss ?? null;
@@ -407,7 +455,20 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
      * Starts a checkpoint save. Everything it records is captured now (the native snapshot is queued on the torch
      * thread right behind the optimizer step), and the files are written in the background while training goes on.
      */
+    /** --monitor val_loss ranks checkpoints by the held-out loss at their own step: measure it before saving. */
+    const measureMonitor = async (): Promise<void> => {
+      if (cfg.monitor !== 'val_loss' || !valLossSet || lastVal?.step === globalStep) return;
+      const v = await validator.valLoss(trainer);
+      if (v !== undefined) lastVal = { step: globalStep, loss: v };
+    };
+    // Must not await before mgr.save() has queued the native snapshot: it captures the state of this step.
     const saveCheckpoint = async (reason: string): Promise<void> => {
+      const valNow = lastVal?.step === globalStep ? lastVal.loss : null;
+      // The best checkpoint by the monitored metric, counting this one (recorded in it and, once it is sealed, in best.json).
+      const metric = cfg.monitor === 'val_loss' ? valNow : lastLoss;
+      const improves =
+        metric !== null && Number.isFinite(metric) && (!best || best.name !== cfg.monitor || (cfg.monitor_mode === 'min' ? metric < best.value : metric > best.value));
+      const bestNow = improves ? { name: cfg.monitor, value: metric, step: globalStep, mode: cfg.monitor_mode } : best;
       const t = Date.now();
       const state = loader!.state();
       const step = globalStep;
@@ -440,7 +501,9 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
               samples_seen: seen,
               max_train_steps: maxSteps,
               train_loss: loss,
-              best_metric: best,
+              val_loss: valNow,
+              stage,
+              best_metric: bestNow,
               base_model: { path: modelDir, fingerprint: modelFp },
               dataset: { path: path.resolve(cfg.train_data_dir), fingerprint: dataFp, size: dataset.items.length },
               config: cfg,
@@ -455,15 +518,11 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
         );
         lastCheckpoint = entry.path;
         if (world > 1) removeRankParts(mgr.dir, step);
-        // Best checkpoint by the monitored metric (train loss until validation loss exists).
-        if (loss !== null && cfg.monitor === 'train_loss') {
-          const better = !best || (cfg.monitor_mode === 'min' ? loss < best.value : loss > best.value);
-          if (better) {
-            best = { name: 'train_loss', value: loss, step, mode: cfg.monitor_mode };
-            mgr.writeBest({ step, metric: 'train_loss', value: loss, mode: cfg.monitor_mode });
-          }
+        if (improves && bestNow) {
+          best = bestNow;
+          mgr.writeBest({ step, metric: bestNow.name, value: bestNow.value, mode: bestNow.mode });
         }
-        const removed = mgr.prune(cfg.checkpoints_total_limit, { best: best?.step, final: reason === 'final' ? step : undefined });
+        const removed = mgr.prune(cfg.checkpoints_total_limit, { best: best?.step, final: reason === 'final' ? step : undefined, stage });
         report.info(`saved ${entry.path} (${reason}) in ${Date.now() - t} ms${removed.length ? `; removed ${removed.join(', ')}` : ''}`, {
           checkpoint: entry.path,
           saveMs: Date.now() - t,
@@ -536,9 +595,11 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       const due =
         globalStep % cfg.checkpointing_steps === 0 || (cfg.checkpoint_every_epoch && endOfEpoch);
       if (stop.signal) break;
+      if (validator.due(globalStep, epoch, endOfEpoch)) await validate(globalStep);
       if (due && globalStep < maxSteps) {
         // At most one save in flight: wait for the previous one (its failure stops training unless
         // --on-save-error continue), then start this one in the background.
+        await measureMonitor();
         const w = Date.now();
         await inflight;
         await syncRanksForSave();
@@ -549,66 +610,38 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
         saveStallMs.push(Date.now() - w);
       }
     }
+    const finished = globalStep >= maxSteps;
+    if (finished && validator.enabled && !validator.done(globalStep) && !stop.signal) await validate(globalStep);
     report.finish?.();
     await inflight;
-    const finished = globalStep >= maxSteps;
+    if (dist.isMain) await measureMonitor();
     await syncRanksForSave();
     if (dist.isMain) await saveCheckpoint(stop.signal ? 'signal' : finished ? 'final' : 'interval');
     if (saveStallMs.length)
       report.info(`checkpoint saves stalled training by ${Math.max(...saveStallMs)} ms at most (${saveStallMs.length} background saves)`, { saveStallMs });
     const loraFiles: string[] = [];
     if (finished && cfg.train_mode === 'lora' && dist.isMain) {
-      const meta = {
-        format: 'pt',
-        'train_lora.rank': String(cfg.rank),
-        'train_lora.alpha': String(loraAlpha(cfg)),
-        'train_lora.steps': String(globalStep),
-        'train_lora.base_model_fingerprint': modelFp,
-      };
-      if (cfg.save_format.includes('diffusers')) {
-        const f = path.join(outputDir, 'pytorch_lora_weights.safetensors');
-        await native().trainerExportLora(trainer, f, 'diffusers', meta);
-        loraFiles.push(f);
-      }
-      if (cfg.save_format.includes('peft')) {
-        const d = path.join(outputDir, 'lora_weights');
-        fs.mkdirSync(d, { recursive: true });
-        const f = path.join(d, 'adapter_model.safetensors');
-        await native().trainerExportLora(trainer, f, 'peft', meta, 'base_model.model');
-        writeJsonDurable(path.join(d, 'adapter_config.json'), {
-          peft_type: 'LORA',
-          task_type: null,
-          r: cfg.rank,
-          lora_alpha: loraAlpha(cfg),
-          lora_dropout: cfg.lora_dropout,
-          target_modules: [...cfg.lora_target_modules].sort(),
-          init_lora_weights: 'gaussian',
-          bias: 'none',
-          use_rslora: false,
-          use_dora: false,
-          fan_in_fan_out: false,
-          modules_to_save: null,
-          rank_pattern: {},
-          alpha_pattern: {},
-          base_model_name_or_path: modelDir,
-          inference_mode: true,
-        });
-        loraFiles.push(f);
-      }
-      if (cfg.save_format.includes('kohya')) {
-        const f = path.join(outputDir, 'lora_kohya.safetensors');
-        await native().trainerExportLora(trainer, f, 'kohya', {
-          ss_network_module: 'networks.lora',
-          ss_network_dim: String(cfg.rank),
-          ss_network_alpha: String(loraAlpha(cfg)),
-          ss_steps: String(globalStep),
-          ss_resolution: `(${cfg.resolution}, ${cfg.resolution})`,
-          ss_num_train_images: String(dataset.items.length),
-          ss_base_model_version: 'sd_v1',
-          sshs_model_hash: modelFp,
-        });
-        loraFiles.push(f);
-      }
+      const r = await exportLora(
+        {
+          source: { trainer },
+          outDir: outputDir,
+          formats: cfg.save_format,
+          merge: cfg.merge,
+          baseModel: modelDir,
+          variant: cfg.variant,
+          config: cfg,
+          steps: globalStep,
+          epoch: loader.state().epoch,
+          numTrainImages: dataset.items.length,
+          mixedPrecision: mixed,
+          baseModelFingerprint: modelFp,
+          trainingStartedAt: startedAt,
+        },
+        (m) => report.info(m),
+      );
+      loraFiles.push(...r.files);
+    } else if (finished && cfg.merge && dist.isMain) {
+      report.warn('--merge applies to LoRA training; a --train-mode full run\'s UNet is in its final checkpoint\'s model.safetensors');
     }
     return { outputDir, globalStep, finished, signal: stop.signal, lastCheckpoint, loraFiles, losses };
   } finally {

@@ -1,0 +1,388 @@
+/**
+ * Writing a trained LoRA for inference, from a live trainer (end of training) or from a checkpoint folder
+ * (`train-lora checkpoints export`). One call writes any of:
+ *
+ *   OUT/pytorch_lora_weights.safetensors       diffusers: `pipe.load_lora_weights(OUT)`. Keys
+ *                                              `unet.<module>.lora.down.weight` / `.lora.up.weight` (text encoder:
+ *                                              `text_encoder.<module>.lora_linear_layer.down.weight`), metadata
+ *                                              `lora_adapter_metadata` (the peft LoraConfig, keys prefixed
+ *                                              `unet.` / `text_encoder.`, JSON indent 2, sorted) so rank and
+ *                                              alpha survive, exactly as diffusers' save_lora_weights writes it.
+ *   OUT/lora_weights/adapter_model.safetensors peft: `PeftModel.from_pretrained(unet, OUT/lora_weights)`; keys
+ *       OUT/lora_weights/adapter_config.json   `base_model.model.<module>.lora_A.weight`. A peft adapter folder
+ *                                              belongs to one model, so a text-encoder adapter (if any) goes to
+ *                                              OUT/lora_weights/text_encoder/ (same layout, module paths with
+ *                                              `text_model.` as in real SD checkpoints), as diffusers' older
+ *                                              scripts saved per-model peft folders.
+ *   OUT/lora_kohya.safetensors                 kohya-ss / A1111 / ComfyUI: `lora_unet_<module_>.lora_down.weight`,
+ *                                              `.lora_up.weight`, `.alpha` (+ `lora_te_` keys), sd-scripts' ss_*
+ *                                              metadata and sshs_* hashes (see kohya.ts).
+ *   OUT/final_pipeline/                        with `merge`: a complete diffusers pipeline folder whose UNet (and
+ *                                              text encoder when it has adapters) has W + alpha/r·B·A folded in,
+ *                                              in the base file's dtype; the other components are hard-linked
+ *                                              (copied when linking fails).
+ *
+ * Every file is written atomically (temporary file, fsync, rename). Every tensor file has `train_lora.*` metadata
+ * (rank, alpha, steps, base model fingerprint).
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+import { fsyncPath, writeJsonDurable } from '../checkpoint/fsutil';
+import { verifyCheckpoint } from '../checkpoint/manager';
+import type { TrainConfig } from '../config';
+import { native, type LoraComponent, type LoraComponentSummary, type LoraFileFormat, type LoraSource, type LoraSummary } from '../native';
+import { addKohyaHashes, kohyaMetadata } from './kohya';
+
+export const LORA_FORMATS: readonly LoraFileFormat[] = ['diffusers', 'peft', 'kohya'];
+/** File names inside the output folder. */
+export const LORA_FILES: Record<LoraFileFormat, string> = {
+  diffusers: 'pytorch_lora_weights.safetensors',
+  peft: path.join('lora_weights', 'adapter_model.safetensors'),
+  kohya: 'lora_kohya.safetensors',
+};
+export const MERGED_PIPELINE_DIR = 'final_pipeline';
+
+export class ExportError extends Error {
+  override name = 'ExportError';
+  constructor(
+    message: string,
+    readonly code: string,
+  ) {
+    super(message);
+  }
+}
+
+export interface ExportSpec {
+  source: LoraSource;
+  /** Output folder (the run folder at the end of training). */
+  outDir: string;
+  formats: readonly LoraFileFormat[];
+  /** Also write OUT/final_pipeline/ with the LoRA merged in. */
+  merge?: boolean;
+  /** Write the one format to this file instead of its name in outDir (`checkpoints export --out FILE.safetensors`). */
+  file?: string;
+  /** The base model folder the LoRA was trained on (diffusers layout). */
+  baseModel: string;
+  variant?: string;
+  /** The run's configuration. */
+  config: TrainConfig;
+  steps: number;
+  epoch: number;
+  numTrainImages: number;
+  mixedPrecision: 'no' | 'fp16' | 'bf16';
+  baseModelFingerprint?: string;
+  /** ms since the epoch. */
+  trainingStartedAt: number;
+  /** ms since the epoch; default now. */
+  trainingFinishedAt?: number;
+}
+
+export interface ExportResult {
+  /** Every file written, LoRA files first. */
+  files: string[];
+  mergedPipeline?: string;
+  summary: LoraSummary;
+}
+
+/** peft target names of module paths: the last part (two for `to_out.0`), as diffusers' scripts target them. */
+export function targetNames(paths: readonly string[]): string[] {
+  const out = new Set<string>();
+  for (const p of paths) {
+    const parts = p.split('.');
+    const last = parts[parts.length - 1];
+    out.add(/^\d+$/.test(last) && parts.length > 1 ? parts.slice(-2).join('.') : last);
+  }
+  return [...out].sort();
+}
+
+/** peft's LoraConfig as a dict (the keys diffusers reads from `lora_adapter_metadata` and peft from adapter_config.json). */
+export function loraConfigDict(c: LoraComponentSummary, targets: readonly string[], dropout: number): Record<string, unknown> {
+  return {
+    alpha_pattern: {},
+    bias: 'none',
+    fan_in_fan_out: false,
+    init_lora_weights: 'gaussian',
+    lora_alpha: c.alpha,
+    lora_dropout: dropout,
+    peft_type: 'LORA',
+    r: c.rank,
+    rank_pattern: {},
+    target_modules: [...targets].sort(),
+    use_dora: false,
+    use_rslora: false,
+  };
+}
+
+/** JSON as Python's json.dumps(value, indent=2, sort_keys=True) writes it (ASCII keys and values). */
+function pyJsonSorted(v: unknown): string {
+  const sort = (x: unknown): unknown =>
+    Array.isArray(x) ? x.map(sort) : x && typeof x === 'object' ? Object.fromEntries(Object.keys(x).sort().map((k) => [k, sort((x as Record<string, unknown>)[k])])) : x;
+  return JSON.stringify(sort(v), null, 2);
+}
+
+function components(summary: LoraSummary): LoraComponent[] {
+  return (['unet', 'text_encoder'] as const).filter((c) => summary[c] !== undefined);
+}
+
+/** The target list of a component: the configured one for the UNet (what the run targeted), else derived. */
+function targetsOf(spec: ExportSpec, comp: LoraComponent, c: LoraComponentSummary): string[] {
+  return comp === 'unet' ? [...spec.config.lora_target_modules] : targetNames(c.modules);
+}
+
+function baseMetadata(spec: ExportSpec, summary: LoraSummary): Record<string, string> {
+  const u = summary.unet ?? summary.text_encoder!;
+  const m: Record<string, string> = {
+    format: 'pt',
+    'train_lora.rank': String(u.rank),
+    'train_lora.alpha': String(u.alpha),
+    'train_lora.steps': String(spec.steps),
+    'train_lora.components': components(summary).join(','),
+  };
+  if (spec.baseModelFingerprint) m['train_lora.base_model_fingerprint'] = spec.baseModelFingerprint;
+  return m;
+}
+
+/** diffusers' `lora_adapter_metadata`: each component's LoraConfig dict with keys prefixed `<component>.`. */
+function adapterMetadata(spec: ExportSpec, summary: LoraSummary, only?: LoraComponent): string {
+  const adapter: Record<string, unknown> = {};
+  for (const comp of components(summary)) {
+    if (only && comp !== only) continue;
+    const c = summary[comp]!;
+    for (const [k, v] of Object.entries(loraConfigDict(c, targetsOf(spec, comp, c), spec.config.lora_dropout))) adapter[`${comp}.${k}`] = v;
+  }
+  return pyJsonSorted(adapter);
+}
+
+async function writeDiffusers(spec: ExportSpec, summary: LoraSummary, file: string): Promise<string[]> {
+  const metadata = { ...baseMetadata(spec, summary), lora_adapter_metadata: adapterMetadata(spec, summary) };
+  await native().loraExport(spec.source, file, 'diffusers', { metadata });
+  return [file];
+}
+
+async function writePeft(spec: ExportSpec, summary: LoraSummary, dir: string, fileName = 'adapter_model.safetensors'): Promise<string[]> {
+  const files: string[] = [];
+  for (const comp of components(summary)) {
+    const c = summary[comp]!;
+    const d = comp === 'unet' ? dir : path.join(dir, comp);
+    fs.mkdirSync(d, { recursive: true });
+    const f = path.join(d, comp === 'unet' ? fileName : 'adapter_model.safetensors');
+    // peft ignores header metadata; lora_adapter_metadata lets train-lora's own readers (--init-lora-weights,
+    // forward --lora) see alpha in this file too.
+    const metadata = { ...baseMetadata(spec, summary), lora_adapter_metadata: adapterMetadata(spec, summary, comp) };
+    await native().loraExport(spec.source, f, 'peft', { metadata, prefix: 'base_model.model', components: [comp] });
+    const cfgFile = path.join(d, 'adapter_config.json');
+    writeJsonDurable(cfgFile, {
+      ...loraConfigDict(c, targetsOf(spec, comp, c), spec.config.lora_dropout),
+      base_model_name_or_path: path.join(path.resolve(spec.baseModel), comp),
+      inference_mode: true,
+      modules_to_save: null,
+      revision: null,
+      task_type: null,
+    });
+    files.push(f, cfgFile);
+  }
+  return files;
+}
+
+async function writeKohya(spec: ExportSpec, summary: LoraSummary, file: string): Promise<string[]> {
+  const u = summary.unet ?? summary.text_encoder!;
+  const cfg = spec.config;
+  const ss = kohyaMetadata({
+    rank: u.rank,
+    alpha: u.alpha,
+    dropout: cfg.lora_dropout,
+    steps: spec.steps,
+    epoch: spec.epoch,
+    resolution: cfg.resolution,
+    numTrainImages: spec.numTrainImages,
+    learningRate: cfg.learning_rate,
+    lrScheduler: cfg.lr_scheduler,
+    lrWarmupSteps: cfg.lr_warmup_steps,
+    maxTrainSteps: cfg.max_train_steps,
+    seed: cfg.seed,
+    mixedPrecision: spec.mixedPrecision,
+    trainBatchSize: cfg.train_batch_size,
+    gradientAccumulationSteps: cfg.gradient_accumulation_steps,
+    gradientCheckpointing: cfg.gradient_checkpointing,
+    cacheLatents: cfg.cache_latents,
+    maxGradNorm: cfg.max_grad_norm,
+    noiseOffset: cfg.noise_offset,
+    snrGamma: cfg.snr_gamma,
+    adam: { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, weightDecay: cfg.adam_weight_decay, epsilon: cfg.adam_epsilon },
+    trainingStartedAt: spec.trainingStartedAt / 1000,
+    trainingFinishedAt: (spec.trainingFinishedAt ?? Date.now()) / 1000,
+    outputName: path.basename(file, '.safetensors'),
+    baseModel: spec.baseModel,
+    textEncoderTrained: summary.text_encoder !== undefined,
+  });
+  await native().loraExport(spec.source, file, 'kohya', { metadata: { ...baseMetadata(spec, summary), ...ss } });
+  addKohyaHashes(file);
+  return [file];
+}
+
+/** Hard-links a folder tree (copies a file when linking fails, e.g. across file systems). */
+function linkTree(src: string, dst: string): void {
+  fs.mkdirSync(dst, { recursive: true });
+  for (const e of fs.readdirSync(src, { withFileTypes: true })) {
+    const s = path.join(src, e.name);
+    const d = path.join(dst, e.name);
+    if (e.isDirectory()) linkTree(s, d);
+    else if (e.isFile() || e.isSymbolicLink()) {
+      try {
+        fs.linkSync(fs.realpathSync(s), d);
+      } catch {
+        fs.copyFileSync(s, d);
+      }
+    }
+  }
+}
+
+const WEIGHT_FILE = /\.(safetensors|bin|ckpt|pt|pth|msgpack|h5|onnx)$|\.safetensors\.index\.json$|\.bin\.index\.json$/;
+
+async function writeMergedPipeline(spec: ExportSpec, summary: LoraSummary): Promise<{ dir: string; files: string[]; merged: string[] }> {
+  const base = path.resolve(spec.baseModel);
+  const indexFile = path.join(base, 'model_index.json');
+  if (!fs.existsSync(indexFile))
+    throw new ExportError(`--merge: ${indexFile} not found: the base model must be a diffusers pipeline folder (pass it with --model)`, 'ENOENT');
+  const index = JSON.parse(fs.readFileSync(indexFile, 'utf8')) as Record<string, unknown>;
+  const final = path.join(spec.outDir, MERGED_PIPELINE_DIR);
+  const tmp = `${final}.tmp-${process.pid}`;
+  fs.rmSync(tmp, { recursive: true, force: true });
+  fs.mkdirSync(tmp, { recursive: true });
+  const files: string[] = [];
+  const merged: string[] = [];
+  try {
+    fs.copyFileSync(indexFile, path.join(tmp, 'model_index.json'));
+    for (const [name, v] of Object.entries(index)) {
+      if (!Array.isArray(v) || v[0] === null || !fs.existsSync(path.join(base, name))) continue;
+      const src = path.join(base, name);
+      const dst = path.join(tmp, name);
+      const comp = name as LoraComponent;
+      if ((comp === 'unet' || comp === 'text_encoder') && summary[comp]) {
+        fs.mkdirSync(dst);
+        for (const f of fs.readdirSync(src))
+          if (!WEIGHT_FILE.test(f) && fs.statSync(path.join(src, f)).isFile()) fs.copyFileSync(path.join(src, f), path.join(dst, f));
+        const r = await native().loraMergeComponent(spec.source, comp, src, dst, { variant: spec.variant });
+        files.push(path.join(final, name, path.basename(r.file)));
+        merged.push(`${comp}: ${r.merged} weights (${r.dtype})`);
+      } else {
+        linkTree(src, dst);
+      }
+    }
+    for (const d of [tmp, ...fs.readdirSync(tmp).map((n) => path.join(tmp, n)).filter((p) => fs.statSync(p).isDirectory())]) fsyncPath(d);
+    // Replace an earlier final_pipeline only once the new one is complete.
+    if (fs.existsSync(final)) {
+      const old = `${final}.old-${process.pid}`;
+      fs.renameSync(final, old);
+      fs.renameSync(tmp, final);
+      fs.rmSync(old, { recursive: true, force: true });
+    } else {
+      fs.renameSync(tmp, final);
+    }
+    fsyncPath(spec.outDir);
+  } catch (e) {
+    fs.rmSync(tmp, { recursive: true, force: true });
+    throw e;
+  }
+  return { dir: final, files, merged };
+}
+
+/** Writes the requested formats (and the merged pipeline); `log` gets one line listing what was written. */
+export async function exportLora(spec: ExportSpec, log?: (msg: string) => void): Promise<ExportResult> {
+  for (const f of spec.formats)
+    if (!LORA_FORMATS.includes(f)) throw new ExportError(`unknown LoRA format "${String(f)}" (use ${LORA_FORMATS.join(', ')})`, 'EFORMAT');
+  if (spec.file && (spec.formats.length !== 1 || spec.merge))
+    throw new ExportError(`${spec.file}: a single output file takes exactly one --format and no --merge; give a folder with --out to write several`, 'EINPUT');
+  const summary = await native().loraSummary(spec.source);
+  if (!components(summary).length) throw new ExportError('there are no LoRA adapters to export', 'ENOLORA');
+  fs.mkdirSync(spec.outDir, { recursive: true });
+  const files: string[] = [];
+  for (const format of spec.formats) {
+    const target = spec.file ?? path.join(spec.outDir, LORA_FILES[format]);
+    fs.mkdirSync(path.dirname(target), { recursive: true });
+    if (format === 'diffusers') files.push(...(await writeDiffusers(spec, summary, target)));
+    else if (format === 'peft') files.push(...(await writePeft(spec, summary, path.dirname(target), path.basename(target))));
+    else files.push(...(await writeKohya(spec, summary, target)));
+  }
+  let mergedPipeline: string | undefined;
+  let mergedNote = '';
+  if (spec.merge) {
+    const m = await writeMergedPipeline(spec, summary);
+    mergedPipeline = m.dir;
+    files.push(...m.files);
+    mergedNote = `; merged pipeline ${m.dir} (${m.merged.join(', ')})`;
+  }
+  const u = summary.unet ?? summary.text_encoder!;
+  log?.(`exported LoRA (rank ${u.rank}, alpha ${u.alpha}, ${components(summary).join(' + ')}, step ${spec.steps}): ${files.join(', ')}${mergedNote}`);
+  return { files, mergedPipeline, summary };
+}
+
+/** What a checkpoint folder's trainer_state.json holds that an export needs (see src/train/train.ts). */
+interface CheckpointState {
+  global_step: number;
+  epoch: number;
+  base_model: { path: string; fingerprint: string };
+  dataset: { size: number };
+  config: TrainConfig;
+  time: string;
+}
+
+export interface CheckpointExportOptions {
+  formats: readonly LoraFileFormat[];
+  /** Output folder, or a .safetensors file for a single format. Default: <run>/exports/<checkpoint name>/. */
+  out?: string;
+  merge?: boolean;
+  /** The base model folder, when it moved since training (default: the path recorded in trainer_state.json). */
+  model?: string;
+}
+
+/** `train-lora checkpoints export`: the LoRA of a checkpoint folder in the requested formats. */
+export async function exportCheckpoint(checkpoint: string, opts: CheckpointExportOptions, log?: (msg: string) => void): Promise<ExportResult> {
+  const dir = path.resolve(checkpoint);
+  if (!fs.existsSync(dir)) throw new ExportError(`${dir}: no such checkpoint folder`, 'ENOENT');
+  const modelFile = path.join(dir, 'model.safetensors');
+  if (!fs.existsSync(modelFile))
+    throw new ExportError(`${dir}: has no model.safetensors, so there are no weights to export (is this a checkpoint-<step> folder of a train-lora run?)`, 'ENOENT');
+  const stateFile = path.join(dir, 'trainer_state.json');
+  if (!fs.existsSync(stateFile)) throw new ExportError(`${dir}: has no trainer_state.json (LoRA rank/alpha and the base model are recorded there)`, 'ENOENT');
+  const v = await verifyCheckpoint(dir);
+  if (!v.valid) throw new ExportError(`${dir}: not a valid checkpoint (${v.problem}); pick another with \`train-lora checkpoints list\``, 'EBADCKPT');
+  const st = JSON.parse(fs.readFileSync(stateFile, 'utf8')) as CheckpointState;
+  const cfg = st.config;
+  if (cfg.train_mode !== 'lora')
+    throw new ExportError(
+      `${dir}: is a --train-mode ${cfg.train_mode} checkpoint: its model.safetensors holds the whole UNet, not a LoRA, so it cannot be exported as a LoRA file`,
+      'ECKPTLORA',
+    );
+  const baseModel = path.resolve(opts.model ?? st.base_model.path);
+  if (opts.merge && !fs.existsSync(baseModel))
+    throw new ExportError(`--merge: the base model ${baseModel} (recorded in trainer_state.json) does not exist; pass its folder with --model`, 'ENOENT');
+  const isFile = opts.out?.endsWith('.safetensors') ?? false;
+  const parent = path.dirname(dir);
+  const defaultOut = path.basename(parent) === 'checkpoints' ? path.join(path.dirname(parent), 'exports', path.basename(dir)) : `${dir}-export`;
+  const outDir = opts.out ? (isFile ? path.dirname(path.resolve(opts.out)) : path.resolve(opts.out)) : defaultOut;
+  const device = cfg.device === 'auto' ? 'cpu' : cfg.device;
+  const mixed = cfg.mixed_precision === 'auto' ? (device.startsWith('cuda') ? 'fp16' : 'no') : cfg.mixed_precision;
+  return exportLora(
+    {
+      source: { checkpoint: modelFile, alpha: cfg.lora_alpha ?? cfg.rank },
+      outDir,
+      file: isFile ? path.resolve(opts.out!) : undefined,
+      formats: opts.formats,
+      merge: opts.merge,
+      baseModel,
+      variant: cfg.variant,
+      config: cfg,
+      steps: st.global_step,
+      epoch: st.epoch,
+      numTrainImages: st.dataset.size,
+      mixedPrecision: mixed,
+      baseModelFingerprint: st.base_model.fingerprint,
+      // trainer_state.json records when the checkpoint was saved, not when training started.
+      trainingStartedAt: Date.parse(st.time),
+      trainingFinishedAt: Date.parse(st.time),
+    },
+    log,
+  );
+}
