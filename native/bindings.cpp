@@ -2,6 +2,8 @@
 
 namespace tl {
 
-void register_area_bindings(Napi::Env, Napi::Object) {}
+void register_area_bindings(Napi::Env env, Napi::Object exports) {
+  register_sampling(env, exports);
+}
 
 }  // namespace tl

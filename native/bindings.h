@@ -8,4 +8,6 @@ namespace tl {
 // Calls every area's register function (defined in bindings.cpp).
 void register_area_bindings(Napi::Env env, Napi::Object exports);
 
+void register_sampling(Napi::Env env, Napi::Object exports);  // addon_sampling.cpp
+
 }  // namespace tl
