@@ -92,7 +92,7 @@ Sampler::Sampler(std::shared_ptr<Pipeline> pipeline, SamplerOptions opts) : pipe
   torch::Tensor x;
   if (opts_.latents.defined()) {
     if (opts_.latents.sizes().vec() != shape)
-      throw UserError("EINPUT", "latents have shape " + c10::str(opts_.latents.sizes()) + ", expected " + c10::str(shape));
+      throw UserError("EINPUT", "latents have shape " + c10::str(opts_.latents.sizes()) + ", expected " + c10::str(c10::IntArrayRef(shape)));
     x = opts_.latents.to(device_, dtype_);
   } else {
     x = torch::randn(shape, gen_, torch::TensorOptions().dtype(dtype_)).to(device_);
