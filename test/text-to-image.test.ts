@@ -10,7 +10,7 @@ import * as path from 'node:path';
 
 import sharp from 'sharp';
 
-import { makeGrid, textToImage, writePng, type GeneratedImage } from '../src/inference/text-to-image';
+import { labelStrip, makeGrid, textToImage, writePng, type GeneratedImage } from '../src/inference/text-to-image';
 import { native, type HostTensor, type PipelineHandle } from '../src/native';
 import { CLIPTokenizer } from '../src/tokenizer';
 import { NoiseSchedule } from '../src/train/schedules/noise';
@@ -93,7 +93,9 @@ describe('textToImage vs diffusers StableDiffusionPipeline', () => {
     );
     const ours = new Float64Array(ref.length);
     images.forEach((im, i) => ours.set(im.data, i * im.data.length));
-    expect(relErr(ours, ref)).toBeLessThan(1e-4);
+    // Measured 4e-7..8e-7; 1e-5 is tighter than the project-wide 1e-4 because the tiny model's images move
+    // little (guidance 7.4 instead of 7.5 changes them by only 2.7e-4; the LoRA at 0.7 vs 1.0 by 5e-3).
+    expect(relErr(ours, ref)).toBeLessThan(1e-5);
     expect(steps).toEqual(Array.from({ length: c.scheduler === 'pndm' ? c.numInferenceSteps + 1 : c.numInferenceSteps }, (_, i) => i + 1));
   });
 });
@@ -131,6 +133,14 @@ describe('PNG output', () => {
     let dark = 0;
     for (let y = 48; y < 68; y++) for (let x = 0; x < 32; x++) if (data[(y * 64 + x) * info.channels] < 100) dark++;
     expect(dark).toBeGreaterThan(5);
+  });
+
+  it('draws labels with the bitmap font when no system font is available', async () => {
+    const dark = (b: Buffer): number => b.filter((v, i) => i % 3 === 0 && v < 100).length;
+    const strip = await labelStrip('A CAT 42', 64, { bitmap: true });
+    expect(strip.length).toBe(64 * 20 * 3);
+    expect(dark(strip)).toBeGreaterThan(20);
+    expect(dark(await labelStrip('', 64, { bitmap: true }))).toBe(0);
   });
 
   it('rejects sizes that are not multiples of 8', async () => {

@@ -195,11 +195,14 @@ async function svgTextRenders(): Promise<boolean> {
   return fontsRender;
 }
 
-/** A label strip as raw RGB; a blank strip if even the fallback fails (a label never fails a run). */
-async function labelStrip(text: string, width: number): Promise<Buffer> {
+/**
+ * A label strip (`width` x 20) as raw RGB: SVG text when a system font renders here, else the built-in bitmap font
+ * (`bitmap: true` forces it); a blank strip if even that fails (a label never fails a run).
+ */
+export async function labelStrip(text: string, width: number, opts: { bitmap?: boolean } = {}): Promise<Buffer> {
   const blank = (): Buffer => Buffer.alloc(width * LABEL_HEIGHT * 3, 255);
   try {
-    const svg = (await svgTextRenders()) ? textLabelSvg(text, width) : bitmapLabelSvg(text, width);
+    const svg = !opts.bitmap && (await svgTextRenders()) ? textLabelSvg(text, width) : bitmapLabelSvg(text, width);
     return await sharp(Buffer.from(svg)).removeAlpha().raw().toBuffer();
   } catch {
     return blank();
