@@ -5,6 +5,7 @@ namespace tl {
 void register_area_bindings(Napi::Env env, Napi::Object exports) {
   register_export(env, exports);
   register_distributed(env, exports);
+  register_sampling(env, exports);
 }
 
 }  // namespace tl

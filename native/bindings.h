@@ -12,5 +12,7 @@ void register_area_bindings(Napi::Env env, Napi::Object exports);
 void register_export(Napi::Env env, Napi::Object exports);
 // addon_distributed.cpp: distInit, distAllReduce, distBarrier, ...
 void register_distributed(Napi::Env env, Napi::Object exports);
+// addon_sampling.cpp: samplerCreate, samplerStep, samplerDecode, pipelineApplyLora.
+void register_sampling(Napi::Env env, Napi::Object exports);
 
 }  // namespace tl

@@ -12,6 +12,8 @@ import * as fs from 'node:fs';
 import { formatBytes } from './checkpoint/fsutil';
 import { exportCommand, keepCommand, listCheckpoints, listRuns, verifyCommand } from './commands/checkpoints';
 import { runForwardCommand } from './commands/forward';
+import { runGenerateCommand } from './commands/generate';
+import { SCHEDULER_NAMES, type SchedulerName } from './inference/schedulers';
 import { testSetup } from './commands/test-setup';
 import { addTrainOptions, configFromArgv } from './commands/train-options';
 import { ConfigError } from './config';
@@ -224,6 +226,49 @@ export async function main(argv: string[]): Promise<void> {
           backward: a.backward,
         });
         console.log(`wrote ${a.output}: ${names.join(', ')}`);
+      },
+    )
+    .command(
+      'generate',
+      'Generate images from prompts with a model and optionally a LoRA (writes OUT/<prompt-index>_<image-index>.png)',
+      (y) =>
+        y
+          .option('model', { type: 'string', demandOption: true, describe: 'diffusers model folder' })
+          .option('lora', { type: 'string', describe: 'LoRA .safetensors (diffusers, peft or kohya keys) or a training checkpoint folder' })
+          .option('lora-scale', { type: 'number', default: 1, describe: 'LoRA strength' })
+          .option('prompt', { type: 'string', array: true, demandOption: true, describe: 'prompt (repeat for several)' })
+          .option('negative-prompt', { type: 'string', describe: 'one negative prompt for every image' })
+          .option('num-images', { type: 'number', default: 1, describe: 'images per prompt' })
+          .option('seed', { type: 'number', default: 0 })
+          .option('num-inference-steps', { type: 'number', default: 25, alias: 'steps' })
+          .option('guidance-scale', { type: 'number', default: 7.5 })
+          .option('width', { type: 'number', describe: 'pixels, a multiple of 8 (default: the UNet sample_size * VAE scale)' })
+          .option('height', { type: 'number', describe: 'pixels, a multiple of 8 (default: the UNet sample_size * VAE scale)' })
+          .option('scheduler', { choices: SCHEDULER_NAMES, default: 'pndm' as SchedulerName })
+          .option('device', { type: 'string', default: 'cpu' })
+          .option('dtype', { choices: ['fp32', 'fp16', 'bf16'] as const, default: 'fp32' as const })
+          .option('out', { type: 'string', default: 'generated', describe: 'output folder' })
+          .option('grid', { type: 'boolean', default: false, describe: 'also write OUT/grid.png with the prompts as labels' }),
+      async (a) => {
+        const files = await runGenerateCommand({
+          model: a.model,
+          lora: a.lora,
+          loraScale: a['lora-scale'],
+          prompt: a.prompt.map(String),
+          negativePrompt: a['negative-prompt'],
+          numImages: a['num-images'],
+          seed: a.seed,
+          numInferenceSteps: a['num-inference-steps'],
+          guidanceScale: a['guidance-scale'],
+          width: a.width,
+          height: a.height,
+          scheduler: a.scheduler as SchedulerName,
+          device: a.device,
+          dtype: a.dtype as Precision,
+          out: a.out,
+          grid: a.grid,
+        });
+        console.log(`wrote ${files.length} file(s): ${files.join(', ')}`);
       },
     )
     .command(

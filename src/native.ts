@@ -49,6 +49,7 @@ export type PipelineHandle = Handle<'Pipeline'>;
 export type TrainerHandle = Handle<'Trainer'>;
 /** A c10d process group (data-parallel training). */
 export type ProcessGroupHandle = Handle<'ProcessGroup'>;
+export type SamplerHandle = Handle<'Sampler'>;
 
 export type PipelineComponent = 'text_encoder' | 'unet' | 'vae';
 
@@ -124,6 +125,20 @@ export interface NativeBinding {
    * component's weights as stored, with W + alpha/r * B @ A folded into every adapted weight, in the base dtype.
    */
   loraMergeComponent(source: LoraSource, component: LoraComponent, baseComponentDir: string, outComponentDir: string, options?: { variant?: string }): Promise<LoraMergeResult>;
+  /**
+   * A text-to-image sampling session (src/inference/text-to-image.ts drives it): encodes the prompts, draws the
+   * initial latents from its own CPU generator seeded with `seed` (diffusers' prepare_latents). `pipeline` may be
+   * null with `fakeModel` (scheduler tests). Resolves with the handle and the batch size.
+   */
+  samplerCreate(pipeline: PipelineHandle | null, options: SamplerCreateOptions): Promise<{ sampler: SamplerHandle; batch: number }>;
+  /** One denoising step: the model (with guidance) on x * modelInputScale at `timestep`, then the op program. */
+  samplerStep(sampler: SamplerHandle, step: SamplerStepProgram): Promise<void>;
+  /** VAE decode of the latents: [B, H, W, 3], uint8 ((x * 255).round()) or float32 in [0, 1]. */
+  samplerDecode(sampler: SamplerHandle, options?: { output?: 'uint8' | 'float' }): Promise<HostTensor>;
+  /** The current latents (float32), for tests. */
+  samplerLatents(sampler: SamplerHandle): Promise<HostTensor>;
+  /** Applies a LoRA file (UNet and/or text encoder; any supported format) at strength `scale`; resolves with the module count. */
+  pipelineApplyLora(pipeline: PipelineHandle, file: string, scale?: number): Promise<number>;
 }
 
 /** Where LoRA adapters come from: a live trainer or pipeline, or a checkpoint's model.safetensors (peft keys) + alpha. */
@@ -161,6 +176,33 @@ export interface DistInitNativeOptions {
   device?: string;
   /** Gradient bucket size (default 25 MiB). */
   bucketBytes?: number;
+}
+
+
+export interface SamplerCreateOptions {
+  /** [prompts, 77] int64 token ids. */
+  inputIds?: HostTensor;
+  /** [1 or prompts, 77] int64: the negative prompt ("" when none); needed when guidanceScale > 1. */
+  negativeInputIds?: HostTensor;
+  /** Classifier-free guidance is used only when > 1 (default 7.5). */
+  guidanceScale?: number;
+  height?: number;
+  width?: number;
+  numImagesPerPrompt?: number;
+  seed?: number;
+  /** The scheduler's init_noise_sigma (the initial latents are multiplied by it). */
+  initNoiseSigma?: number;
+  /** Initial latents instead of the seeded draw (before initNoiseSigma). */
+  latents?: HostTensor;
+  /** Scheduler tests: eps = base + inputScale * model_input, no pipeline. */
+  fakeModel?: { base: HostTensor; inputScale: number };
+}
+
+/** See src/inference/schedulers.ts: ops compute `target = Σ coef · slot (+ noise · N(0,1))`, optionally clamped. */
+export interface SamplerStepProgram {
+  timestep: number;
+  modelInputScale: number;
+  ops: Array<{ target: string; terms: Array<[string, number]>; noise?: number; clamp?: [number, number] }>;
 }
 
 export interface TrainerOptions {

@@ -1,0 +1,134 @@
+/**
+ * `train-lora generate`: text-to-image with a base model and optionally a LoRA (a .safetensors file in diffusers,
+ * peft or kohya keys, or a training checkpoint folder). Writes OUT/<prompt-index>_<image-index>.png (both 0-based,
+ * e.g. 0_0.png, 0_1.png, 1_0.png) and, with --grid, OUT/grid.png with the prompts as labels.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+import { checkModelFolder } from '../models/model-folder';
+import { native, type Precision } from '../native';
+import { ProgressBar } from '../logging/progress';
+import { CLIPTokenizer } from '../tokenizer';
+import { exportCommand } from './checkpoints';
+import { SCHEDULER_NAMES, type SchedulerName } from '../inference/schedulers';
+import { makeGrid, textToImage, writePng } from '../inference/text-to-image';
+
+export interface GenerateArgs {
+  model: string;
+  lora?: string;
+  loraScale?: number;
+  prompt: string[];
+  negativePrompt?: string;
+  numImages?: number;
+  seed?: number;
+  numInferenceSteps?: number;
+  guidanceScale?: number;
+  width?: number;
+  height?: number;
+  scheduler?: SchedulerName;
+  device?: string;
+  dtype?: Precision;
+  out: string;
+  grid?: boolean;
+  /** Progress output (default process.stderr; the bar draws only on a TTY). */
+  stream?: NodeJS.WriteStream;
+}
+
+function readJson(file: string): Record<string, unknown> {
+  try {
+    return JSON.parse(fs.readFileSync(file, 'utf8')) as Record<string, unknown>;
+  } catch (e) {
+    throw new Error(`${file}: cannot read (${(e as Error).message})`);
+  }
+}
+
+/** diffusers' default size: unet sample_size * vae_scale_factor (2 ** (len(vae block_out_channels) - 1)). */
+export function defaultImageSize(model: string): { size: number; vaeScale: number } {
+  const unet = readJson(path.join(model, 'unet', 'config.json'));
+  const vae = readJson(path.join(model, 'vae', 'config.json'));
+  const blocks = Array.isArray(vae.block_out_channels) ? vae.block_out_channels.length : 1;
+  const vaeScale = 2 ** (blocks - 1);
+  const ss = Array.isArray(unet.sample_size) ? Number(unet.sample_size[0]) : Number(unet.sample_size ?? 64);
+  return { size: ss * vaeScale, vaeScale };
+}
+
+/** The LoRA file to apply: the file itself, or a checkpoint folder's adapter written to a temporary file. */
+async function resolveLora(lora: string, tmpDir: string): Promise<string> {
+  if (!fs.existsSync(lora)) throw new Error(`--lora ${lora}: not found (give a LoRA .safetensors file or a checkpoint folder)`);
+  if (!fs.statSync(lora).isDirectory()) return lora;
+  if (!fs.existsSync(path.join(lora, 'model.safetensors')))
+    throw new Error(`--lora ${lora}: a folder must be a training checkpoint (with model.safetensors and trainer_state.json)`);
+  const file = path.join(tmpDir, 'checkpoint_lora.safetensors');
+  await exportCommand(lora, { formats: ['diffusers'], out: file });
+  return file;
+}
+
+export async function runGenerateCommand(args: GenerateArgs): Promise<string[]> {
+  if (!args.prompt.length) throw new Error('generate: give at least one --prompt');
+  checkModelFolder(args.model, ['text_encoder', 'unet', 'vae'], true);
+  const { size, vaeScale } = defaultImageSize(args.model);
+  const width = args.width ?? size;
+  const height = args.height ?? size;
+  for (const [flag, v] of [['--width', width], ['--height', height]] as const) {
+    if (!Number.isSafeInteger(v) || v <= 0 || v % Math.max(8, vaeScale) !== 0)
+      throw new Error(`${flag} ${v}: must be a positive multiple of ${Math.max(8, vaeScale)}`);
+  }
+  const numImages = args.numImages ?? 1;
+  if (!Number.isSafeInteger(numImages) || numImages < 1) throw new Error(`--num-images ${numImages}: must be a positive integer`);
+  const steps = args.numInferenceSteps ?? 25;
+  if (!Number.isSafeInteger(steps) || steps < 1) throw new Error(`--num-inference-steps ${steps}: must be a positive integer`);
+  const scheduler = args.scheduler ?? 'pndm';
+  if (!SCHEDULER_NAMES.includes(scheduler)) throw new Error(`--scheduler ${scheduler}: choose one of ${SCHEDULER_NAMES.join(', ')}`);
+  const schedulerFile = path.join(args.model, 'scheduler', 'scheduler_config.json');
+  const schedulerConfig = fs.existsSync(schedulerFile) ? readJson(schedulerFile) : {};
+  const tokenizer = CLIPTokenizer.fromFolder(path.join(args.model, 'tokenizer'));
+
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'train-lora-generate-'));
+  const n = native();
+  const pipe = await n.loadPipeline(args.model, { device: args.device ?? 'cpu', dtype: args.dtype ?? 'fp32', components: ['text_encoder', 'unet', 'vae'] });
+  try {
+    if (args.lora) {
+      const file = await resolveLora(args.lora, tmp);
+      try {
+        await n.pipelineApplyLora(pipe, file, args.loraScale ?? 1);
+      } catch (e) {
+        throw new Error(`--lora ${args.lora}: ${(e as Error).message}`);
+      }
+    }
+    let progress: ProgressBar | null = null;
+    const images = await textToImage(pipe, tokenizer, schedulerConfig, {
+      prompts: args.prompt,
+      negativePrompt: args.negativePrompt,
+      numImagesPerPrompt: numImages,
+      width,
+      height,
+      numInferenceSteps: steps,
+      guidanceScale: args.guidanceScale ?? 7.5,
+      seed: args.seed ?? 0,
+      scheduler,
+      onStep: (step, total) => {
+        progress ??= new ProgressBar({ total, label: 'Denoising', unit: 'step', stream: args.stream ?? process.stderr });
+        progress.update(step);
+      },
+    });
+    (progress as ProgressBar | null)?.finish();
+    fs.mkdirSync(args.out, { recursive: true });
+    const files: string[] = [];
+    for (const img of images) {
+      const f = path.join(args.out, `${img.promptIndex}_${img.imageIndex}.png`);
+      await writePng(f, img);
+      files.push(f);
+    }
+    if (args.grid) {
+      const f = path.join(args.out, 'grid.png');
+      fs.writeFileSync(f, await makeGrid(images, images.map((im) => im.prompt), numImages));
+      files.push(f);
+    }
+    return files;
+  } finally {
+    n.dispose(pipe);
+    fs.rmSync(tmp, { recursive: true, force: true });
+  }
+}
