@@ -30,7 +30,8 @@ import { CLIPTokenizer } from '../tokenizer';
 import { lrForOptimizerStep, lrScheduleFromJSON, trainingLrSchedule, type LrScheduleSpec } from './schedules/lr';
 import { NoiseSchedule } from './schedules/noise';
 import { buildLatentCache, CachedLatentSource, ImageSource, type MicroBatchSource } from './sources';
-import { type ImageRenderer, Validator, type ValidationResult } from './validation';
+import { Validator, type ValidationResult } from './validation';
+import { makeImageRenderer } from './validation-images';
 import { splitDataset, ValidationLoss, vaeScalingFactor } from './validation-loss';
 
 export const TRAINER_STATE_VERSION = 1;
@@ -181,8 +182,6 @@ function compatibilityProblems(prev: TrainerStateFile, cfg: TrainConfig, modelFp
 }
 
 export interface TrainOptions {
-  /** Makes the validation image renderer for a run (prompts → PNG files); none means val_loss only. */
-  renderValidationImages?: (pipe: PipelineHandle, trainer: TrainerHandle, outputDir: string) => ImageRenderer | undefined;
   /** Test-only fault injection for checkpoint saves. */
   faultHook?: (stage: string) => void;
   /** Default true: SIGINT/SIGTERM finish the step, save and stop. */
@@ -436,7 +435,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       });
       report.info(`val_loss: ${valLossSet.size} held-out images encoded in ${((Date.now() - t1) / 1000).toFixed(1)} s (fixed noise and timesteps)`);
     }
-    const validator = new Validator(cfg, valLossSet, dist.isMain ? opts.renderValidationImages?.(pipe, trainer, outputDir) : undefined);
+    const validator = new Validator(cfg, valLossSet, dist.isMain ? makeImageRenderer(cfg, pipe, tokenizer, modelDir, outputDir) : undefined);
     let lastVal: { step: number; loss: number } | undefined;
     const validate = async (step: number): Promise<void> => {
       const r = await validator.run(step, trainer);
