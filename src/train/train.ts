@@ -24,7 +24,7 @@ import type { LoaderOptions } from '../data/loader';
 import type { SampleOrderState } from '../data/sampler';
 import { checkModelFolder } from '../models/model-folder';
 import { modelFingerprint } from '../models/fingerprint';
-import { native, type PipelineHandle, type TrainerHandle, type TrainerStateJson } from '../native';
+import { native, type PipelineHandle, type TrainerStateJson } from '../native';
 import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
 import { lrForOptimizerStep, lrScheduleFromJSON, trainingLrSchedule, type LrScheduleSpec } from './schedules/lr';
