@@ -59,6 +59,8 @@ async function demoDefaults(log: CliReporter): Promise<Record<string, unknown>> 
     validation_steps: 50,
     validation_prompt: ['a red circle on a white background', 'a blue square on a black background'],
     num_validation_images: 2,
+    validation_num_inference_steps: 20,
+    validation_split: 0.1,
   };
 }
 
@@ -280,6 +282,7 @@ export async function main(argv: string[]): Promise<void> {
       },
     )
     .strict()
+    .wrap(Math.min(120, yargs().terminalWidth()))
     .demandCommand(0)
     .help()
     .alias('h', 'help')

@@ -47,7 +47,7 @@ function runToEnd(out: string, resume: boolean): { status: number | null; stdout
 }
 
 /** Starts a run and signals it once `when(stdoutSoFar)` is true or after `ms`. Resolves with the exit. */
-function runAndSignal(out: string, resume: boolean, sig: NodeJS.Signals, trigger: { ms?: number; line?: RegExp }): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string }> {
+function runAndSignal(out: string, resume: boolean, sig: NodeJS.Signals, trigger: { ms?: number; line?: RegExp; delayMs?: number }): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string }> {
   return new Promise((resolve) => {
     const child = spawn(process.execPath, args(out, resume), { stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
@@ -60,7 +60,7 @@ function runAndSignal(out: string, resume: boolean, sig: NodeJS.Signals, trigger
     };
     child.stdout.on('data', (d: Buffer) => {
       stdout += d.toString();
-      if (trigger.line && trigger.line.test(stdout)) send();
+      if (trigger.line && trigger.line.test(stdout)) setTimeout(send, trigger.delayMs ?? 0);
     });
     child.stderr.on('data', () => {});
     if (trigger.ms !== undefined) setTimeout(send, trigger.ms);
@@ -79,13 +79,14 @@ beforeAll(async () => {
 
 test('kill -9 at random moments, resumed each time: never a corrupt checkpoint, final weights bit-identical', async () => {
   const out = path.join(tmp, 'torture');
-  // A seeded sequence of delays: some land during start-up, some mid-step, some during checkpoint writes.
+  // Kills tied to progress, not to the clock (so they happen on a fast or a slow machine): after step 2, 4, ..., 10
+  // is logged, plus a seeded delay of 0-60 ms that lands mid-step or during the checkpoint write of that step.
   let s = 12345;
   const rand = () => ((s = (s * 1103515245 + 12345) >>> 0) / 2 ** 32);
   let kills = 0;
-  for (let round = 0; round < 8; round++) {
-    const ms = 600 + Math.floor(rand() * 2400);
-    const r = await runAndSignal(out, round > 0, 'SIGKILL', { ms });
+  for (let round = 0; round < 5; round++) {
+    const target = 2 + 2 * round;
+    const r = await runAndSignal(out, round > 0, 'SIGKILL', { line: new RegExp(`"step":${target},`), delayMs: Math.floor(rand() * 60), ms: 200000 });
     if (r.code === 0) break; // finished before the kill
     expect(r.signal).toBe('SIGKILL');
     kills++;

@@ -138,3 +138,50 @@ describe('retention with stages', () => {
     expect(state(path.join(out, 'checkpoints', 'checkpoint-16')).stage).toBe('polish');
   }, 600000);
 });
+
+describe('validation images', () => {
+  test('a few dozen steps with validation every 10 steps write decodable, non-constant PNGs and a labelled grid', async () => {
+    const sharp = (await import('sharp')).default;
+    const out = path.join(tmp, 'val-img');
+    const rep = new Quiet();
+    await train(
+      cfg(out, {
+        max_train_steps: 24,
+        checkpointing_steps: 12,
+        validation_steps: 10,
+        validation_prompt: ['a red circle on a white background', 'a blue square on a black background'],
+        num_validation_images: 2,
+        validation_num_inference_steps: 5,
+        validation_scheduler: 'euler_a',
+        validation_split: 0.2,
+      }),
+      rep,
+      { installSignalHandlers: false },
+    );
+    expect(rep.validations.map((v) => v.step)).toEqual([10, 20, 24]);
+    const dir = path.join(out, 'validation');
+    for (const step of [10, 20, 24]) {
+      const s = String(step).padStart(6, '0');
+      for (const p of [0, 1])
+        for (const i of [0, 1]) {
+          const file = path.join(dir, `step${s}_prompt${p}_img${i}.png`);
+          const { data, info } = await sharp(file).raw().toBuffer({ resolveWithObject: true });
+          expect([info.width, info.height, info.channels]).toEqual([32, 32, 3]);
+          expect(Math.max(...data) - Math.min(...data)).toBeGreaterThan(10);
+        }
+      const grid = await sharp(path.join(dir, `step${s}_grid.png`)).metadata();
+      expect(grid.width).toBeGreaterThanOrEqual(2 * 128);
+      expect(grid.height).toBeGreaterThan(2 * 128);
+    }
+    // The LoRA changes the pictures between validations (same seed, same prompts).
+    const a = fs.readFileSync(path.join(dir, 'step000010_prompt0_img0.png'));
+    const b = fs.readFileSync(path.join(dir, 'step000024_prompt0_img0.png'));
+    expect(a.equals(b)).toBe(false);
+    // Each validation carries val_loss and the grid for TensorBoard.
+    for (const v of rep.validations) {
+      expect(Number.isFinite(v.valLoss)).toBe(true);
+      expect(v.pngs[0].tag).toBe('validation/grid');
+      expect(v.images).toHaveLength(4);
+    }
+  }, 600000);
+});

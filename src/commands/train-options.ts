@@ -113,9 +113,16 @@ export const TRAIN_OPTIONS: readonly Opt[] = [
 
 const kebab = (k: string) => k.replace(/_/g, '-');
 
+/** The options in help order: Model, Data, Training, Precision & memory, Checkpointing, Validation, others, Output. */
+function helpOrder(): Opt[] {
+  const order = [MODEL, DATA, TRAINING, PRECISION, CKPT, VALID];
+  const rank = (g: string) => (g === OUTPUT ? order.length + 1 : order.includes(g) ? order.indexOf(g) : order.length);
+  return [...TRAIN_OPTIONS].sort((a, b) => rank(a.group) - rank(b.group));
+}
+
 export function addTrainOptions<T>(y: Argv<T>): Argv<T> {
   let out = y;
-  for (const o of TRAIN_OPTIONS) {
+  for (const o of helpOrder()) {
     const flag = kebab(o.key);
     const aliases = [...(o.key !== flag ? [o.key] : []), ...(o.aliases ?? [])];
     const opt: Options = { group: o.group, describe: o.describe, alias: aliases };

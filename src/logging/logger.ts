@@ -68,10 +68,20 @@ export function createLogger(o: LoggerOptions = {}): LoggerHandle {
       colorize: o.colorize ?? !process.env.NO_COLOR,
       translateTime: 'SYS:HH:MM:ss',
       ignore: 'pid,hostname',
+      // On a terminal the message says it all; the structured fields stay in the JSON log file and piped output.
+      hideObject: true,
       singleLine: true,
     });
     // pino calls write() synchronously with one JSON line; prettify and hand it to the terminal.
-    streams.push({ level, stream: { write: (line: string) => terminal.write(stdout, pretty(line)) } });
+    streams.push({
+      level,
+      stream: {
+        write: (line: string) => {
+          const text = pretty(line);
+          terminal.write(stdout, text.endsWith('\n') ? text : `${text}\n`);
+        },
+      },
+    });
   } else if (mode === 'json' && level !== 'silent') {
     const dest = o.stdout ? { write: (line: string) => void stdout.write(line) } : pino.destination({ dest: 1, sync: true });
     streams.push({ level, stream: dest });

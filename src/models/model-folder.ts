@@ -35,7 +35,7 @@ export function checkModelFolder(dir: string, components: Component[], needToken
         ? `${dir}: not a local folder. train-lora does not download models: download it first, e.g.\n` +
             `  huggingface-cli download ${dir} --local-dir ./models/${dir.split('/')[1]} --include "*.json" "*.txt" "*.safetensors"\n` +
             `then pass --pretrained-model-name-or-path ./models/${dir.split('/')[1]}`
-        : `${dir}: model folder not found`,
+        : `${dir}: model folder not found (give a local Stable Diffusion folder in diffusers layout; see "Model folders" in the README)`,
     );
   }
   const problems: string[] = [];

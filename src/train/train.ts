@@ -240,8 +240,8 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     // ---- model, data, schedule ----
     if (cfg.cache_latents && (cfg.random_flip || !cfg.center_crop))
       throw new Error('--cache-latents encodes each image once, so it needs --center-crop and no --random-flip');
+    checkModelFolder(cfg.pretrained_model_name_or_path, ['unet', 'vae', 'text_encoder']);
     const modelDir = path.resolve(cfg.pretrained_model_name_or_path);
-    checkModelFolder(modelDir, ['unet', 'vae', 'text_encoder']);
     let device = await resolveDevice(cfg.device);
     if (distEnv && distEnv.worldSize > 1) {
       if (device === 'cuda') device = `cuda:${distEnv.localRank}`; // one GPU per local rank
