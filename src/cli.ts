@@ -22,7 +22,7 @@ import { superviseWorkers } from './distributed/launcher';
 import { makeDemoData } from './data/demo-data';
 import { CliReporter } from './train/reporter';
 import { nextRunDir, train } from './train/train';
-import { makeTinyModel, type ModelPreset } from './models/model-folder';
+import { DEMO_RESOLUTION, makeTinyModel, type ModelPreset } from './models/model-folder';
 import { native, type LoraFileFormat, type Precision } from './native';
 
 function cacheDir(): string {
@@ -32,11 +32,11 @@ function cacheDir(): string {
 /** The embedded default: a tiny generated model and a generated captioned shapes dataset, trained on the CPU. */
 async function demoDefaults(log: CliReporter): Promise<Record<string, unknown>> {
   const root = path.join(cacheDir(), 'demo');
-  const model = path.join(root, 'tiny-model');
+  const model = path.join(root, 'demo-model');
   const data = path.join(root, 'shapes');
   if (!fs.existsSync(path.join(model, 'unet', 'diffusion_pytorch_model.safetensors'))) {
     log.info(`making the demo model in ${model}`);
-    await makeTinyModel(model, 'tiny', 0);
+    await makeTinyModel(model, 'demo', 0);
   }
   if (!fs.existsSync(path.join(data, 'captions.json'))) {
     log.info(`making the demo dataset in ${data}`);
@@ -46,7 +46,7 @@ async function demoDefaults(log: CliReporter): Promise<Record<string, unknown>> 
     pretrained_model_name_or_path: model,
     train_data_dir: data,
     device: 'cpu',
-    resolution: 32,
+    resolution: DEMO_RESOLUTION,
     random_flip: true,
     train_batch_size: 4,
     gradient_accumulation_steps: 1,
@@ -176,7 +176,7 @@ export async function main(argv: string[]): Promise<void> {
       (y) =>
         y
           .positional('out', { type: 'string', demandOption: true, describe: 'output folder (diffusers layout)' })
-          .option('preset', { choices: ['tiny', 'sd15'] as const, default: 'tiny' as const, describe: 'tiny: a few MB; sd15: the real SD 1.5 shapes (~4 GB)' })
+          .option('preset', { choices: ['tiny', 'demo', 'sd15'] as const, default: 'tiny' as const, describe: 'tiny: a few MB; demo: tiny with a hand-set autoencoder VAE (what --demo uses); sd15: the real SD 1.5 shapes (~4 GB)' })
           .option('seed', { type: 'number', default: 0 }),
       async (a) => {
         const t0 = Date.now();

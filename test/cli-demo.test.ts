@@ -33,7 +33,7 @@ test('npx train-lora --demo: model + data in the cache, training with checkpoint
   const r = run(['--demo', '--max-train-steps', '12', '--checkpointing-steps', '6', '--validation-steps', '6', '--validation-num-inference-steps', '3', '--output-dir', out], { TRAIN_LORA_CACHE: cache });
   const all = r.stdout + r.stderr;
   expect({ status: r.status, tail: all.slice(-2000) }).toMatchObject({ status: 0 });
-  expect(fs.existsSync(path.join(cache, 'demo', 'tiny-model', 'unet', 'diffusion_pytorch_model.safetensors'))).toBe(true);
+  expect(fs.existsSync(path.join(cache, 'demo', 'demo-model', 'unet', 'diffusion_pytorch_model.safetensors'))).toBe(true);
   expect(fs.existsSync(path.join(cache, 'demo', 'shapes', 'captions.json'))).toBe(true);
   expect(fs.existsSync(path.join(out, 'pytorch_lora_weights.safetensors'))).toBe(true);
   expect(fs.readdirSync(path.join(out, 'checkpoints')).filter((n) => n.startsWith('checkpoint-')).sort()).toEqual(['checkpoint-12', 'checkpoint-6']);

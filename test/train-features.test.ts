@@ -137,6 +137,10 @@ test('--train-mode full trains every UNet weight, checkpoints them all, and resu
   const changed = trained.tensors.filter((t) => !Buffer.from(t.data).equals(baseByName.get(t.name)!)).length;
   expect(changed).toBeGreaterThan(trained.tensors.length / 2);
   expect(fs.existsSync(path.join(straight, 'pytorch_lora_weights.safetensors'))).toBe(false);
+  // The trained UNet as a diffusers component folder: the final weights + the base config, and it loads by name.
+  expect(fs.readFileSync(path.join(straight, 'unet', 'diffusion_pytorch_model.safetensors')).equals(fs.readFileSync(path.join(ck, 'model.safetensors')))).toBe(true);
+  expect(fs.readFileSync(path.join(straight, 'unet', 'config.json'), 'utf8')).toBe(fs.readFileSync(path.join(model, 'unet', 'config.json'), 'utf8'));
+  expect(await native().componentParamShapes(path.join(straight, 'unet'), 'unet')).toEqual(unetShapes);
   // Interrupted at step 2 and resumed: the same losses and bit-identical weights.
   const resumed = path.join(tmp, 'full-resumed');
   const a = new Quiet();

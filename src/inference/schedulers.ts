@@ -15,7 +15,7 @@
  * optionally N(0, 1) noise. The coefficients are computed here in float64 from the float32 values diffusers
  * keeps (alphas_cumprod, sigmas), so the native side only runs `target = Σ coef · slot` per op.
  */
-import { NoiseSchedule, parseSchedulerConfig, type NoiseScheduleConfig } from '../train/schedules/noise';
+import { NoiseSchedule, parseSchedulerConfig, roundHalfEven, type NoiseScheduleConfig } from '../train/schedules/noise';
 
 export const SCHEDULER_NAMES = ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m'] as const;
 export type SchedulerName = (typeof SCHEDULER_NAMES)[number];
@@ -58,13 +58,7 @@ export interface SchedulerOverrides {
 const f32 = Math.fround;
 
 /** numpy's round (half to even). */
-function npRound(x: number): number {
-  const fl = Math.floor(x);
-  const d = x - fl;
-  if (d > 0.5) return fl + 1;
-  if (d < 0.5) return fl;
-  return fl % 2 === 0 ? fl : fl + 1;
-}
+const npRound = roundHalfEven;
 
 /** np.linspace(start, stop, num) in float64. */
 function npLinspace(start: number, stop: number, num: number): number[] {

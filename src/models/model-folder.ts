@@ -6,10 +6,15 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 import { native } from '../native';
+import { craftDemoVae } from './demo-vae';
 
 export const ASSETS = path.resolve(__dirname, '..', '..', 'assets');
 
-export type ModelPreset = 'tiny' | 'sd15';
+/** tiny: random weights, a few MB; demo: tiny with a hand-set autoencoder VAE for 32 px (see demo-vae.ts); sd15: SD 1.5 shapes. */
+/** The resolution the demo VAE is exact for (the demo trains at it). */
+export const DEMO_RESOLUTION = 32;
+
+export type ModelPreset = 'tiny' | 'demo' | 'sd15';
 
 /** The components a training / forward run reads, with the file each needs. */
 const COMPONENTS = {
@@ -59,7 +64,7 @@ export function checkModelFolder(dir: string, components: Component[], needToken
  * SD 1.5 shapes: 860M-parameter UNet, ~4 GB in fp32). The tokenizer is the project's small CLIP BPE vocabulary.
  */
 export async function makeTinyModel(outDir: string, preset: ModelPreset = 'tiny', seed = 0): Promise<void> {
-  const configs = path.join(ASSETS, preset === 'tiny' ? 'tiny-model' : 'sd15-model');
+  const configs = path.join(ASSETS, preset === 'sd15' ? 'sd15-model' : 'tiny-model');
   if (!fs.existsSync(configs)) throw new Error(`unknown preset ${preset}`);
   const tmp = `${outDir}.tmp-${process.pid}`;
   fs.rmSync(tmp, { recursive: true, force: true });
@@ -69,6 +74,7 @@ export async function makeTinyModel(outDir: string, preset: ModelPreset = 'tiny'
   for (const c of Object.keys(COMPONENTS) as Component[]) {
     await native().writeRandomWeights(path.join(tmp, c), c, seed * 1000 + k++);
   }
+  if (preset === 'demo') await craftDemoVae(path.join(tmp, 'vae'), DEMO_RESOLUTION);
   fs.rmSync(outDir, { recursive: true, force: true });
   fs.renameSync(tmp, outDir);
 }

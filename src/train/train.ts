@@ -14,7 +14,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 
 import { type CheckpointEntry, CheckpointError, CheckpointManager, RunLock, verifyCheckpoint } from '../checkpoint/manager';
-import { dirSize, writeJsonDurable } from '../checkpoint/fsutil';
+import { dirSize, fsyncPath, writeJsonDurable } from '../checkpoint/fsutil';
 import { loraAlpha, type TrainConfig } from '../config';
 import { exportLora } from '../export/lora-export';
 import { datasetFingerprint, describeDataset, loadDataset, type Dataset } from '../data/dataset';
@@ -639,8 +639,12 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
         (m) => report.info(m),
       );
       loraFiles.push(...r.files);
-    } else if (finished && cfg.merge && dist.isMain) {
-      report.warn('--merge applies to LoRA training; a --train-mode full run\'s UNet is in its final checkpoint\'s model.safetensors');
+    } else if (finished && cfg.train_mode === 'full' && dist.isMain && lastCheckpoint) {
+      // Full training: the trained UNet as a diffusers component folder (OUT/unet), loadable with from_pretrained.
+      const unetDir = writeUnetFolder(path.join(lastCheckpoint, 'model.safetensors'), path.join(modelDir, 'unet', 'config.json'), outputDir);
+      loraFiles.push(path.join(unetDir, 'diffusion_pytorch_model.safetensors'));
+      report.info(`trained UNet: ${unetDir} (diffusers layout: UNet2DConditionModel.from_pretrained("${unetDir}"))`);
+      if (cfg.merge) report.warn('--merge applies to LoRA training; the full run\'s UNet is in OUT/unet');
     }
     return { outputDir, globalStep, finished, signal: stop.signal, lastCheckpoint, loraFiles, losses };
   } finally {
@@ -654,6 +658,23 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     }
     lock.release();
   }
+}
+
+/** OUT/unet/{config.json, diffusion_pytorch_model.safetensors}, written into a temporary folder, fsynced and renamed into place. */
+function writeUnetFolder(weights: string, config: string, outputDir: string): string {
+  const dir = path.join(outputDir, 'unet');
+  const tmp = path.join(outputDir, `.tmp-unet-${process.pid}`);
+  fs.rmSync(tmp, { recursive: true, force: true });
+  fs.mkdirSync(tmp, { recursive: true });
+  for (const [src, name] of [[weights, 'diffusion_pytorch_model.safetensors'], [config, 'config.json']]) {
+    fs.copyFileSync(src, path.join(tmp, name));
+    fsyncPath(path.join(tmp, name));
+  }
+  fsyncPath(tmp);
+  fs.rmSync(dir, { recursive: true, force: true });
+  fs.renameSync(tmp, dir);
+  fsyncPath(outputDir);
+  return dir;
 }
 
 function lastCheckpointSize(mgr: CheckpointManager): number | undefined {

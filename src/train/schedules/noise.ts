@@ -76,7 +76,8 @@ function exponentOf(a: number): number {
   return ((u64view.getUint32(4, true) >>> 20) & 0x7ff) - 1023;
 }
 
-function roundHalfEven(q: number): number {
+/** numpy's round: half to even. */
+export function roundHalfEven(q: number): number {
   const fl = Math.floor(q);
   const d = q - fl;
   if (d > 0.5) return fl + 1;
