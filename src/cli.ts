@@ -64,6 +64,27 @@ async function demoDefaults(log: CliReporter): Promise<Record<string, unknown>> 
   };
 }
 
+/** Flags that take a value and that a resume/continue command replaces. */
+const REPLACED_FLAGS = new Set(['output-dir', 'output_dir', 'out', 'resume-from-checkpoint', 'resume_from_checkpoint', 'max-train-steps', 'max_train_steps']);
+
+/**
+ * The user's own command line with `extra` flags in place of the ones they replace (output folder, resume, steps), so
+ * that "resume with" / "continue training with" repeat every other flag (model, data, --num-processes, ...).
+ */
+export function rerunCommand(args: readonly string[], extra: readonly string[]): string {
+  const kept: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const m = /^--([^=]+)(=.*)?$/.exec(args[i]);
+    if (m && REPLACED_FLAGS.has(m[1])) {
+      if (m[2] === undefined) i++; // skip its value
+      continue;
+    }
+    kept.push(args[i]);
+  }
+  const quote = (a: string) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`);
+  return ['npx', 'train-lora', ...kept, ...extra].map(quote).join(' ');
+}
+
 async function runTrain(argv: Record<string, unknown>): Promise<void> {
   const reporter = new CliReporter((argv['log-level'] as 'info' | undefined) ?? 'info');
   const extra = argv.demo ? await demoDefaults(reporter) : {};
@@ -97,7 +118,7 @@ async function runTrain(argv: Record<string, unknown>): Promise<void> {
     const out = r.outputDir;
     const rel = path.relative(process.cwd(), out);
     const shown = rel && !rel.startsWith('..') ? rel : out;
-    const resumeCmd = `npx train-lora ${argv.demo ? '--demo ' : ''}--output-dir ${shown} --resume-from-checkpoint latest`;
+    const resumeCmd = rerunCommand(process.argv.slice(2), ['--output-dir', shown, '--resume-from-checkpoint', 'latest']);
     if (r.signal) {
       reporter.info(`stopped by ${r.signal} at step ${r.globalStep}; checkpoint: ${r.lastCheckpoint}`);
       reporter.info(`resume with: ${resumeCmd}`);
@@ -107,7 +128,7 @@ async function runTrain(argv: Record<string, unknown>): Promise<void> {
     reporter.info(`finished ${r.globalStep} steps in ${out}`);
     for (const f of r.loraFiles) reporter.info(`LoRA: ${f}`);
     reporter.info(`checkpoints: ${path.join(out, 'checkpoints')} (latest: ${r.lastCheckpoint})`);
-    reporter.info(`continue training with: ${resumeCmd} --max-train-steps ${r.globalStep * 2}`);
+    reporter.info(`continue training with: ${rerunCommand(process.argv.slice(2), ['--output-dir', shown, '--resume-from-checkpoint', 'latest', '--max-train-steps', String(r.globalStep * 2)])}`);
   } finally {
     reporter.close();
   }

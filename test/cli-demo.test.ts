@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
+import { rerunCommand } from '../src/cli';
 import { loadDataset } from '../src/data/dataset';
 
 const cli = path.resolve(__dirname, '..', 'dist', 'cli.js');
@@ -41,7 +42,8 @@ test('npx train-lora --demo: model + data in the cache, training with checkpoint
   expect(images).toEqual(expect.arrayContaining(['step000006_grid.png', 'step000012_grid.png', 'step000012_prompt1_img1.png']));
   // Piped output is JSON lines; the closing lines say where things are and how to continue.
   expect(all).toMatch(/LoRA: .*pytorch_lora_weights\.safetensors/);
-  expect(all).toMatch(/continue training with: npx train-lora --demo --output-dir .* --resume-from-checkpoint latest --max-train-steps 24/);
+  // The user's own flags are repeated; output folder, resume and steps are replaced.
+  expect(all).toMatch(/continue training with: npx train-lora --demo --checkpointing-steps 6 --validation-steps 6 --validation-num-inference-steps 3 --output-dir \S+ --resume-from-checkpoint latest --max-train-steps 24/);
   expect(all).toMatch(/val_loss/);
 }, 600000);
 
@@ -61,4 +63,11 @@ test('--help lists the option groups in order', () => {
   expect(at.every((i) => i > 0)).toBe(true);
   expect([...at].sort((a, b) => a - b)).toEqual(at);
   expect(r.stdout).toContain('--max-train-steps, --max_train_steps');
+});
+
+test('rerunCommand repeats the user\'s flags, replaces output/resume/steps, and quotes for a shell', () => {
+  expect(rerunCommand(['--model', './m', '--data', 'my photos', '--max-train-steps=300', '--num-processes', '2', '--resume-from-checkpoint', 'x'], ['--output-dir', 'outputs/run-001', '--resume-from-checkpoint', 'latest'])).toBe(
+    "npx train-lora --model ./m --data 'my photos' --num-processes 2 --output-dir outputs/run-001 --resume-from-checkpoint latest",
+  );
+  expect(rerunCommand(['--validation-prompt', "a cat's hat"], [])).toBe("npx train-lora --validation-prompt 'a cat'\\''s hat'");
 });
