@@ -34,6 +34,24 @@ std::vector<std::string> linear_paths(torch::nn::Module& m) {
 
 }  // namespace
 
+size_t pipeline_apply_lora(Pipeline& p, const std::string& file, double scale, LoraFormat* format) {
+  std::map<std::string, std::vector<std::string>> paths;
+  if (p.unet) paths["unet"] = linear_paths(*p.unet);
+  if (p.text_encoder) paths["text_encoder"] = linear_paths(*p.text_encoder);
+  LoraFile lora = read_lora_file(file, paths);
+  if (lora.components.empty()) throw UserError("ELORAKEYS", file + ": has no LoRA weights for the UNet or the text encoder");
+  size_t n = 0;
+  for (const auto& [comp, w] : lora.components) {
+    torch::nn::Module* m = comp == "unet" ? static_cast<torch::nn::Module*>(p.unet.get()) : p.text_encoder.get();
+    if (!m) throw UserError("ELORAKEYS", file + ": has " + comp + " weights but the " + comp + " is not loaded");
+    apply_lora_weights(*m, w, p.device, file);
+    for (auto& t : lora_modules(*m)) t.linear->lora_multiplier = scale;
+    n += w.modules.size();
+  }
+  if (format) *format = lora.format;
+  return n;
+}
+
 std::shared_ptr<Pipeline> load_pipeline(const std::string& dir, const PipelineOptions& opts) {
   if (!is_dir(dir))
     throw UserError("ENOENT", dir + ": model folder not found (expected a diffusers folder with model_index.json, unet/, vae/, text_encoder/, tokenizer/)");
@@ -96,20 +114,9 @@ NamedTensors run_forward(Pipeline& p, const NamedTensors& inputs, const ForwardO
   };
   auto emit = [&](const std::string& name, const torch::Tensor& t) { out.emplace_back(name, t.detach().to(torch::kCPU, torch::kFloat32)); };
 
-  LoraFile lora;
-  bool has_lora = !opts.lora_path.empty();
-  if (has_lora) {
-    std::map<std::string, std::vector<std::string>> paths;
-    if (p.unet) paths["unet"] = linear_paths(*p.unet);
-    if (p.text_encoder) paths["text_encoder"] = linear_paths(*p.text_encoder);
-    lora = read_lora_file(opts.lora_path, paths);
-    for (const auto& [comp, w] : lora.components) {
-      torch::nn::Module* m = comp == "unet" ? static_cast<torch::nn::Module*>(p.unet.get()) : p.text_encoder.get();
-      if (!m) throw UserError("ELORAKEYS", opts.lora_path + ": has " + comp + " weights but the " + comp + " is not loaded");
-      apply_lora_weights(*m, w, dev, opts.lora_path);
-      for (auto& t : lora_modules(*m)) t.linear->lora_multiplier = opts.lora_scale;
-    }
-  }
+  LoraFormat lora_format = LoraFormat::Peft;
+  const bool has_lora = !opts.lora_path.empty();
+  if (has_lora) pipeline_apply_lora(p, opts.lora_path, opts.lora_scale, &lora_format);
 
   if (torch::Tensor ids = in("input_ids"); ids.defined()) {
     if (!p.text_encoder) throw UserError("EINPUT", "input_ids given but the text encoder is not loaded");
@@ -150,8 +157,8 @@ NamedTensors run_forward(Pipeline& p, const NamedTensors& inputs, const ForwardO
       emit("noise_pred", pred);
       emit("loss", loss);
       for (auto& m : mods) {
-        emit("grad." + lora_key("unet", m.path, true, lora.format), m.linear->lora_A.grad());
-        emit("grad." + lora_key("unet", m.path, false, lora.format), m.linear->lora_B.grad());
+        emit("grad." + lora_key("unet", m.path, true, lora_format), m.linear->lora_A.grad());
+        emit("grad." + lora_key("unet", m.path, false, lora_format), m.linear->lora_B.grad());
       }
     } else {
       torch::NoGradGuard ng;

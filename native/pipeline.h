@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "clip_text.h"
+#include "lora.h"
 #include "unet.h"
 #include "vae.h"
 
@@ -31,6 +32,10 @@ struct PipelineOptions {
 };
 
 std::shared_ptr<Pipeline> load_pipeline(const std::string& dir, const PipelineOptions& opts);
+
+// Applies a LoRA file (diffusers, peft or kohya keys, detected) to the pipeline's UNet and text encoder at `scale`
+// (peft's adapter scale). Returns the number of adapted modules; `format` receives the file's format.
+size_t pipeline_apply_lora(Pipeline& p, const std::string& file, double scale, LoraFormat* format = nullptr);
 
 // A component ("unet" | "vae" | "text_encoder") built from <dir>/config.json, without loading weights.
 std::shared_ptr<torch::nn::Module> build_component(const std::string& dir, const std::string& kind);

@@ -32,12 +32,6 @@ class EvalScope {
   std::vector<std::pair<torch::nn::Module*, bool>> saved_;
 };
 
-std::vector<std::string> linear_paths(torch::nn::Module& m) {
-  std::vector<std::string> out;
-  for (const auto& item : m.named_modules("", false))
-    if (dynamic_cast<nn::Linear*>(item.value().get())) out.push_back(item.key());
-  return out;
-}
 
 }  // namespace
 
@@ -160,21 +154,5 @@ torch::Tensor Sampler::decode_images() {
 
 torch::Tensor Sampler::latents() const { return slots_.at("x").to(torch::kCPU, torch::kFloat32).contiguous(); }
 
-size_t pipeline_apply_lora(Pipeline& p, const std::string& file, double scale) {
-  std::map<std::string, std::vector<std::string>> paths;
-  if (p.unet) paths["unet"] = linear_paths(*p.unet);
-  if (p.text_encoder) paths["text_encoder"] = linear_paths(*p.text_encoder);
-  LoraFile lora = read_lora_file(file, paths);
-  if (lora.components.empty()) throw UserError("ELORAKEYS", file + ": has no LoRA weights for the UNet or the text encoder");
-  size_t n = 0;
-  for (const auto& [comp, w] : lora.components) {
-    torch::nn::Module* m = comp == "unet" ? static_cast<torch::nn::Module*>(p.unet.get()) : p.text_encoder.get();
-    if (!m) throw UserError("ELORAKEYS", file + ": has " + comp + " weights but the " + comp + " is not loaded");
-    apply_lora_weights(*m, w, p.device, file);
-    for (auto& t : lora_modules(*m)) t.linear->lora_multiplier = scale;
-    n += w.modules.size();
-  }
-  return n;
-}
 
 }  // namespace tl

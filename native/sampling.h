@@ -70,8 +70,4 @@ class Sampler {
   std::map<std::string, torch::Tensor> slots_;  // float32, on device_
 };
 
-// Applies a LoRA file (diffusers, peft or kohya keys) to the pipeline's UNet and text encoder at `scale`
-// (peft's adapter scale). Returns the number of adapted modules.
-size_t pipeline_apply_lora(Pipeline& p, const std::string& file, double scale);
-
 }  // namespace tl
