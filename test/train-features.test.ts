@@ -3,37 +3,19 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
-import { parseTrainConfig } from '../src/config';
 import { makeDemoData } from '../src/data/demo-data';
 import { native, type HostTensor } from '../src/native';
 import { train, type StepMetrics } from '../src/train/train';
 import { Quiet } from './helpers/quiet-reporter';
+import { TINY_MODEL, tinyRunConfig } from './helpers/tiny-run';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tl-feat-'));
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
-const model = path.join(__dirname, 'fixtures', 'models', 'tiny');
+const model = TINY_MODEL;
 const data = path.join(tmp, 'data');
 
 
-function cfg(out: string, over: Record<string, unknown> = {}) {
-  return parseTrainConfig({
-    pretrained_model_name_or_path: model,
-    train_data_dir: data,
-    output_dir: out,
-    device: 'cpu',
-    resolution: 32,
-    train_batch_size: 4,
-    gradient_accumulation_steps: 1,
-    max_train_steps: 4,
-    learning_rate: 1e-3,
-    lr_scheduler: 'constant',
-    lr_warmup_steps: 0,
-    checkpointing_steps: 2,
-    rank: 4,
-    seed: 5,
-    ...over,
-  });
-}
+const cfg = (out: string, over: Record<string, unknown> = {}) => tinyRunConfig(out, data, over);
 
 async function unetOut(lora: string): Promise<Buffer> {
   const inputs = (await native().safetensorsRead(path.join(__dirname, 'fixtures', 'golden', 'tiny', 'inputs.safetensors'))).tensors.filter((t: HostTensor) =>

@@ -3,38 +3,20 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
-import { ConfigError, parseTrainConfig } from '../src/config';
+import type { ConfigError } from '../src/config';
 import { loadDataset } from '../src/data/dataset';
 import { makeDemoData } from '../src/data/demo-data';
 import { train, type TrainerStateFile } from '../src/train/train';
 import { splitDataset } from '../src/train/validation-loss';
 import { Quiet } from './helpers/quiet-reporter';
+import { tinyRunConfig } from './helpers/tiny-run';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tl-val-'));
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
-const model = path.join(__dirname, 'fixtures', 'models', 'tiny');
 const data = path.join(tmp, 'data');
 const data2 = path.join(tmp, 'data2');
 
-function cfg(out: string, over: Record<string, unknown> = {}) {
-  return parseTrainConfig({
-    pretrained_model_name_or_path: model,
-    train_data_dir: data,
-    output_dir: out,
-    device: 'cpu',
-    resolution: 32,
-    train_batch_size: 4,
-    gradient_accumulation_steps: 1,
-    max_train_steps: 6,
-    learning_rate: 1e-3,
-    lr_scheduler: 'constant',
-    lr_warmup_steps: 0,
-    checkpointing_steps: 2,
-    rank: 4,
-    seed: 5,
-    ...over,
-  });
-}
+const cfg = (out: string, over: Record<string, unknown> = {}) => tinyRunConfig(out, data, { max_train_steps: 6, ...over });
 const state = (ckpt: string): TrainerStateFile => JSON.parse(fs.readFileSync(path.join(ckpt, 'trainer_state.json'), 'utf8')) as TrainerStateFile;
 const ckpts = (out: string) => fs.readdirSync(path.join(out, 'checkpoints')).filter((n) => /^checkpoint-\d+$/.test(n)).sort();
 
