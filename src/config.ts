@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 
 import { z } from 'zod';
 
+import { SCHEDULER_NAMES } from './inference/schedulers';
 import { LR_SCHEDULE_KINDS } from './train/schedules/lr';
 
 const positiveInt = z.number().int().positive();
@@ -91,7 +92,7 @@ export const TrainConfigSchema = z
     validation_epochs: positiveInt.optional(),
     validation_before_training: z.boolean().default(false),
     validation_negative_prompt: z.string().default(''),
-    validation_scheduler: z.enum(['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m']).default('pndm'),
+    validation_scheduler: z.enum(SCHEDULER_NAMES).default('pndm'),
     validation_num_inference_steps: positiveInt.default(30),
     validation_guidance_scale: z.number().min(0).default(7.5),
     validation_seed: nonNegInt.optional(),

@@ -60,18 +60,22 @@ export function fromInt64(name: string, shape: number[], values: ArrayLike<numbe
   return { name, dtype: 'I64', shape, data: new Uint8Array(arr.buffer) };
 }
 
-/** ‖a − b‖ / ‖b‖ (0 when both are zero). */
-export function relativeError(a: HostTensor, b: HostTensor): number {
-  if (a.shape.join(',') !== b.shape.join(',')) throw new Error(`${a.name}: shape [${a.shape}] vs [${b.shape}]`);
-  const x = toNumbers(a);
-  const y = toNumbers(b);
+/** ‖a − b‖ / ‖b‖ over two equally long arrays (‖a − b‖ when b is all zero). */
+export function relativeErrorOf(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) throw new Error(`relative error of arrays of ${a.length} and ${b.length} values`);
   let num = 0;
   let den = 0;
-  for (let i = 0; i < x.length; i++) {
-    num += (x[i] - y[i]) ** 2;
-    den += y[i] ** 2;
+  for (let i = 0; i < a.length; i++) {
+    num += (a[i] - b[i]) ** 2;
+    den += b[i] ** 2;
   }
   return den === 0 ? Math.sqrt(num) : Math.sqrt(num / den);
+}
+
+/** ‖a − b‖ / ‖b‖ of two tensors of the same shape (0 when both are zero). */
+export function relativeError(a: HostTensor, b: HostTensor): number {
+  if (a.shape.join(',') !== b.shape.join(',')) throw new Error(`${a.name}: shape [${a.shape}] vs [${b.shape}]`);
+  return relativeErrorOf(toNumbers(a), toNumbers(b));
 }
 
 export function byName(tensors: HostTensor[]): Map<string, HostTensor> {

@@ -9,7 +9,7 @@ import * as path from 'node:path';
 
 import { makeSchedule, SCHEDULER_NAMES, type SchedulerName, type SchedulerOverrides } from '../src/inference/schedulers';
 import { native, type HostTensor } from '../src/native';
-import { fromFloat32 } from '../src/tensors';
+import { fromFloat32, relativeErrorOf } from '../src/tensors';
 
 const root = path.join(__dirname, '..');
 interface Case {
@@ -35,15 +35,7 @@ const f32 = (b64: string): Float32Array => {
 };
 const values = (t: HostTensor): Float32Array => new Float32Array(t.data.buffer.slice(t.data.byteOffset, t.data.byteOffset + t.data.byteLength));
 
-function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < a.length; i++) {
-    num += (a[i] - b[i]) ** 2;
-    den += b[i] ** 2;
-  }
-  return Math.sqrt(num / den);
-}
+const relErr = relativeErrorOf;
 
 const label = (c: Case): string => `${c.scheduler} ${JSON.stringify(c.overrides)}`;
 

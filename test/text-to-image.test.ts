@@ -14,7 +14,7 @@ import { labelStrip, makeGrid, textToImage, writePng, type GeneratedImage } from
 import { native, type HostTensor, type PipelineHandle } from '../src/native';
 import { CLIPTokenizer } from '../src/tokenizer';
 import { NoiseSchedule } from '../src/train/schedules/noise';
-import { byName, fromFloat32, fromInt64, toNumbers } from '../src/tensors';
+import { byName, fromFloat32, fromInt64, relativeErrorOf, toNumbers } from '../src/tensors';
 import type { SchedulerName } from '../src/inference/schedulers';
 
 const root = path.join(__dirname, '..');
@@ -39,15 +39,7 @@ interface GoldenCase {
   seed: number;
 }
 
-function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < a.length; i++) {
-    num += (a[i] - b[i]) ** 2;
-    den += b[i] ** 2;
-  }
-  return Math.sqrt(num / den);
-}
+const relErr = relativeErrorOf;
 
 const loadTiny = (): Promise<PipelineHandle> => native().loadPipeline(tiny, { components: ['text_encoder', 'unet', 'vae'] });
 

@@ -5,6 +5,7 @@ import * as path from 'node:path';
 
 import { makeDemoData } from '../src/data/demo-data';
 import { native, type HostTensor } from '../src/native';
+import { relativeErrorOf } from '../src/tensors';
 import { train, type StepMetrics } from '../src/train/train';
 import { Quiet } from './helpers/quiet-reporter';
 import { TINY_MODEL, tinyRunConfig } from './helpers/tiny-run';
@@ -77,13 +78,7 @@ test('--init-lora-weights starts from a LoRA file in any format (diffusers, PEFT
     const got = await unetOut(path.join(out, 'pytorch_lora_weights.safetensors'));
     const a = new Float32Array(got.buffer, got.byteOffset, got.length / 4);
     const b = new Float32Array(want.buffer, want.byteOffset, want.length / 4);
-    let num = 0;
-    let den = 0;
-    for (let i = 0; i < a.length; i++) {
-      num += (a[i] - b[i]) ** 2;
-      den += b[i] ** 2;
-    }
-    expect({ f, rel: Math.sqrt(num / den) < 1e-5 }).toEqual({ f, rel: true });
+    expect({ f, rel: relativeErrorOf(a, b) < 1e-5 }).toEqual({ f, rel: true });
   }
 }, 300000);
 

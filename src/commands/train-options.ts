@@ -6,6 +6,7 @@
 import type { Argv, Options } from 'yargs';
 
 import { readConfigFile, parseTrainConfig, type TrainConfig } from '../config';
+import { SCHEDULER_NAMES } from '../inference/schedulers';
 
 type Kind = 'string' | 'number' | 'boolean' | 'array' | 'numarray';
 interface Opt {
@@ -99,7 +100,7 @@ export const TRAIN_OPTIONS: readonly Opt[] = [
   { key: 'validation_epochs', group: VALID, kind: 'number', describe: 'render every N epochs' },
   { key: 'validation_before_training', group: VALID, kind: 'boolean', describe: 'render once before the first step' },
   { key: 'validation_negative_prompt', group: VALID, kind: 'string', describe: 'negative prompt for validation images [default: none]' },
-  { key: 'validation_scheduler', group: VALID, kind: 'string', describe: 'sampler for validation images [default: pndm]', choices: ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m'] },
+  { key: 'validation_scheduler', group: VALID, kind: 'string', describe: 'sampler for validation images [default: pndm]', choices: SCHEDULER_NAMES },
   { key: 'validation_num_inference_steps', group: VALID, kind: 'number', describe: 'sampling steps per validation image [default: 30]' },
   { key: 'validation_guidance_scale', group: VALID, kind: 'number', describe: 'classifier-free guidance scale [default: 7.5]' },
   { key: 'validation_seed', group: VALID, kind: 'number', describe: 'seed of the validation images (same noise every time) [default: --seed]' },
