@@ -308,23 +308,6 @@ Napi::Value TrainerOptimizerStep(const Napi::CallbackInfo& info) {
   });
 }
 
-std::string base64(const std::vector<uint8_t>& in) {
-  static const char* tbl = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  size_t i = 0;
-  for (; i + 2 < in.size(); i += 3) {
-    uint32_t v = (in[i] << 16) | (in[i + 1] << 8) | in[i + 2];
-    out += tbl[v >> 18], out += tbl[(v >> 12) & 63], out += tbl[(v >> 6) & 63], out += tbl[v & 63];
-  }
-  if (i + 1 == in.size()) {
-    uint32_t v = in[i] << 16;
-    out += tbl[v >> 18], out += tbl[(v >> 12) & 63], out += "==";
-  } else if (i + 2 == in.size()) {
-    uint32_t v = (in[i] << 16) | (in[i + 1] << 8);
-    out += tbl[v >> 18], out += tbl[(v >> 12) & 63], out += tbl[(v >> 6) & 63], out += '=';
-  }
-  return out;
-}
 
 // trainerSaveState(trainer, dir): writes dir/model.safetensors + dir/optimizer.safetensors (fsynced, atomic per
 // file) and returns the JSON-able rest: optimizer step counts, loss scaler, RNG streams.

@@ -109,10 +109,7 @@ Napi::Value TrainerRngState(const Napi::CallbackInfo& info) {
     auto rng = t->rng_state();
     return Completion([rng](Napi::Env env) -> Napi::Value {
       Napi::Object o = Napi::Object::New(env);
-      for (const auto& [name, bytes] : rng) {
-        auto buf = Napi::Buffer<uint8_t>::Copy(env, bytes.data(), bytes.size());
-        o.Set(name, buf.Get("toString").As<Napi::Function>().Call(buf, {Napi::String::New(env, "base64")}));
-      }
+      for (const auto& [name, bytes] : rng) o.Set(name, base64(bytes));
       return o;
     });
   });

@@ -36,5 +36,6 @@ std::vector<HostTensor> hosts_from_js(Napi::Env env, const Napi::Value& v, const
 Napi::Value hosts_to_js(Napi::Env env, const std::vector<HostTensor>& hs);
 double num_opt(const Napi::Object& o, const char* key, double def);
 bool bool_opt(const Napi::Object& o, const char* key, bool def);
+std::string base64(const std::vector<uint8_t>& in);
 
 }  // namespace tl
