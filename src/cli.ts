@@ -22,7 +22,7 @@ import { superviseWorkers } from './distributed/launcher';
 import { makeDemoData } from './data/demo-data';
 import { CliReporter } from './train/reporter';
 import { nextRunDir, train } from './train/train';
-import { DEMO_RESOLUTION, makeTinyModel, type ModelPreset } from './models/model-folder';
+import { DEMO_MODEL_VERSION, DEMO_RESOLUTION, makeTinyModel, type ModelPreset } from './models/model-folder';
 import { native, type LoraFileFormat, type Precision } from './native';
 
 function cacheDir(): string {
@@ -34,9 +34,13 @@ async function demoDefaults(log: CliReporter): Promise<Record<string, unknown>> 
   const root = path.join(cacheDir(), 'demo');
   const model = path.join(root, 'demo-model');
   const data = path.join(root, 'shapes');
-  if (!fs.existsSync(path.join(model, 'unet', 'diffusion_pytorch_model.safetensors'))) {
+  // A demo model made by an older train-lora (random UNet) is replaced; the marker is written after the folder is complete.
+  const marker = path.join(model, 'train_lora_demo.json');
+  const current = fs.existsSync(marker) && (JSON.parse(fs.readFileSync(marker, 'utf8')) as { version?: number }).version === DEMO_MODEL_VERSION;
+  if (!current) {
     log.info(`making the demo model in ${model}`);
     await makeTinyModel(model, 'demo', 0);
+    fs.writeFileSync(marker, `${JSON.stringify({ version: DEMO_MODEL_VERSION })}\n`);
   }
   if (!fs.existsSync(path.join(data, 'captions.json'))) {
     log.info(`making the demo dataset in ${data}`);
@@ -59,6 +63,11 @@ async function demoDefaults(log: CliReporter): Promise<Record<string, unknown>> 
     validation_steps: 50,
     validation_prompt: ['a red circle on a white background', 'a blue square on a black background'],
     num_validation_images: 2,
+    // Step 0 shows the base model (backgrounds of random muted colours, as it was pre-trained); the tiny model's
+    // pictures are cleanest with an ancestral sampler and mild guidance.
+    validation_before_training: true,
+    validation_scheduler: 'euler_a',
+    validation_guidance_scale: 4,
     validation_num_inference_steps: 20,
     validation_split: 0.1,
   };
@@ -126,7 +135,7 @@ async function runTrain(argv: Record<string, unknown>): Promise<void> {
       return;
     }
     reporter.info(`finished ${r.globalStep} steps in ${out}`);
-    for (const f of r.loraFiles) reporter.info(`LoRA: ${f}`);
+    for (const f of r.loraFiles) reporter.info(`${f.endsWith('diffusion_pytorch_model.safetensors') ? 'UNet' : 'LoRA'}: ${f}`);
     reporter.info(`checkpoints: ${path.join(out, 'checkpoints')} (latest: ${r.lastCheckpoint})`);
     reporter.info(`continue training with: ${rerunCommand(process.argv.slice(2), ['--output-dir', shown, '--resume-from-checkpoint', 'latest', '--max-train-steps', String(r.globalStep * 2)])}`);
   } finally {

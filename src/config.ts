@@ -30,6 +30,7 @@ export const TrainConfigSchema = z
     image_interpolation_mode: z.enum(['lanczos', 'bilinear', 'bicubic', 'nearest', 'area']).default('lanczos'),
     skip_bad_images: z.boolean().default(false),
     skip_uncaptioned: z.boolean().default(false),
+    caption_dropout_rate: z.number().min(0).max(1).default(0),
     dataset_layout: z.enum(['captions.json', 'metadata.jsonl', 'txt']).optional(),
     image_resampler: z.enum(['auto', 'sharp', 'pil']).default('auto'),
     cache_latents: z.boolean().default(false),

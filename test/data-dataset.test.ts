@@ -4,7 +4,7 @@ import * as path from 'node:path';
 
 import sharp from 'sharp';
 
-import { CAPTION_KEY, type Dataset, DatasetError, datasetFingerprint, describeDataset, loadDataset, pickCaption } from '../src/data/dataset';
+import { CAPTION_DROPOUT_KEY, CAPTION_KEY, type Dataset, DatasetError, datasetFingerprint, describeDataset, loadDataset, pickCaption } from '../src/data/dataset';
 import { derive } from '../src/data/prng';
 
 const base = fs.mkdtempSync(path.join(os.tmpdir(), 'data-dataset-'));
@@ -342,5 +342,22 @@ describe('pickCaption', () => {
     expect(pickCaption(caps, 5, 1, 7)).toBe(pickCaption(caps, 5, 1, 7));
     const byEpoch = new Set(Array.from({ length: 40 }, (_, e) => pickCaption(caps, 5, e, 7)));
     expect(byEpoch).toEqual(new Set(caps));
+  });
+
+  test('caption dropout empties about that fraction, by (seed, epoch, index) only, and leaves the rest as without it', () => {
+    const caps = ['a', 'b', 'c'];
+    let dropped = 0;
+    for (let e = 0; e < 20; e++)
+      for (let i = 0; i < 100; i++) {
+        const c = pickCaption(caps, 5, e, i, 0.1);
+        expect(c).toBe(pickCaption(caps, 5, e, i, 0.1));
+        if (c === '') dropped++;
+        else expect(c).toBe(pickCaption(caps, 5, e, i));
+        expect(c === '').toBe(derive(5, CAPTION_DROPOUT_KEY, e, i).nextFloat() < 0.1);
+      }
+    expect(dropped).toBeGreaterThan(150);
+    expect(dropped).toBeLessThan(250);
+    expect(pickCaption(['only'], 1, 2, 3, 1)).toBe('');
+    expect(pickCaption(['only'], 1, 2, 3, 0)).toBe('only');
   });
 });

@@ -97,6 +97,25 @@ describe('makeDemoData', () => {
     expect(Math.min(fills.get('circle') ?? 0, fills.get('square') ?? 0)).toBeGreaterThan(Math.max(fills.get('star') ?? 1, fills.get('triangle') ?? 1) * 0.9);
   });
 
+  test("background 'random' (the demo base's pre-training data): muted backgrounds that are never white or black, captions without them", async () => {
+    const demo = await makeDemoData(path.join(tmp, 'random-bg'), { seed: 8, count: 24, size: 32, background: 'random' });
+    const corners = new Set<string>();
+    for (const it of demo.items) {
+      expect(it.background).toBe('random');
+      for (const cap of it.captions) {
+        expect(cap).toContain(it.shape);
+        expect(cap).toContain(it.color);
+        expect(cap).not.toMatch(/background|backdrop|white|black| on /);
+      }
+      const img = await decodeRgb(path.join(demo.root, it.file));
+      const bg = Array.from(img.data.subarray(0, 3));
+      expect(Math.max(...bg)).toBeLessThan(0.75 * 255); // value <= 0.7
+      expect(Math.max(...bg)).toBeGreaterThan(0.3 * 255); // value >= 0.35
+      corners.add(bg.join(','));
+    }
+    expect(corners.size).toBe(24);
+  });
+
   test('options are validated; counts beyond 48 repeat combinations in a new order', async () => {
     await expect(makeDemoData(path.join(tmp, 'bad'), { count: 0 })).rejects.toThrow(RangeError);
     await expect(makeDemoData(path.join(tmp, 'bad'), { size: 4 })).rejects.toThrow(RangeError);

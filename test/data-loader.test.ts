@@ -51,6 +51,20 @@ describe('BatchLoader', () => {
     expect(loader.batchesPerEpoch()).toBe(4);
   });
 
+  test('--caption-dropout-rate: captions are the keyed pickCaption with dropout, some of them empty', async () => {
+    const loader = new BatchLoader(ds, { ...OPTS, captionDropoutRate: 0.5 });
+    const batches = await take(loader, 8);
+    await loader.close();
+    let empty = 0;
+    for (const b of batches)
+      b.indices.forEach((i, k) => {
+        expect(b.captions[k]).toBe(pickCaption(ds.items[i].captions, 11, b.epoch, i, 0.5));
+        if (b.captions[k] === '') empty++;
+      });
+    expect(empty).toBeGreaterThan(4);
+    expect(empty).toBeLessThan(25);
+  });
+
   test('pixels, captions and geometry are the per-sample keyed transforms', async () => {
     const loader = new BatchLoader(ds, OPTS);
     const [b] = await take(loader, 1);

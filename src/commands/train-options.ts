@@ -42,6 +42,7 @@ export const TRAIN_OPTIONS: readonly Opt[] = [
   { key: 'random_flip', group: DATA, kind: 'boolean', describe: 'random horizontal flips' },
   { key: 'image_interpolation_mode', group: DATA, kind: 'string', describe: 'resize filter [default: lanczos]', choices: ['lanczos', 'bilinear', 'bicubic', 'nearest', 'area'] },
   { key: 'skip_bad_images', group: DATA, kind: 'boolean', describe: 'skip missing/unreadable images (listed) instead of stopping' },
+  { key: 'caption_dropout_rate', group: DATA, kind: 'number', describe: 'train this fraction of samples with the empty caption (seeded; 0.05-0.1 keeps classifier-free guidance working) [default: 0]' },
   { key: 'skip_uncaptioned', group: DATA, kind: 'boolean', describe: 'skip images that have no caption instead of stopping' },
   { key: 'dataset_layout', group: DATA, kind: 'string', describe: 'force a layout instead of detecting it', choices: ['captions.json', 'metadata.jsonl', 'txt'] },
   { key: 'image_resampler', group: DATA, kind: 'string', describe: 'auto (sharp where it equals PIL), sharp, or pil (bit-exact with diffusers\' PIL resize) [default: auto]', choices: ['auto', 'sharp', 'pil'] },

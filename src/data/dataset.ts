@@ -29,6 +29,8 @@ export const IMAGE_EXTENSIONS: readonly string[] = ['.png', '.jpg', '.jpeg', '.w
 
 /** derive() keys used by this module (distinct from the sampler's and the loader's). */
 export const CAPTION_KEY = 0xca9;
+/** derive() key for caption dropout (`--caption-dropout-rate`). */
+export const CAPTION_DROPOUT_KEY = 0xcd0;
 const SUBSET_KEY = 0x5b5e7;
 
 export interface DatasetOptions {
@@ -544,9 +546,12 @@ export function datasetFingerprint(ds: Pick<Dataset, 'items'>): string {
 
 /**
  * The caption for dataset item `index` in `epoch`: the only one, or a seeded uniform choice among
- * the variants that depends on (seed, epoch, index) alone.
+ * the variants that depends on (seed, epoch, index) alone. With `dropoutRate` > 0 the caption is
+ * the empty string with that probability (also a function of (seed, epoch, index) alone), which
+ * trains the unconditional prediction that classifier-free guidance subtracts.
  */
-export function pickCaption(captions: readonly string[], seed: number, epoch: number, index: number): string {
+export function pickCaption(captions: readonly string[], seed: number, epoch: number, index: number, dropoutRate = 0): string {
+  if (dropoutRate > 0 && derive(seed, CAPTION_DROPOUT_KEY, epoch, index).nextFloat() < dropoutRate) return '';
   if (captions.length === 1) return captions[0];
   return derive(seed, CAPTION_KEY, epoch, index).choice(captions);
 }

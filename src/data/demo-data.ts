@@ -39,6 +39,12 @@ export interface DemoDataOptions {
   seed?: number;
   /** Default 'captions.json'. */
   layout?: DatasetLayout;
+  /**
+   * 'named' (default): white or black, named in the caption (the demo's training data). 'random': random muted
+   * backgrounds, captioned without them ("a red circle"): what the demo model's base UNet was pre-trained on, so
+   * that the demo's LoRA visibly moves its backgrounds towards white and black.
+   */
+  background?: 'named' | 'random';
 }
 
 export interface DemoItem {
@@ -62,6 +68,25 @@ const TEMPLATES: ReadonlyArray<(c: string, s: string, b: string) => string> = [
   (c, s, b) => `a simple drawing of a ${c} ${s} on ${b}`,
   (c, s, b) => `a ${s} colored ${c} against a ${b} backdrop`,
 ];
+
+const NO_BACKGROUND_TEMPLATES: ReadonlyArray<(c: string, s: string) => string> = [
+  (c, s) => `a ${c} ${s}`,
+  (c, s) => `${c} ${s}`,
+  (c, s) => `a simple drawing of a ${c} ${s}`,
+  (c, s) => `a ${s} colored ${c}`,
+];
+
+/** A random muted colour: uniform hue, saturation 0.15-0.5, value 0.35-0.7 (HSV): never white or black. */
+function randomMutedColor(rng: Prng): Rgb {
+  const h = rng.nextFloat() * 6;
+  const s = 0.15 + 0.35 * rng.nextFloat();
+  const v = 0.35 + 0.35 * rng.nextFloat();
+  const f = (n: number) => {
+    const k = (n + h) % 6;
+    return Math.round(255 * v * (1 - s * Math.max(0, Math.min(k, 4 - k, 1))));
+  };
+  return [f(5), f(3), f(1)];
+}
 
 type Inside = (x: number, y: number) => boolean;
 
@@ -136,9 +161,11 @@ export async function makeDemoData(outDir: string, options: DemoDataOptions = {}
   if (!Number.isInteger(size) || size < 8) throw new RangeError(`size must be an integer >= 8, got ${size}`);
   const rng = Prng.fromSeed(options.seed ?? 0);
 
+  const randomBackground = options.background === 'random';
   // Every combination once per round, rounds in seeded order.
+  const backgrounds = randomBackground ? ['random'] : Object.keys(DEMO_BACKGROUNDS);
   const combos: Array<[DemoShape, string, string]> = [];
-  for (const s of DEMO_SHAPES) for (const c of Object.keys(DEMO_COLORS)) for (const b of Object.keys(DEMO_BACKGROUNDS)) combos.push([s, c, b]);
+  for (const s of DEMO_SHAPES) for (const c of Object.keys(DEMO_COLORS)) for (const b of backgrounds) combos.push([s, c, b]);
 
   const root = path.resolve(outDir);
   const imageDir = layout === 'captions.json' ? path.join(root, 'images') : root;
@@ -152,12 +179,14 @@ export async function makeDemoData(outDir: string, options: DemoDataOptions = {}
     const r = size * (0.24 + 0.08 * rng.nextFloat());
     const cx = size / 2 + size * 0.08 * (2 * rng.nextFloat() - 1);
     const cy = size / 2 + size * 0.08 * (2 * rng.nextFloat() - 1);
-    const pixels = renderShape(shape, DEMO_COLORS[color], DEMO_BACKGROUNDS[background], size, cx, cy, r);
+    const bg: Rgb = randomBackground ? randomMutedColor(rng) : DEMO_BACKGROUNDS[background];
+    const pixels = renderShape(shape, DEMO_COLORS[color], bg, size, cx, cy, r);
+    const caption = (k: number) => (randomBackground ? NO_BACKGROUND_TEMPLATES[k](color, shape) : TEMPLATES[k](color, shape, background));
     // Every third item has a list of caption variants; the others one template (mostly the first).
     const captions =
       i % 3 === 2
-        ? rng.shuffle(TEMPLATES.slice()).slice(0, 2 + rng.int(2)).map((t) => t(color, shape, background))
-        : [TEMPLATES[rng.nextFloat() < 0.6 ? 0 : rng.int(TEMPLATES.length)](color, shape, background)];
+        ? rng.shuffle([0, 1, 2, 3]).slice(0, 2 + rng.int(2)).map(caption)
+        : [caption(rng.nextFloat() < 0.6 ? 0 : rng.int(TEMPLATES.length))];
     const name = `${String(i).padStart(digits, '0')}_${color}_${shape}.png`;
     const png = await sharp(Buffer.from(pixels.buffer, pixels.byteOffset, pixels.byteLength), { raw: { width: size, height: size, channels: 3 } })
       .png()

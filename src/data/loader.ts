@@ -34,6 +34,8 @@ export interface LoaderOptions extends ImageTransformOptions, ShardOptions {
   concurrency?: number;
   /** Resume point, e.g. a previous `state()` (default: epoch 0, position 0). */
   cursor?: SampleCursor;
+  /** Probability that a sample's caption is replaced by "" (default 0; see pickCaption). */
+  captionDropoutRate?: number;
 }
 
 /** Per-sample geometry, for SDXL-style micro-conditioning or debugging. */
@@ -148,7 +150,7 @@ export class BatchLoader implements AsyncIterable<Batch> {
       (images): Batch => ({
         indices: s.indices,
         pixelValues,
-        captions: s.indices.map((i) => pickCaption(this.dataset.items[i].captions, seed, s.epoch, i)),
+        captions: s.indices.map((i) => pickCaption(this.dataset.items[i].captions, seed, s.epoch, i, this.options.captionDropoutRate)),
         geometry: images.map(({ pixels: _pixels, ...geometry }) => geometry),
         epoch: s.epoch,
         position: s.position,

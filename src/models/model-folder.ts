@@ -9,10 +9,16 @@ import { native } from '../native';
 import { craftDemoVae } from './demo-vae';
 
 export const ASSETS = path.resolve(__dirname, '..', '..', 'assets');
+/** The demo model's pre-trained UNet and its text encoder (written by scripts/make-demo-base.js). */
+export const DEMO_BASE = path.join(ASSETS, 'demo-base');
 
 /** tiny: random weights, a few MB; demo: tiny with a hand-set autoencoder VAE for 32 px (see demo-vae.ts); sd15: SD 1.5 shapes. */
 /** The resolution the demo VAE is exact for (the demo trains at it). */
 export const DEMO_RESOLUTION = 32;
+/** GroupNorm groups of the demo UNet (4 channels per group in its first block). */
+const DEMO_UNET_GROUPS = 8;
+/** Bumped whenever `--preset demo` changes, so that `--demo` remakes a cached demo model. 2: pre-trained base UNet. */
+export const DEMO_MODEL_VERSION = 2;
 
 export type ModelPreset = 'tiny' | 'demo' | 'sd15';
 
@@ -62,19 +68,38 @@ export function checkModelFolder(dir: string, components: Component[], needToken
 /**
  * Writes a complete diffusers-layout folder with seeded random weights: `tiny` (a few MB) or `sd15` (the real
  * SD 1.5 shapes: 860M-parameter UNet, ~4 GB in fp32). The tokenizer is the project's small CLIP BPE vocabulary.
+ * `demo` is `tiny` with the hand-set autoencoder VAE and, unless `pretrainedBase` is false, the UNet and text
+ * encoder of assets/demo-base (pre-trained on the demo shapes on random, unnamed backgrounds; see scripts/make-demo-base.js).
  */
-export async function makeTinyModel(outDir: string, preset: ModelPreset = 'tiny', seed = 0): Promise<void> {
+export async function makeTinyModel(outDir: string, preset: ModelPreset = 'tiny', seed = 0, options: { pretrainedBase?: boolean } = {}): Promise<void> {
   const configs = path.join(ASSETS, preset === 'sd15' ? 'sd15-model' : 'tiny-model');
   if (!fs.existsSync(configs)) throw new Error(`unknown preset ${preset}`);
   const tmp = `${outDir}.tmp-${process.pid}`;
   fs.rmSync(tmp, { recursive: true, force: true });
   fs.cpSync(configs, tmp, { recursive: true });
   fs.cpSync(path.join(ASSETS, 'tiny-clip-tokenizer'), path.join(tmp, 'tokenizer'), { recursive: true });
+  if (preset === 'demo') {
+    // One channel per GroupNorm group (tiny's 32 groups over 32 channels) normalizes away every feature's spatial
+    // mean, so such a UNet cannot predict the noise's per-channel mean: its samples keep a random colour cast.
+    const unetCfg = path.join(tmp, 'unet', 'config.json');
+    const cfg = JSON.parse(fs.readFileSync(unetCfg, 'utf8')) as Record<string, unknown>;
+    cfg.norm_num_groups = DEMO_UNET_GROUPS;
+    fs.writeFileSync(unetCfg, `${JSON.stringify(cfg, null, 2)}\n`);
+  }
   let k = 0;
   for (const c of Object.keys(COMPONENTS) as Component[]) {
     await native().writeRandomWeights(path.join(tmp, c), c, seed * 1000 + k++);
   }
-  if (preset === 'demo') await craftDemoVae(path.join(tmp, 'vae'), DEMO_RESOLUTION);
+  if (preset === 'demo') {
+    await craftDemoVae(path.join(tmp, 'vae'), DEMO_RESOLUTION);
+    if (options.pretrainedBase ?? true) {
+      for (const [c, file] of [['unet', 'diffusion_pytorch_model'], ['text_encoder', 'model']]) {
+        const src = path.join(DEMO_BASE, c, `${file}.safetensors`);
+        if (!fs.existsSync(src)) throw new Error(`${src} is missing: the demo model's pre-trained weights ship with train-lora (rebuild them with node scripts/make-demo-base.js)`);
+        fs.copyFileSync(src, path.join(tmp, c, `${file}.safetensors`));
+      }
+    }
+  }
   fs.rmSync(outDir, { recursive: true, force: true });
   fs.renameSync(tmp, outDir);
 }

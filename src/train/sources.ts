@@ -94,6 +94,7 @@ export class CachedLatentSource implements MicroBatchSource {
     private readonly seed: number,
     cursor?: { epoch: number; position: number },
     shard: ShardOptions = {},
+    private readonly captionDropoutRate = 0,
   ) {
     this.order = new SampleOrder(dataset.items.length, { seed, cursor, ...shard });
   }
@@ -110,7 +111,7 @@ export class CachedLatentSource implements MicroBatchSource {
     const images: { latentMean: HostTensor; latentStd: HostTensor } = { latentMean: fromFloat32('latent_mean', shape, mean), latentStd: fromFloat32('latent_std', shape, std) };
     return {
       indices: s.indices,
-      captions: s.indices.map((i) => pickCaption(this.dataset.items[i].captions, this.seed, s.epoch, i)),
+      captions: s.indices.map((i) => pickCaption(this.dataset.items[i].captions, this.seed, s.epoch, i, this.captionDropoutRate)),
       epoch: s.epoch,
       lastInEpoch: s.lastInEpoch,
       images,

@@ -410,12 +410,13 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       worldSize: world,
       prefetchBatches: 2,
       concurrency: Math.max(4, cfg.dataloader_num_workers * 2),
+      captionDropoutRate: cfg.caption_dropout_rate,
     };
     if (cfg.cache_latents) {
       const t1 = Date.now();
       const cache = await buildLatentCache(pipe, dataset, loaderOpts);
       report.info(`--cache-latents: encoded ${dataset.items.length} images once in ${((Date.now() - t1) / 1000).toFixed(1)} s`);
-      loader = new CachedLatentSource(dataset, cache, batchSize, cfg.seed, loaderOpts.cursor, { rank: dist.rank, worldSize: world });
+      loader = new CachedLatentSource(dataset, cache, batchSize, cfg.seed, loaderOpts.cursor, { rank: dist.rank, worldSize: world }, cfg.caption_dropout_rate);
     } else {
       loader = new ImageSource(dataset, loaderOpts);
     }
