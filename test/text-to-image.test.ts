@@ -146,7 +146,7 @@ describe('train-lora generate', () => {
   const cli = path.join(root, 'dist', 'cli.js');
   const run = (...args: string[]) => spawnSync(process.execPath, [cli, 'generate', ...args], { encoding: 'utf8', timeout: 240000 });
 
-  it('writes <prompt-index>_<image-index>.png and a grid', () => {
+  it('writes <prompt-index>_<image-index>.png and a grid', async () => {
     const out = path.join(tmp, 'gen');
     const r = run('--model', tiny, '--prompt', 'a cat', '--prompt', 'a dog', '--num-images', '2', '--steps', '2', '--width', '32', '--height', '32',
       '--scheduler', 'euler_a', '--lora', path.join(__dirname, 'fixtures', 'golden', 'tiny', 'lora_kohya.safetensors'), '--lora-scale', '0.5', '--out', out, '--grid');
@@ -155,6 +155,9 @@ describe('train-lora generate', () => {
     const files = ['0_0.png', '0_1.png', '1_0.png', '1_1.png', 'grid.png'];
     expect(fs.readdirSync(out).sort()).toEqual(files);
     expect(r.stdout).toContain(`wrote 5 file(s): ${path.join(out, '0_0.png')}`);
+    // 32 px images are upscaled 4x in the grid so that they and their labels are readable
+    const grid = await sharp(path.join(out, 'grid.png')).metadata();
+    expect([grid.width, grid.height]).toEqual([2 * 128, 2 * (128 + 20)]);
   });
 
   it('explains a bad model folder, a bad LoRA and a bad size', () => {

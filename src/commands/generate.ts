@@ -13,7 +13,7 @@ import { ProgressBar } from '../logging/progress';
 import { CLIPTokenizer } from '../tokenizer';
 import { exportCommand } from './checkpoints';
 import { SCHEDULER_NAMES, type SchedulerName } from '../inference/schedulers';
-import { makeGrid, textToImage, writePng } from '../inference/text-to-image';
+import { gridUpscale, makeGrid, textToImage, upscaleNearest, writePng } from '../inference/text-to-image';
 
 export interface GenerateArgs {
   model: string;
@@ -123,7 +123,8 @@ export async function runGenerateCommand(args: GenerateArgs): Promise<string[]> 
     }
     if (args.grid) {
       const f = path.join(args.out, 'grid.png');
-      fs.writeFileSync(f, await makeGrid(images, images.map((im) => im.prompt), numImages));
+      const factor = gridUpscale(Math.min(images[0].width, images[0].height));
+      fs.writeFileSync(f, await makeGrid(images.map((im) => upscaleNearest(im, factor)), images.map((im) => im.prompt), numImages));
       files.push(f);
     }
     return files;

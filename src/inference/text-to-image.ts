@@ -209,6 +209,30 @@ export async function labelStrip(text: string, width: number, opts: { bitmap?: b
   }
 }
 
+/** Nearest-neighbour upscaling by an integer factor (tiny validation images stay visible in the grid). */
+export function upscaleNearest(img: RgbImage, factor: number): RgbImage {
+  if (factor <= 1) return img;
+  const w = img.width * factor;
+  const h = img.height * factor;
+  const out = new Uint8Array(w * h * 3);
+  for (let y = 0; y < h; y++) {
+    const sy = Math.floor(y / factor);
+    for (let x = 0; x < w; x++) {
+      const s = (sy * img.width + Math.floor(x / factor)) * 3;
+      const d = (y * w + x) * 3;
+      out[d] = img.data[s];
+      out[d + 1] = img.data[s + 1];
+      out[d + 2] = img.data[s + 2];
+    }
+  }
+  return { data: out, width: w, height: h };
+}
+
+/** The integer factor that makes a grid cell at least 128 px wide, so that tiny images and their labels stay readable. */
+export function gridUpscale(size: number): number {
+  return Math.max(1, Math.ceil(128 / size));
+}
+
 /**
  * A PNG grid of the images (`columns` per row, default: as many as fit a square) with each image's label in a
  * strip under it. All images must have the same size.

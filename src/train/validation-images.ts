@@ -7,29 +7,11 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 import type { TrainConfig } from '../config';
-import { makeGrid, textToImage, writePng, type RgbImage } from '../inference/text-to-image';
+import { gridUpscale, makeGrid, textToImage, upscaleNearest, writePng, type RgbImage } from '../inference/text-to-image';
 import type { PipelineHandle } from '../native';
 import type { CLIPTokenizer } from '../tokenizer';
 import { validationDir, validationGridName, validationImageName, validationPrompts, type ImageRenderer } from './validation';
 
-/** Nearest-neighbour upscaling by an integer factor (tiny validation images stay visible in the grid). */
-export function upscaleNearest(img: RgbImage, factor: number): RgbImage {
-  if (factor <= 1) return img;
-  const w = img.width * factor;
-  const h = img.height * factor;
-  const out = new Uint8Array(w * h * 3);
-  for (let y = 0; y < h; y++) {
-    const sy = Math.floor(y / factor);
-    for (let x = 0; x < w; x++) {
-      const s = (sy * img.width + Math.floor(x / factor)) * 3;
-      const d = (y * w + x) * 3;
-      out[d] = img.data[s];
-      out[d + 1] = img.data[s + 1];
-      out[d + 2] = img.data[s + 2];
-    }
-  }
-  return { data: out, width: w, height: h };
-}
 
 /** The renderer for a run, or undefined when there are no validation prompts or no images are asked for. */
 export function makeImageRenderer(cfg: TrainConfig, pipe: PipelineHandle, tokenizer: CLIPTokenizer, modelDir: string, outputDir: string): ImageRenderer | undefined {
@@ -65,7 +47,7 @@ export function makeImageRenderer(cfg: TrainConfig, pipe: PipelineHandle, tokeni
         labels.push(prompts[p]);
       }
     }
-    const factor = Math.max(1, Math.ceil(128 / size));
+    const factor = gridUpscale(size);
     const png = await makeGrid(all.map((im) => upscaleNearest(im, factor)), labels, cfg.num_validation_images);
     const grid = path.join(dir, validationGridName(step));
     fs.writeFileSync(grid, png);
