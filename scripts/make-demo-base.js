@@ -3,7 +3,7 @@
 //
 // A LoRA changes what a model already does; on a random UNet it has nothing to change, and the demo's validation
 // pictures stay noise. So the demo model's UNet is pre-trained once, by train-lora itself (--train-mode full), on
-// the demo's coloured shapes on random muted backgrounds, captioned without the background ("a red circle"), starting
+// the demo's coloured shapes on backgrounds of random muted colours ("a red circle on a muted background"), starting
 // from the seeded random demo model. The demo's LoRA then trains on the same shapes on white or black backgrounds
 // ("a red circle on a white background") and its validation grid shows the backgrounds turn white and black.
 // The text encoder is the seeded random one the UNet was trained against (kept with it, so that a different

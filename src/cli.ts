@@ -206,7 +206,7 @@ export async function main(argv: string[]): Promise<void> {
       (y) =>
         y
           .positional('out', { type: 'string', demandOption: true, describe: 'output folder (diffusers layout)' })
-          .option('preset', { choices: ['tiny', 'demo', 'sd15'] as const, default: 'tiny' as const, describe: 'tiny: a few MB; demo: tiny with a hand-set autoencoder VAE (what --demo uses); sd15: the real SD 1.5 shapes (~4 GB)' })
+          .option('preset', { choices: ['tiny', 'demo', 'sd15'] as const, default: 'tiny' as const, describe: 'tiny: a few MB; demo: what --demo uses (hand-set autoencoder VAE, pre-trained base UNet); sd15: the real SD 1.5 shapes (~4 GB)' })
           .option('seed', { type: 'number', default: 0 }),
       async (a) => {
         const t0 = Date.now();

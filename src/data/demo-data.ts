@@ -41,8 +41,8 @@ export interface DemoDataOptions {
   layout?: DatasetLayout;
   /**
    * 'named' (default): white or black, named in the caption (the demo's training data). 'random': random muted
-   * backgrounds, captioned without them ("a red circle"): what the demo model's base UNet was pre-trained on, so
-   * that the demo's LoRA visibly moves its backgrounds towards white and black.
+   * colours, captioned "muted" ("a red circle on a muted background"): what the demo model's base UNet was
+   * pre-trained on, so that the demo's LoRA visibly teaches it white and black backgrounds.
    */
   background?: 'named' | 'random';
 }
@@ -67,13 +67,6 @@ const TEMPLATES: ReadonlyArray<(c: string, s: string, b: string) => string> = [
   (c, s, b) => `${c} ${s}, ${b} background`,
   (c, s, b) => `a simple drawing of a ${c} ${s} on ${b}`,
   (c, s, b) => `a ${s} colored ${c} against a ${b} backdrop`,
-];
-
-const NO_BACKGROUND_TEMPLATES: ReadonlyArray<(c: string, s: string) => string> = [
-  (c, s) => `a ${c} ${s}`,
-  (c, s) => `${c} ${s}`,
-  (c, s) => `a simple drawing of a ${c} ${s}`,
-  (c, s) => `a ${s} colored ${c}`,
 ];
 
 /** A random muted colour: uniform hue, saturation 0.15-0.5, value 0.35-0.7 (HSV): never white or black. */
@@ -181,7 +174,7 @@ export async function makeDemoData(outDir: string, options: DemoDataOptions = {}
     const cy = size / 2 + size * 0.08 * (2 * rng.nextFloat() - 1);
     const bg: Rgb = randomBackground ? randomMutedColor(rng) : DEMO_BACKGROUNDS[background];
     const pixels = renderShape(shape, DEMO_COLORS[color], bg, size, cx, cy, r);
-    const caption = (k: number) => (randomBackground ? NO_BACKGROUND_TEMPLATES[k](color, shape) : TEMPLATES[k](color, shape, background));
+    const caption = (k: number) => TEMPLATES[k](color, shape, randomBackground ? 'muted' : background);
     // Every third item has a list of caption variants; the others one template (mostly the first).
     const captions =
       i % 3 === 2
