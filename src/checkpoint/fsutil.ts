@@ -33,6 +33,21 @@ export function writeFileDurable(file: string, data: string | Uint8Array): void 
   fsyncPath(path.dirname(file));
 }
 
+/**
+ * Moves the complete folder `tmp` to `final`, replacing an earlier `final` only once the new one is in place (the old
+ * one is first renamed to `old`, then removed), and fsyncs the parent folder.
+ */
+export function renameDirReplacing(tmp: string, final: string, old: string): void {
+  if (fs.existsSync(final)) {
+    fs.renameSync(final, old);
+    fs.renameSync(tmp, final);
+    fs.rmSync(old, { recursive: true, force: true });
+  } else {
+    fs.renameSync(tmp, final);
+  }
+  fsyncPath(path.dirname(final));
+}
+
 export function writeJsonDurable(file: string, value: unknown): void {
   writeFileDurable(file, JSON.stringify(value, null, 2) + '\n');
 }

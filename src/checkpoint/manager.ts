@@ -14,7 +14,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 
 import { native } from '../native';
-import { dirSize, formatBytes, freeBytes, fsyncPath, sha256File, writeJsonDurable } from './fsutil';
+import { dirSize, formatBytes, freeBytes, fsyncPath, renameDirReplacing, sha256File, writeJsonDurable } from './fsutil';
 
 export const MANIFEST = 'manifest.json';
 export const KEEP_MARKER = 'KEEP';
@@ -138,16 +138,8 @@ export class CheckpointManager {
       writeJsonDurable(path.join(tmp, MANIFEST), manifest);
       fsyncPath(tmp);
       this.opts.faultHook?.('before-rename');
-      if (fs.existsSync(final)) {
-        // Re-saving a step (e.g. the final save right after an interval save): swap atomically, then drop the old.
-        const old = path.join(this.dir, `${TMP_PREFIX}old-checkpoint-${step}-${process.pid}`);
-        fs.renameSync(final, old);
-        fs.renameSync(tmp, final);
-        fs.rmSync(old, { recursive: true, force: true });
-      } else {
-        fs.renameSync(tmp, final);
-      }
-      fsyncPath(this.dir);
+      // Re-saving a step (e.g. the final save right after an interval save) swaps atomically, then drops the old.
+      renameDirReplacing(tmp, final, path.join(this.dir, `${TMP_PREFIX}old-checkpoint-${step}-${process.pid}`));
       return this.entry(`checkpoint-${step}`, 'quick');
     } catch (e) {
       fs.rmSync(tmp, { recursive: true, force: true });

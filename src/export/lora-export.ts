@@ -28,7 +28,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-import { fsyncPath, writeJsonDurable } from '../checkpoint/fsutil';
+import { fsyncPath, renameDirReplacing, writeJsonDurable } from '../checkpoint/fsutil';
 import { verifyCheckpoint } from '../checkpoint/manager';
 import type { TrainConfig } from '../config';
 import { native, type LoraComponent, type LoraComponentSummary, type LoraFileFormat, type LoraSource, type LoraSummary } from '../native';
@@ -272,15 +272,7 @@ async function writeMergedPipeline(spec: ExportSpec, summary: LoraSummary): Prom
     }
     for (const d of [tmp, ...fs.readdirSync(tmp).map((n) => path.join(tmp, n)).filter((p) => fs.statSync(p).isDirectory())]) fsyncPath(d);
     // Replace an earlier final_pipeline only once the new one is complete.
-    if (fs.existsSync(final)) {
-      const old = `${final}.old-${process.pid}`;
-      fs.renameSync(final, old);
-      fs.renameSync(tmp, final);
-      fs.rmSync(old, { recursive: true, force: true });
-    } else {
-      fs.renameSync(tmp, final);
-    }
-    fsyncPath(spec.outDir);
+    renameDirReplacing(tmp, final, `${final}.old-${process.pid}`);
   } catch (e) {
     fs.rmSync(tmp, { recursive: true, force: true });
     throw e;

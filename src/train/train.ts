@@ -14,7 +14,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 
 import { type CheckpointEntry, CheckpointError, CheckpointManager, RunLock, verifyCheckpoint } from '../checkpoint/manager';
-import { dirSize, fsyncPath, writeJsonDurable } from '../checkpoint/fsutil';
+import { dirSize, fsyncPath, renameDirReplacing, writeJsonDurable } from '../checkpoint/fsutil';
 import { loraAlpha, type TrainConfig } from '../config';
 import { exportLora } from '../export/lora-export';
 import { datasetFingerprint, describeDataset, loadDataset, type Dataset } from '../data/dataset';
@@ -672,9 +672,7 @@ function writeUnetFolder(weights: string, config: string, outputDir: string): st
     fsyncPath(path.join(tmp, name));
   }
   fsyncPath(tmp);
-  fs.rmSync(dir, { recursive: true, force: true });
-  fs.renameSync(tmp, dir);
-  fsyncPath(outputDir);
+  renameDirReplacing(tmp, dir, path.join(outputDir, `.old-unet-${process.pid}`));
   return dir;
 }
 
