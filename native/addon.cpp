@@ -47,9 +47,27 @@ Napi::Value Devices(const Napi::CallbackInfo& info) {
         if (!d.reason.empty()) o.Set("reason", d.reason);
         if (d.total_memory > 0) o.Set("totalMemory", d.total_memory);
         if (d.threads > 0) o.Set("threads", d.threads);
+        if (!d.compute_capability.empty()) o.Set("computeCapability", d.compute_capability);
+        if (d.available) o.Set("bf16", d.bf16);
         a.Set(i, o);
       }
       return a;
+    });
+  });
+}
+
+// setAllowTf32(allow) -> {cublas, cudnn}: what libtorch reports after setting both.
+Napi::Value SetAllowTf32(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsBoolean()) throw Napi::TypeError::New(env, "setAllowTf32(allow: boolean)");
+  bool allow = info[0].As<Napi::Boolean>().Value();
+  return Engine::of(env).run(env, [allow] {
+    MathMode m = set_allow_tf32(allow);
+    return Completion([m](Napi::Env env) -> Napi::Value {
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("cublas", m.tf32_cublas);
+      o.Set("cudnn", m.tf32_cudnn);
+      return o;
     });
   });
 }
@@ -256,6 +274,13 @@ Napi::Value CreateTrainer(const Napi::CallbackInfo& info) {
   c.adam_epsilon = num_opt(o, "adamEpsilon", 1e-8);
   c.max_grad_norm = num_opt(o, "maxGradNorm", 1.0);
   c.seed = static_cast<uint64_t>(num_opt(o, "seed", 0));
+  if (o.Get("lossScaling").IsObject()) {
+    Napi::Object ls = o.Get("lossScaling").As<Napi::Object>();
+    c.init_loss_scale = num_opt(ls, "initScale", c.init_loss_scale);
+    c.growth_factor = num_opt(ls, "growthFactor", c.growth_factor);
+    c.backoff_factor = num_opt(ls, "backoffFactor", c.backoff_factor);
+    c.growth_interval = static_cast<int64_t>(num_opt(ls, "growthInterval", static_cast<double>(c.growth_interval)));
+  }
   return Engine::of(env).run(env, [p, c] {
     auto t = std::make_shared<Trainer>(p, c);
     double trainable = static_cast<double>(t->trainable_count()), total = static_cast<double>(t->total_count());
@@ -506,6 +531,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("safetensorsWrite", Napi::Function::New(env, SafetensorsWrite));
   exports.Set("dispose", Napi::Function::New(env, Dispose));
   exports.Set("loadPipeline", Napi::Function::New(env, LoadPipeline));
+  exports.Set("setAllowTf32", Napi::Function::New(env, SetAllowTf32));
   exports.Set("forward", Napi::Function::New(env, Forward));
   exports.Set("writeRandomWeights", Napi::Function::New(env, WriteRandomWeights));
   exports.Set("componentParamShapes", Napi::Function::New(env, ComponentParamShapes));

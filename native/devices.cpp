@@ -26,16 +26,19 @@ std::string cpu_model() {
 struct CudaDriver {
   using GetName = int (*)(char*, int, int);
   using TotalMem = int (*)(size_t*, int);
-  using MemGetInfo = int (*)(size_t*, size_t*);
+  using GetAttribute = int (*)(int*, int, int);
   void* lib = nullptr;
   GetName get_name = nullptr;
   TotalMem total_mem = nullptr;
+  GetAttribute get_attribute = nullptr;
+  static constexpr int kComputeCapabilityMajor = 75, kComputeCapabilityMinor = 76;  // CUdevice_attribute
   CudaDriver() {
     lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
     if (!lib) lib = dlopen("libcuda.so.1", RTLD_NOW);
     if (!lib) return;
     get_name = reinterpret_cast<GetName>(dlsym(lib, "cuDeviceGetName"));
     total_mem = reinterpret_cast<TotalMem>(dlsym(lib, "cuDeviceTotalMem_v2"));
+    get_attribute = reinterpret_cast<GetAttribute>(dlsym(lib, "cuDeviceGetAttribute"));
   }
 };
 
@@ -50,6 +53,7 @@ std::vector<DeviceInfo> list_devices() {
   cpu.name = cpu_model();
   cpu.total_memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE));
   cpu.threads = at::get_num_threads();
+  cpu.bf16 = true;
   out.push_back(cpu);
 
 #ifdef TRAIN_LORA_CUDA
@@ -70,6 +74,12 @@ std::vector<DeviceInfo> list_devices() {
       else d.name = "CUDA device " + std::to_string(i);
       size_t total = 0;
       if (drv.total_mem && drv.total_mem(&total, i) == 0) d.total_memory = static_cast<double>(total);
+      int major = 0, minor = 0;
+      if (drv.get_attribute && drv.get_attribute(&major, CudaDriver::kComputeCapabilityMajor, i) == 0 &&
+          drv.get_attribute(&minor, CudaDriver::kComputeCapabilityMinor, i) == 0) {
+        d.compute_capability = std::to_string(major) + "." + std::to_string(minor);
+        d.bf16 = major >= 8;  // Ampere and newer: bf16 tensor cores
+      }
       out.push_back(d);
     }
   } else {
@@ -93,6 +103,13 @@ std::vector<DeviceInfo> list_devices() {
   if (mps.available) mps.name = "Apple MPS";
   out.push_back(mps);
   return out;
+}
+
+MathMode set_allow_tf32(bool allow) {
+  auto& ctx = at::globalContext();
+  ctx.setAllowTF32CuBLAS(allow);
+  ctx.setAllowTF32CuDNN(allow);
+  return {ctx.allowTF32CuBLAS(), ctx.allowTF32CuDNN()};
 }
 
 }  // namespace tl

@@ -139,12 +139,38 @@ Tensor Attention::forward(const Tensor& x, const Tensor& context) const {
   return out;
 }
 
+// ---- mixed precision ----
+AutocastScope::AutocastScope(c10::DeviceType device, std::optional<at::ScalarType> dtype) : device_(device) {
+  if (!dtype) return;
+  active_ = true;
+  prev_enabled_ = at::autocast::is_autocast_enabled(device_);
+  prev_dtype_ = at::autocast::get_autocast_dtype(device_);
+  at::autocast::set_autocast_enabled(device_, true);
+  at::autocast::set_autocast_dtype(device_, *dtype);
+  at::autocast::increment_nesting();
+}
+
+AutocastScope::~AutocastScope() {
+  if (!active_) return;
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(device_, prev_enabled_);
+  at::autocast::set_autocast_dtype(device_, prev_dtype_);
+}
+
+AutocastState AutocastState::current() {
+  AutocastState s;
+  for (auto d : {c10::DeviceType::CPU, c10::DeviceType::CUDA, c10::DeviceType::MPS})
+    if (at::autocast::is_autocast_enabled(d)) s.enabled.emplace_back(d, at::autocast::get_autocast_dtype(d));
+  return s;
+}
+
 // ---- activation checkpointing ----
 namespace {
 
 struct FnCapsule : torch::CustomClassHolder {
   CheckpointFn fn;
   std::vector<std::pair<at::Device, Tensor>> rng_states;
+  AutocastState autocast;
 };
 
 std::vector<at::Device> rng_devices(const std::vector<Tensor>& inputs) {
@@ -173,6 +199,7 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
                                                 at::TensorList input_list) {
     torch::autograd::variable_list inputs(input_list.begin(), input_list.end());
     for (const auto& d : rng_devices(inputs)) cap->rng_states.emplace_back(d, get_rng(d));
+    cap->autocast = AutocastState::current();
     ctx->saved_data["fn"] = c10::IValue::make_capsule(c10::intrusive_ptr<torch::CustomClassHolder>(cap));
     ctx->save_for_backward(inputs);
     torch::NoGradGuard ng;
@@ -202,6 +229,9 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     std::vector<Tensor> outputs;
     {
       torch::AutoGradMode g(true);
+      // The forward's autocast scopes (backward runs outside them): at most one device type in practice.
+      std::vector<std::unique_ptr<AutocastScope>> scopes;
+      for (const auto& [dev, dt] : cap->autocast.enabled) scopes.push_back(std::make_unique<AutocastScope>(dev, dt));
       outputs = cap->fn(detached);
     }
     for (const auto& [d, s] : now) set_rng(d, s);

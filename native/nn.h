@@ -3,10 +3,12 @@
 // Parameters are created with torch::empty (no initialization cost): they are always either loaded from a
 // file or filled by init_random().
 #pragma once
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -109,8 +111,33 @@ struct Attention : torch::nn::Module {
 // Scaled dot-product attention over [B, N, C] projections split into `heads`.
 Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t heads, bool causal = false);
 
+// Mixed precision as torch.autocast(device_type, dtype): inside the scope, matmuls, convolutions and attention run
+// in `dtype` (fp16 or bf16) on whatever dtype the weights have (fp32 master weights stay fp32); reductions and
+// norms stay in fp32 (libtorch's autocast op lists). Restores the previous state on exit and clears the cast cache
+// when the outermost scope closes, as torch.autocast's __exit__ does. `dtype` nullopt: a no-op scope.
+class AutocastScope {
+ public:
+  AutocastScope(c10::DeviceType device, std::optional<at::ScalarType> dtype);
+  ~AutocastScope();
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  c10::DeviceType device_;
+  bool active_ = false, prev_enabled_ = false;
+  at::ScalarType prev_dtype_ = at::kFloat;
+};
+
+// The autocast state of the device types training runs on, captured where a computation starts so that it can be
+// replayed later on another call stack (checkpointed segments recompute in backward, outside the forward's scope).
+struct AutocastState {
+  std::vector<std::pair<c10::DeviceType, at::ScalarType>> enabled;
+  static AutocastState current();
+};
+
 // Activation checkpointing: runs fn without keeping activations and recomputes it in backward (reentrant,
-// like torch.utils.checkpoint(use_reentrant=True)), restoring the RNG so dropout masks match.
+// like torch.utils.checkpoint(use_reentrant=True)), restoring the RNG so dropout masks match, and the autocast
+// state of the forward so the recomputed activations have the forward's dtypes.
 using CheckpointFn = std::function<std::vector<Tensor>(const std::vector<Tensor>&)>;
 std::vector<Tensor> checkpoint(const CheckpointFn& fn, const std::vector<Tensor>& inputs);
 

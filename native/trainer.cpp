@@ -20,6 +20,10 @@ Trainer::Trainer(std::shared_ptr<Pipeline> pipeline, TrainerConfig cfg) : pipe_(
   if (cfg_.alphas_cumprod.empty()) throw UserError("EINPUT", "training needs the noise schedule (alphas_cumprod)");
   if (cfg_.prediction_type != "epsilon" && cfg_.prediction_type != "v_prediction")
     throw UserError("EINPUT", "prediction_type must be epsilon or v_prediction, got " + cfg_.prediction_type);
+  if (cfg_.mixed_precision != "no" && cfg_.mixed_precision != "fp16" && cfg_.mixed_precision != "bf16")
+    throw UserError("EINPUT", "mixed_precision must be no, fp16 or bf16, got " + cfg_.mixed_precision);
+  if (!(cfg_.init_loss_scale > 0) || !(cfg_.growth_factor > 1) || !(cfg_.backoff_factor > 0 && cfg_.backoff_factor < 1) || cfg_.growth_interval < 1)
+    throw UserError("EINPUT", "loss scaling needs init scale > 0, growth factor > 1, 0 < backoff factor < 1 and growth interval >= 1");
   const auto dev = pipe_->device;
   // diffusers' set_seed(args.seed) comes before the adapters are created, so their init is seeded too.
   torch::manual_seed(cfg_.seed);
@@ -31,6 +35,7 @@ Trainer::Trainer(std::shared_ptr<Pipeline> pipeline, TrainerConfig cfg) : pipe_(
       params_.emplace_back(lora_key("unet", t.path, false, LoraFormat::Peft), t.linear->lora_B);
     }
   } else if (cfg_.mode == "full") {
+    // Mixed precision in full mode is autocast over these fp32 weights (their gradients and AdamW stay fp32).
     if (pipe_->dtype && *pipe_->dtype != torch::kFloat32)
       throw UserError("EINPUT", "full training keeps fp32 master weights: load the UNet in fp32");
     for (const auto& p : unet.named_parameters(true)) params_.emplace_back(p.key(), p.value());
@@ -134,6 +139,7 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
   torch::Tensor pred;
   {
     torch::AutoGradMode g(train);
+    nn::AutocastScope autocast(dev.type(), autocast_dtype());
     pred = p.unet->forward(noisy, timesteps, ehs);
   }
   if (!cfg_.snr_gamma) return torch::mse_loss(pred.to(torch::kFloat32), target.to(torch::kFloat32));
@@ -183,13 +189,12 @@ StepResult Trainer::optimizer_step(double lr) {
   for (auto& [_, p] : params_) grads.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
   if (data_parallel.reduce_grads) data_parallel.reduce_grads(grads);
   if (scaler_.enabled) {
-    const double inv = 1.0 / scaler_.scale;
-    bool found_inf = false;
-    for (auto& g : grads) {
-      g.mul_(inv);
-      if (!torch::isfinite(g).all().item<bool>()) found_inf = true;
-    }
-    if (found_inf) {
+    // GradScaler.unscale_: one fused unscale + non-finite check over all gradients, and one device sync.
+    auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(pipe_->device);
+    torch::Tensor found_inf = torch::zeros({1}, opts);
+    torch::Tensor inv_scale = torch::full({1}, 1.0 / scaler_.scale, opts);
+    at::_amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale);
+    if (found_inf.item<float>() != 0) {
       scaler_.scale *= cfg_.backoff_factor;
       scaler_.growth_tracker = 0;
       zero_grad();
@@ -303,20 +308,30 @@ std::vector<std::pair<std::string, std::vector<uint8_t>>> Trainer::rng_state() c
   if (torch::cuda::is_available())
     for (int64_t i = 0; i < static_cast<int64_t>(torch::cuda::device_count()); ++i)
       grab("cuda:" + std::to_string(i), at::globalContext().defaultGenerator(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(i))));
+  if (at::hasMPS()) grab("mps", at::globalContext().defaultGenerator(at::Device(at::kMPS)));
   return out;
 }
 
 void Trainer::set_rng_state(const std::vector<std::pair<std::string, std::vector<uint8_t>>>& states) {
   for (const auto& [name, bytes] : states) {
     at::Device d(name);
+    // A stream of a device this machine lacks (a bigger machine, another device type) is not restored; the caller
+    // compares the checkpoint's streams with rng_state() and says what cannot continue bit-exactly.
     if (d.is_cuda() && (!torch::cuda::is_available() || d.index() >= static_cast<int64_t>(torch::cuda::device_count())))
-      continue;  // a checkpoint from a bigger machine: that stream does not exist here
+      continue;
+    if (d.is_mps() && !at::hasMPS()) continue;
     auto gen = at::globalContext().defaultGenerator(d);
     torch::Tensor s = torch::empty({static_cast<int64_t>(bytes.size())}, torch::kUInt8);
     std::memcpy(s.data_ptr<uint8_t>(), bytes.data(), bytes.size());
     std::lock_guard<std::mutex> lock(gen.mutex());
     gen.set_state(s);
   }
+}
+
+std::optional<at::ScalarType> Trainer::autocast_dtype() const {
+  if (cfg_.mixed_precision == "fp16") return torch::kFloat16;
+  if (cfg_.mixed_precision == "bf16") return torch::kBFloat16;
+  return std::nullopt;
 }
 
 int64_t Trainer::trainable_count() const {

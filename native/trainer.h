@@ -22,7 +22,10 @@ struct TrainerConfig {
   std::string mode = "lora";  // lora | full
   nn::LoraOptions lora;
   std::vector<std::string> lora_targets{"to_k", "to_q", "to_v", "to_out.0"};
-  std::string mixed_precision = "no";  // no | fp16 | bf16
+  // no | fp16 | bf16: the UNet's forward runs under autocast in that dtype (torch.autocast, as accelerate wraps the
+  // prepared model); LoRA and full-mode weights stay fp32 (master weights), frozen weights are whatever dtype the
+  // pipeline was loaded in. fp16 adds dynamic loss scaling.
+  std::string mixed_precision = "no";
   bool gradient_checkpointing = false;
   std::string prediction_type = "epsilon";  // epsilon | v_prediction
   double noise_offset = 0;
@@ -31,7 +34,7 @@ struct TrainerConfig {
   double adam_beta1 = 0.9, adam_beta2 = 0.999, adam_weight_decay = 1e-2, adam_epsilon = 1e-8;
   double max_grad_norm = 1.0;  // <= 0: no clipping
   uint64_t seed = 0;
-  // fp16 dynamic loss scaling (torch.amp.GradScaler defaults)
+  // fp16 dynamic loss scaling (torch.amp.GradScaler's parameters and defaults)
   double init_loss_scale = 65536.0, growth_factor = 2.0, backoff_factor = 0.5;
   int64_t growth_interval = 2000;
 };
@@ -95,6 +98,9 @@ class Trainer {
     std::function<void(std::vector<torch::Tensor>&)> reduce_grads;
   };
   DataParallel data_parallel;
+
+  // The dtype autocast runs the UNet in, or nullopt for fp32.
+  std::optional<at::ScalarType> autocast_dtype() const;
 
   int64_t trainable_count() const;
   int64_t total_count() const;

@@ -3,6 +3,7 @@
  * one native thread it owns; each function here returns a Promise settled from that thread. JS holds only
  * opaque handles; tensors cross the boundary only as {@link HostTensor}s at the edges (inputs in, results out).
  */
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 /** safetensors dtype names. */
@@ -31,6 +32,10 @@ export interface DeviceInfo {
   totalMemory?: number;
   /** CPU: intra-op threads libtorch uses. */
   threads?: number;
+  /** CUDA: e.g. "9.0" (read through the driver API). */
+  computeCapability?: string;
+  /** Available devices: bf16 autocast is supported and fast here (CPU; CUDA compute capability >= 8.0). */
+  bf16?: boolean;
 }
 
 export interface SafetensorsHeader {
@@ -79,6 +84,8 @@ export interface NativeBinding {
   safetensorsWrite(path: string, tensors: HostTensor[], metadata?: Record<string, string>): Promise<void>;
   dispose(handle: Handle<string>): void;
   loadPipeline(dir: string, options?: LoadPipelineOptions): Promise<PipelineHandle>;
+  /** TF32 for fp32 matmuls (cuBLAS) and convolutions (cuDNN), both set to `allow`; resolves with what libtorch reports. */
+  setAllowTf32(allow: boolean): Promise<{ cublas: boolean; cudnn: boolean }>;
   forward(pipeline: PipelineHandle, inputs: HostTensor[], options?: ForwardOptions): Promise<HostTensor[]>;
   /** Seeded random weights for a component folder with a config.json (make-tiny-model). */
   writeRandomWeights(componentDir: string, kind: PipelineComponent, seed: number): Promise<void>;
@@ -227,6 +234,8 @@ export interface TrainerOptions {
   /** <= 0 disables clipping. */
   maxGradNorm?: number;
   seed?: number;
+  /** fp16 dynamic loss scaling, as torch.amp.GradScaler (defaults: 65536, 2, 0.5, 2000). */
+  lossScaling?: { initScale?: number; growthFactor?: number; backoffFactor?: number; growthInterval?: number };
 }
 
 /** A micro-batch: pixels (or cached latents) and token ids (or cached text embeddings); the rest are test hooks. */
@@ -244,7 +253,7 @@ export interface TrainBatch {
 export interface OptimizerStepResult {
   /** Total gradient 2-norm before clipping (NaN when the step was skipped). */
   gradNorm: number;
-  /** fp16 overflow: no update happened and the LR schedule must not advance. */
+  /** fp16: non-finite gradients (overflow); no update happened, the loss scale was lowered and the LR schedule must not advance. */
   skipped: boolean;
   lossScale: number;
   optimizerSteps: number;
@@ -262,7 +271,33 @@ export type LoraFileFormat = 'diffusers' | 'peft' | 'kohya';
 
 let cached: NativeBinding | undefined;
 
-/** Loads the addon once. Throws an Error that says how to fix a missing build or an unloadable libtorch. */
+/**
+ * What to tell the user when the addon does not load (`message` is the loader's error). The cases that depend on
+ * libtorch (missing CUDA libraries, a moved libtorch, ABI mismatches) are explained by scripts/libtorch.js, which
+ * build-native.js also uses right after a build.
+ */
+export function loadFailureHint(message: string, root = path.resolve(__dirname, '..')): string {
+  if (/No native build was found/.test(message)) {
+    return 'The native addon is not built. Run `npm run build:native` (it finds libtorch and compiles native/; see README "Devices and libtorch").';
+  }
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const { explainLoadFailure } = require(path.join(root, 'scripts', 'libtorch.js')) as { explainLoadFailure(m: string): string | null };
+    const hint = explainLoadFailure(message);
+    if (hint) return hint;
+  } catch {
+    // scripts/ missing (a trimmed install): fall back to the generic advice
+  }
+  return 'Rebuild the addon with `npm run build:native` (it links the libtorch that is installed now; set LIBTORCH to choose another).';
+}
+
+/**
+ * Loads the addon once. Throws an Error that says how to fix a missing build or an unloadable libtorch.
+ *
+ * TRAIN_LORA_ADDON=/path/to/train_lora.node loads that file instead of build/Release: an addon built elsewhere with
+ * `node scripts/build-native.js --out DIR` (scripts/check-cuda-build.sh runs the tests with a CUDA-linked one).
+ * Child processes (the distributed launcher, the CLI spawned by tests) inherit it with the environment.
+ */
 export function native(): NativeBinding {
   if (cached) return cached;
   const root = path.resolve(__dirname, '..');
@@ -270,18 +305,23 @@ export function native(): NativeBinding {
   // decoding threads, other processes): a 2-core step went from 0.16 s to 10 s. Passive waiting fixes it.
   // It must be set before libtorch (and its OpenMP runtime) is loaded.
   process.env.OMP_WAIT_POLICY ??= 'PASSIVE';
+  const override = process.env.TRAIN_LORA_ADDON;
+  if (override && !fs.existsSync(override)) {
+    throw new Error(`train-lora: TRAIN_LORA_ADDON=${override} does not exist. Point it at a built train_lora.node, or unset it to use build/Release.`);
+  }
   try {
-    // eslint-disable-next-line @typescript-eslint/no-require-imports
-    const load = require('node-gyp-build') as (dir: string) => unknown;
-    cached = load(root) as NativeBinding;
+    if (override) {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      cached = require(path.resolve(override)) as NativeBinding;
+    } else {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      const load = require('node-gyp-build') as (dir: string) => unknown;
+      cached = load(root) as NativeBinding;
+    }
     return cached;
   } catch (e) {
     const msg = e instanceof Error ? e.message : String(e);
-    const hint = /No native build was found/.test(msg)
-      ? 'The native addon is not built. Run `npm run build:native` (it finds libtorch and compiles native/; see README "Devices").'
-      : /libtorch|libc10|\.so/.test(msg)
-        ? 'The addon could not load libtorch. Rebuild with `npm run build:native` so it links the libtorch that is installed now, or set LIBTORCH to a libtorch folder first.'
-        : 'Rebuild the addon with `npm run build:native`.';
-    throw new Error(`train-lora: cannot load the native addon: ${msg}\n${hint}`);
+    const which = override ? ` (TRAIN_LORA_ADDON=${override})` : '';
+    throw new Error(`train-lora: cannot load the native addon${which}: ${msg}\n${loadFailureHint(msg, root)}`);
   }
 }

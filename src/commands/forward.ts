@@ -8,6 +8,7 @@ import { CLIPTokenizer } from '../tokenizer';
 import { checkModelFolder, type Component } from '../models/model-folder';
 import { native, type HostTensor, type Precision } from '../native';
 import { fromInt64 } from '../tensors';
+import { resolveDevice } from '../device';
 
 export interface ForwardArgs {
   model: string;
@@ -42,13 +43,16 @@ export async function runForwardCommand(args: ForwardArgs): Promise<string[]> {
   if (!components.length)
     throw new Error(`${args.inputs}: no known inputs (input_ids, latents + timesteps + encoder_hidden_states, image, vae_latents)`);
   checkModelFolder(args.model, components, components.includes('text_encoder') && !!args.prompt?.length);
-  const pipe = await native().loadPipeline(args.model, { device: args.device ?? 'cpu', dtype: args.dtype ?? 'fp32', variant: args.variant, components });
+  const device = await resolveDevice(args.device ?? 'cpu');
+  // forward is the parity tool: fp32 means IEEE fp32 on CUDA too (TF32 off in cuBLAS and cuDNN).
+  await native().setAllowTf32(false);
+  const pipe = await native().loadPipeline(args.model, { device, dtype: args.dtype ?? 'fp32', variant: args.variant, components });
   const outputs = await native().forward(pipe, all, { lora: args.lora, loraScale: args.loraScale, backward: args.backward });
   const written = [...extra, ...outputs];
   await native().safetensorsWrite(args.output, written, {
     producer: 'train-lora forward',
     torch: native().version().torch,
-    device: args.device ?? 'cpu',
+    device,
     dtype: args.dtype ?? 'fp32',
   });
   native().dispose(pipe);

@@ -9,6 +9,7 @@ import * as path from 'node:path';
 
 import { checkModelFolder } from '../models/model-folder';
 import { native, type Precision } from '../native';
+import { resolveDevice } from '../device';
 import { ProgressBar } from '../logging/progress';
 import { CLIPTokenizer } from '../tokenizer';
 import { exportCommand } from './checkpoints';
@@ -87,7 +88,7 @@ export async function runGenerateCommand(args: GenerateArgs): Promise<string[]> 
 
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'train-lora-generate-'));
   const n = native();
-  const pipe = await n.loadPipeline(args.model, { device: args.device ?? 'cpu', dtype: args.dtype ?? 'fp32', components: ['text_encoder', 'unet', 'vae'] });
+  const pipe = await n.loadPipeline(args.model, { device: await resolveDevice(args.device ?? 'cpu'), dtype: args.dtype ?? 'fp32', components: ['text_encoder', 'unet', 'vae'] });
   try {
     if (args.lora) {
       const file = await resolveLora(args.lora, tmp);

@@ -16,7 +16,7 @@ import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
 import { NoiseSchedule } from '../train/schedules/noise';
 import { ImageSource } from '../train/sources';
-import { resolveDevice, resolveMixedPrecision } from '../train/train';
+import { planPrecision, resolveDevice } from '../device';
 
 export interface CheckResult {
   name: string;
@@ -64,15 +64,25 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
 
   let pipe: PipelineHandle | undefined;
   let trainer: TrainerHandle | undefined;
-  const device = await resolveDevice(cfg.device);
-  const mixed = resolveMixedPrecision(cfg.mixed_precision, device);
+  const devices = await native().devices();
+  let device = 'cpu';
+  try {
+    device = await resolveDevice(cfg.device, devices);
+    report({ name: 'device', ok: true, detail: device });
+  } catch (e) {
+    report({ name: 'device', ok: false, detail: (e as Error).message });
+    return results;
+  }
+  const precision = planPrecision(cfg.mixed_precision, device, devices, cfg.train_mode);
+  const mixed = precision.mixed;
+  report({ name: 'precision', ok: true, detail: precision.description + (precision.warnings.length ? `; warning: ${precision.warnings.join('; ')}` : '') });
   const modelDir = path.resolve(cfg.pretrained_model_name_or_path);
   const rss0 = rssBytes();
   try {
     checkModelFolder(modelDir, ['unet', 'vae', 'text_encoder']);
     const t0 = Date.now();
-    pipe = await native().loadPipeline(modelDir, { device, dtype: mixed === 'no' ? 'fp32' : mixed, variant: cfg.variant });
-    report({ name: 'models load', ok: true, detail: `${modelDir} on ${device} (${mixed === 'no' ? 'fp32' : mixed}) in ${((Date.now() - t0) / 1000).toFixed(1)} s` });
+    pipe = await native().loadPipeline(modelDir, { device, dtype: precision.weightDtype, variant: cfg.variant });
+    report({ name: 'models load', ok: true, detail: `${modelDir} on ${device} (${precision.weightDtype}) in ${((Date.now() - t0) / 1000).toFixed(1)} s` });
   } catch (e) {
     report({ name: 'models load', ok: false, detail: (e as Error).message, fix: 'point --pretrained-model-name-or-path at a complete diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)' });
   }
@@ -132,8 +142,7 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
     }
   } else failed('checkpoint round trip');
 
-  const devs = await native().devices();
-  const d = devs.find((x) => x.type === device.split(':')[0]);
+  const d = devices.find((x) => x.type === device.split(':')[0]);
   const rss = rssBytes();
   report({
     name: 'memory',

@@ -317,6 +317,7 @@ interface CheckpointState {
   base_model: { path: string; fingerprint: string };
   dataset: { size: number };
   config: TrainConfig;
+  mixed_precision?: 'no' | 'fp16' | 'bf16';
   time: string;
 }
 
@@ -354,8 +355,8 @@ export async function exportCheckpoint(checkpoint: string, opts: CheckpointExpor
   const parent = path.dirname(dir);
   const defaultOut = path.basename(parent) === 'checkpoints' ? path.join(path.dirname(parent), 'exports', path.basename(dir)) : `${dir}-export`;
   const outDir = opts.out ? (isFile ? path.dirname(path.resolve(opts.out)) : path.resolve(opts.out)) : defaultOut;
-  const device = cfg.device === 'auto' ? 'cpu' : cfg.device;
-  const mixed = cfg.mixed_precision === 'auto' ? (device.startsWith('cuda') ? 'fp16' : 'no') : cfg.mixed_precision;
+  // The precision the run resolved (recorded since 0.2); older checkpoints: what they asked for, 'auto' read as fp32.
+  const mixed = st.mixed_precision ?? (cfg.mixed_precision === 'auto' ? 'no' : cfg.mixed_precision);
   return exportLora(
     {
       source: { checkpoint: modelFile, alpha: cfg.lora_alpha ?? cfg.rank },

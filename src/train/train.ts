@@ -24,11 +24,12 @@ import type { LoaderOptions } from '../data/loader';
 import type { SampleOrderState } from '../data/sampler';
 import { checkModelFolder } from '../models/model-folder';
 import { modelFingerprint } from '../models/fingerprint';
-import { native, type PipelineHandle, type TrainerStateJson } from '../native';
+import { native, type PipelineHandle, type TrainBatch, type TrainerStateJson } from '../native';
 import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
 import { lrForOptimizerStep, lrScheduleFromJSON, trainingLrSchedule, type LrScheduleSpec } from './schedules/lr';
 import { NoiseSchedule } from './schedules/noise';
+import { planPrecision, resolveDevice } from '../device';
 import { buildLatentCache, CachedLatentSource, ImageSource, type MicroBatchSource } from './sources';
 import { Validator, type ValidationResult } from './validation';
 import { makeImageRenderer } from './validation-images';
@@ -84,6 +85,9 @@ export interface TrainerStateFile {
   base_model: { path: string; fingerprint: string };
   dataset: { path: string; fingerprint: string; size: number };
   config: TrainConfig;
+  /** The device and mixed precision this run resolved (absent in checkpoints of train-lora before 0.2). */
+  device?: string;
+  mixed_precision?: 'no' | 'fp16' | 'bf16';
   resumed_from: string | null;
   versions: { train_lora: string; torch: string; node: string };
   time: string;
@@ -122,20 +126,6 @@ export function nextRunDir(root = 'outputs'): string {
       if (m) max = Math.max(max, Number(m[1]));
     }
   return path.join(root, `run-${String(max + 1).padStart(3, '0')}`);
-}
-
-export async function resolveDevice(requested: string): Promise<string> {
-  if (requested !== 'auto') return requested;
-  const devs = await native().devices();
-  if (devs.some((d) => d.type === 'cuda' && d.available)) return 'cuda';
-  if (devs.some((d) => d.type === 'mps' && d.available)) return 'mps';
-  return 'cpu';
-}
-
-/** fp16 on CUDA, no elsewhere (fp16 gives NaNs on MPS; CPU fp16 is slow). */
-export function resolveMixedPrecision(mp: TrainConfig['mixed_precision'], device: string): 'no' | 'fp16' | 'bf16' {
-  if (mp !== 'auto') return mp;
-  return device.startsWith('cuda') ? 'fp16' : 'no';
 }
 
 /** Finds the checkpoint a `--resume-from-checkpoint` value names. */
@@ -188,6 +178,8 @@ export interface TrainOptions {
   installSignalHandlers?: boolean;
   /** Behave as if SIGINT arrived during this step (tests of interruption and resume). */
   stopAtStep?: number;
+  /** Test-only fault injection: may replace a micro-batch of optimizer step `step` (1-based) before it runs. */
+  batchHook?: (step: number, batch: TrainBatch) => TrainBatch;
 }
 
 /** Reporter of ranks > 0: only warnings and errors, prefixed with the rank (rank 0 logs, shows progress, writes metrics). */
@@ -242,7 +234,8 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       throw new Error('--cache-latents encodes each image once, so it needs --center-crop and no --random-flip');
     checkModelFolder(cfg.pretrained_model_name_or_path, ['unet', 'vae', 'text_encoder']);
     const modelDir = path.resolve(cfg.pretrained_model_name_or_path);
-    let device = await resolveDevice(cfg.device);
+    const devices = await native().devices();
+    let device = await resolveDevice(cfg.device, devices);
     if (distEnv && distEnv.worldSize > 1) {
       if (device === 'cuda') device = `cuda:${distEnv.localRank}`; // one GPU per local rank
       const backend = pickBackend(cfg.dist_backend, device);
@@ -250,7 +243,18 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       dist = await initDistributed(distEnv, { backend, timeoutMs: cfg.dist_timeout * 1000, device });
       report.info(`joined the process group: ${dist.worldSize} processes (${backend}, rendezvous ${distEnv.masterAddr}:${distEnv.masterPort}, ${Date.now() - t} ms)`);
     }
-    const mixed = resolveMixedPrecision(cfg.mixed_precision, device);
+    const precision = planPrecision(cfg.mixed_precision, device, devices, cfg.train_mode);
+    const mixed = precision.mixed;
+    report.info(`device: ${device}; ${precision.description}`);
+    for (const w of precision.warnings) report.warn(w);
+    // TF32 off unless asked for: fp32 results then match a CPU reference (libtorch's own default allows it in cuDNN).
+    const tf32 = await native().setAllowTf32(cfg.allow_tf32);
+    if (cfg.allow_tf32)
+      report.info(
+        device.startsWith('cuda')
+          ? `--allow-tf32: TF32 matmuls and convolutions on (cuBLAS ${tf32.cublas}, cuDNN ${tf32.cudnn}); fp32 math is then ~10 bits of mantissa on Ampere and newer GPUs`
+          : `--allow-tf32 has no effect on ${device}: TF32 exists only on NVIDIA GPUs (Ampere and newer)`,
+      );
     const tokenizer = CLIPTokenizer.fromFolder(path.join(modelDir, 'tokenizer'));
     const noise = NoiseSchedule.fromFile(path.join(modelDir, 'scheduler', 'scheduler_config.json'), cfg.prediction_type ? { predictionType: cfg.prediction_type } : {});
     if (noise.predictionType === 'sample') throw new Error('prediction_type "sample" is not supported for training; use epsilon or v_prediction');
@@ -294,13 +298,9 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     }
 
     // ---- native pipeline + trainer ----
-    const weightDtype = mixed === 'fp16' ? 'fp16' : mixed === 'bf16' ? 'bf16' : 'fp32';
+    const weightDtype = precision.weightDtype;
     const t0 = Date.now();
-    pipe = await native().loadPipeline(modelDir, {
-      device,
-      dtype: cfg.train_mode === 'full' ? 'fp32' : weightDtype,
-      variant: cfg.variant,
-    });
+    pipe = await native().loadPipeline(modelDir, { device, dtype: weightDtype, variant: cfg.variant });
     report.info(`loaded ${modelDir} on ${device} (${weightDtype}) in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
     const { trainer, trainableParams, totalParams } = await native().createTrainer(pipe, {
       mode: cfg.train_mode,
@@ -364,6 +364,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       const rng = readJson<{ torch: Record<string, string>; data: { sampler: SampleOrderState } }>(fs.existsSync(ownRng) ? ownRng : path.join(dir, 'random_states_0.json'));
       const scaler = readJson<TrainerStateJson['scaler']>(path.join(dir, 'scaler.json'));
       const optim = readJson<{ per_parameter_steps: Record<string, number> }>(path.join(dir, 'optimizer.json'));
+      for (const note of crossDeviceNotes(prev, rng.torch, device, await native().trainerRngState(trainer))) report.warn(note);
       const sched = readJson<{ spec: unknown; scheduler_steps: number }>(path.join(dir, 'scheduler.json'));
       await native().trainerLoadState(trainer, dir, {
         optimizerSteps: cfg.reset_optimizer ? undefined : optim.per_parameter_steps,
@@ -507,6 +508,8 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
               base_model: { path: modelDir, fingerprint: modelFp },
               dataset: { path: path.resolve(cfg.train_data_dir), fingerprint: dataFp, size: dataset.items.length },
               config: cfg,
+              device,
+              mixed_precision: mixed,
               resumed_from: resumeFrom?.path ?? null,
               versions: { train_lora: packageVersion(), torch: native().version().torch, node: process.version },
               time: new Date().toISOString(),
@@ -564,7 +567,9 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
         const ids = tokenizer.encodeBatch(batch.captions, { maxLength: tokenizer.modelMaxLength, padding: 'max_length' });
         const b = batch.indices.length;
         const inputIds = fromInt64('input_ids', [b, ids[0].length], ids.flat());
-        const loss = await native().trainerMicroStep(trainer, { ...batch.images, inputIds }, accum);
+        let tb: TrainBatch = { ...batch.images, inputIds };
+        if (opts.batchHook) tb = opts.batchHook(globalStep + 1, tb);
+        const loss = await native().trainerMicroStep(trainer, tb, accum);
         if (!Number.isFinite(loss)) report.warn(`non-finite loss ${loss} at step ${globalStep + 1}`);
         lossSum += loss;
         micro++;
@@ -590,7 +595,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       losses.push(loss);
       const now = Date.now();
       report.step({ step: globalStep, epoch, loss, lr, gradNorm: r.gradNorm, skipped: r.skipped, lossScale: r.lossScale, stepTime: (now - stepStart) / 1000, samplesSeen });
-      if (r.skipped) report.warn(`step ${globalStep}: fp16 overflow, update skipped (loss scale now ${r.lossScale})`);
+      if (r.skipped) report.warn(`step ${globalStep}: fp16 overflow (non-finite gradients), update skipped and the LR schedule held; loss scale now ${r.lossScale}`);
       stepStart = now;
       const due =
         globalStep % cfg.checkpointing_steps === 0 || (cfg.checkpoint_every_epoch && endOfEpoch);
@@ -659,6 +664,25 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     }
     lock.release();
   }
+}
+
+/**
+ * What a resume on another device cannot continue bit-exactly: the random streams of the checkpoint's device are not
+ * this device's. Weights, optimizer, LR schedule, loss scaler and the data position carry over exactly either way.
+ */
+export function crossDeviceNotes(prev: Pick<TrainerStateFile, 'device' | 'config'>, saved: Record<string, string>, device: string, here: Record<string, string>): string[] {
+  const notes: string[] = [];
+  const before = prev.device ?? (prev.config.device === 'auto' ? undefined : prev.config.device);
+  const type = (d: string) => d.split(':')[0];
+  if (before && type(before) !== type(device))
+    notes.push(
+      `this checkpoint was trained on ${before} and resumes on ${device}: weights, optimizer, LR schedule, loss scaler and data position continue exactly, ` +
+        `but noise and timesteps now come from ${type(device)}'s random generator, so the run will not be bit-identical to one that stayed on ${before}`,
+    );
+  const lost = Object.keys(saved).filter((k) => !(k in here));
+  if (lost.length && !notes.length)
+    notes.push(`random streams ${lost.join(', ')} of the checkpoint do not exist on this machine and are not restored (a run on them is not continued bit-exactly)`);
+  return notes;
 }
 
 /** OUT/unet/{config.json, diffusion_pytorch_model.safetensors}, written into a temporary folder, fsynced and renamed into place. */
