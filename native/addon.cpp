@@ -56,6 +56,12 @@ Napi::Value Devices(const Napi::CallbackInfo& info) {
   });
 }
 
+// shutdown(): finish queued work and stop the addon's threads (later calls reject with code ESHUTDOWN).
+Napi::Value Shutdown(const Napi::CallbackInfo& info) {
+  Engine::of(info.Env()).shutdown();
+  return info.Env().Undefined();
+}
+
 // setAllowTf32(allow) -> {cublas, cudnn}: what libtorch reports after setting both.
 Napi::Value SetAllowTf32(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -326,6 +332,7 @@ Napi::Value TrainerOptimizerStep(const Napi::CallbackInfo& info) {
       Napi::Object o = Napi::Object::New(env);
       o.Set("gradNorm", r.grad_norm);
       o.Set("skipped", r.skipped);
+      o.Set("nonFinite", r.non_finite);
       o.Set("lossScale", r.loss_scale);
       o.Set("optimizerSteps", static_cast<double>(r.optimizer_steps));
       return o;
@@ -354,10 +361,19 @@ Napi::Value TrainerSaveState(const Napi::CallbackInfo& info) {
     auto scaler = t->scaler();
     auto rng = t->rng_state();
     return [dir, meta, model, optim, steps, scaler, rng]() -> Completion {
-    st::save(dir + "/model.safetensors", *model, meta);
-    st::save(dir + "/optimizer.safetensors", *optim, {{"format", "pt"}});
-    return Completion([steps, scaler, rng](Napi::Env env) -> Napi::Value {
+    std::vector<std::pair<std::string, st::Written>> files;
+    files.emplace_back("model.safetensors", st::save(dir + "/model.safetensors", *model, meta));
+    files.emplace_back("optimizer.safetensors", st::save(dir + "/optimizer.safetensors", *optim, {{"format", "pt"}}));
+    return Completion([steps, scaler, rng, files](Napi::Env env) -> Napi::Value {
       Napi::Object o = Napi::Object::New(env);
+      Napi::Object fo = Napi::Object::New(env);
+      for (const auto& [name, w] : files) {
+        Napi::Object e = Napi::Object::New(env);
+        e.Set("size", static_cast<double>(w.size));
+        e.Set("sha256", w.sha256);
+        fo.Set(name, e);
+      }
+      o.Set("files", fo);
       Napi::Object s = Napi::Object::New(env);
       for (const auto& [k, v] : steps) s.Set(k, static_cast<double>(v));
       o.Set("optimizerSteps", s);
@@ -473,7 +489,7 @@ Napi::Value VaeEncode(const Napi::CallbackInfo& info) {
   return Engine::of(env).run(env, [p, px] {
     if (!p->vae) throw UserError("EINPUT", "the VAE is not loaded");
     torch::NoGradGuard ng;
-    auto post = p->vae->encode(host_to_tensor(*px).to(p->device, p->dtype.value_or(torch::kFloat32)));
+    auto post = p->vae->encode(host_to_tensor(*px).to(p->device));  // encode converts to the VAE's own dtype
     auto hosts = std::make_shared<std::vector<HostTensor>>();
     hosts->push_back(to_host("mean", post.mean.to(torch::kFloat32)));
     hosts->push_back(to_host("std", post.std.to(torch::kFloat32)));
@@ -532,6 +548,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("dispose", Napi::Function::New(env, Dispose));
   exports.Set("loadPipeline", Napi::Function::New(env, LoadPipeline));
   exports.Set("setAllowTf32", Napi::Function::New(env, SetAllowTf32));
+  exports.Set("shutdown", Napi::Function::New(env, Shutdown));
   exports.Set("forward", Napi::Function::New(env, Forward));
   exports.Set("writeRandomWeights", Napi::Function::New(env, WriteRandomWeights));
   exports.Set("componentParamShapes", Napi::Function::New(env, ComponentParamShapes));

@@ -22,19 +22,23 @@ Engine::Engine(Napi::Env env) {
 }
 
 Engine::~Engine() {
+  shutdown();
+  tsfn_.Release();
+}
+
+void Engine::shutdown() {
   {
     std::lock_guard<std::mutex> lk(mu_);
     stop_ = true;
   }
   cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  if (thread_.joinable()) thread_.join();  // runs what was queued first
   {
     std::lock_guard<std::mutex> lk(io_mu_);
     io_stop_ = true;
   }
   io_cv_.notify_all();
   if (io_thread_.joinable()) io_thread_.join();
-  tsfn_.Release();
 }
 
 Engine& Engine::of(Napi::Env env) {
@@ -81,13 +85,23 @@ void Engine::post_io(std::function<void()> work) {
   io_cv_.notify_one();
 }
 
-void Engine::post(std::function<void()> work) {
+bool Engine::post(std::function<void()> work) {
   {
     std::lock_guard<std::mutex> lk(mu_);
-    if (stop_) return;
+    if (stop_) return false;
     queue_.push_back(std::move(work));
   }
   cv_.notify_one();
+  return true;
+}
+
+// A job that can no longer run (the engine is shutting down): its Promise rejects now instead of never settling.
+void Engine::reject_now(Napi::Env env, Done* done) {
+  std::unique_ptr<Done> d(done);
+  if (--pending_ == 0) tsfn_.Unref(env);
+  Napi::Error err = Napi::Error::New(env, "train-lora: the native engine has shut down (the process is exiting); the work was not run");
+  err.Set("code", Napi::String::New(env, "ESHUTDOWN"));
+  d->deferred->Reject(err.Value());
 }
 
 void Engine::deliver(Done* done) {
@@ -106,6 +120,10 @@ void Engine::on_js(Napi::Env env, Napi::Function, void*, Done* done) {
     } catch (const Napi::Error& e) {
       // A throwing progress callback must not take the job down; report it on stderr.
       fprintf(stderr, "train-lora: progress callback threw: %s\n", e.Message().c_str());
+    } catch (const std::exception& e) {
+      fprintf(stderr, "train-lora: progress callback failed: %s\n", e.what());
+    } catch (...) {
+      fprintf(stderr, "train-lora: progress callback failed\n");
     }
     return;
   }
@@ -156,18 +174,19 @@ void Engine::settle(Done* done, const std::function<Completion()>& work) {
 Napi::Promise Engine::run(Napi::Env env, std::function<Completion()> work) {
   Done* done = make_done(env);
   Napi::Promise promise = done->deferred->Promise();
-  post([this, done, work = std::move(work)]() mutable {
+  const bool posted = post([this, done, work = std::move(work)]() mutable {
     settle(done, work);
     work = nullptr;  // release captured handles on this thread
     deliver(done);
   });
+  if (!posted) reject_now(env, done);
   return promise;
 }
 
 Napi::Promise Engine::run_then_io(Napi::Env env, std::function<std::function<Completion()>()> snapshot) {
   Done* done = make_done(env);
   Napi::Promise promise = done->deferred->Promise();
-  post([this, done, snapshot = std::move(snapshot)]() mutable {
+  const bool posted = post([this, done, snapshot = std::move(snapshot)]() mutable {
     std::function<Completion()> io;
     settle(done, [&] {
       io = snapshot();
@@ -184,6 +203,7 @@ Napi::Promise Engine::run_then_io(Napi::Env env, std::function<std::function<Com
       deliver(done);
     });
   });
+  if (!posted) reject_now(env, done);
   return promise;
 }
 

@@ -42,10 +42,14 @@ class Engine {
   // around it); the function it returns runs on the addon's single I/O thread (writing files), so the torch thread
   // goes on training meanwhile. I/O jobs run one at a time, in order. The Promise settles after the I/O phase.
   Napi::Promise run_then_io(Napi::Env env, std::function<std::function<Completion()>()> snapshot);
-  // Fire-and-forget work on the torch thread (releasing handles).
-  void post(std::function<void()> work);
+  // Fire-and-forget work on the torch thread (releasing handles). False (and `work` dropped) once shutting down.
+  bool post(std::function<void()> work);
   // Sends a value to a JS callback from inside a running job (progress reports); never blocks the job for long.
   void notify(std::shared_ptr<Napi::FunctionReference> cb, Completion make_arg);
+
+  // Finishes the queued jobs (their Promises still settle), then stops both threads; later calls reject with
+  // code ESHUTDOWN. Also run when the environment is torn down.
+  void shutdown();
 
   bool on_torch_thread() const { return std::this_thread::get_id() == thread_.get_id(); }
 
@@ -71,6 +75,7 @@ class Engine {
   void io_loop();
   void post_io(std::function<void()> work);
   Done* make_done(Napi::Env env);
+  void reject_now(Napi::Env env, Done* done);
   static void settle(Done* done, const std::function<Completion()>& work);
 };
 

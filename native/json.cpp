@@ -131,6 +131,25 @@ class Parser {
     return v;
   }
 
+  // One UTF-8 encoded code point starting at i_, validated as RFC 3629 says (no overlong forms, no surrogates,
+  // nothing above U+10FFFF), appended to out. JSON text must be UTF-8 (RFC 8259): other bytes are an error.
+  void utf8_sequence(std::string& out) {
+    const auto b0 = static_cast<unsigned char>(s_[i_]);
+    int len = b0 >= 0xF0 ? 4 : b0 >= 0xE0 ? 3 : b0 >= 0xC0 ? 2 : 0;
+    if (len == 0 || b0 > 0xF4 || b0 == 0xC0 || b0 == 0xC1) fail("invalid UTF-8");
+    if (i_ + len > s_.size()) fail("truncated UTF-8 sequence");
+    uint32_t cp = b0 & (0xFF >> (len + 1));
+    for (int k = 1; k < len; ++k) {
+      const auto b = static_cast<unsigned char>(s_[i_ + k]);
+      if ((b & 0xC0) != 0x80) fail("invalid UTF-8");
+      cp = (cp << 6) | (b & 0x3F);
+    }
+    const uint32_t min = len == 2 ? 0x80 : len == 3 ? 0x800 : 0x10000;
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp < 0xE000)) fail("invalid UTF-8");
+    out.append(s_.data() + i_, len);
+    i_ += len;
+  }
+
   std::string parse_string() {
     ++i_;  // opening quote
     std::string out;
@@ -139,6 +158,11 @@ class Parser {
       char c = s_[i_++];
       if (c == '"') break;
       if (static_cast<unsigned char>(c) < 0x20) fail("control character in string");
+      if (static_cast<unsigned char>(c) >= 0x80) {
+        --i_;
+        utf8_sequence(out);
+        continue;
+      }
       if (c != '\\') {
         out += c;
         continue;
@@ -156,6 +180,7 @@ class Parser {
         case 't': out += '\t'; break;
         case 'u': {
           uint32_t cp = hex4();
+          if (cp >= 0xDC00 && cp < 0xE000) fail("lone low surrogate");
           if (cp >= 0xD800 && cp < 0xDC00) {
             if (!(literal("\\u"))) fail("lone surrogate");
             uint32_t lo = hex4();

@@ -131,7 +131,14 @@ Tensor Attention::forward(const Tensor& x, const Tensor& context) const {
   }
   if (group_norm) h = group_norm->forward(h.transpose(1, 2)).transpose(1, 2);
   const Tensor& ctx = context.defined() ? context : h;
-  Tensor out = multi_head_attention(to_q->forward(h), to_k->forward(ctx), to_v->forward(ctx), heads);
+  Tensor q = to_q->forward(h), k = to_k->forward(ctx), v = to_v->forward(ctx);
+  Tensor out;
+  if (upcast && (q.scalar_type() == torch::kHalf || q.scalar_type() == torch::kBFloat16)) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    out = multi_head_attention(q.to(torch::kFloat), k.to(torch::kFloat), v.to(torch::kFloat), heads).to(q.scalar_type());
+  } else {
+    out = multi_head_attention(q, k, v, heads);
+  }
   out = to_out[0].forward(out);
   if (spatial) out = out.transpose(-1, -2).reshape({B, C, H, W});
   if (residual_connection) out = out + x;

@@ -99,6 +99,9 @@ Tensor lora_delta(const Tensor& B, const Tensor& A, double scale);
 struct Attention : torch::nn::Module {
   int64_t heads, dim_head;
   bool residual_connection;
+  // diffusers' upcast_attention: when q/k/v come out in fp16/bf16 (weights or autocast), attention is computed in
+  // fp32 and cast back (scores and softmax cannot overflow). A no-op in fp32.
+  bool upcast = false;
   double rescale_output_factor;
   std::shared_ptr<GroupNorm> group_norm;  // optional
   std::shared_ptr<Linear> to_q, to_k, to_v;

@@ -7,10 +7,12 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <set>
 
 #include "json.h"
+#include "sha256.h"
 
 namespace tl::st {
 namespace {
@@ -34,14 +36,19 @@ const DtypeEntry kDtypes[] = {
   throw FormatError(path + ": " + what);
 }
 
+std::string shape_text(const Json& shape) {
+  std::string s = "[";
+  for (const auto& d : shape.as_array()) s += (s.size() > 1 ? ", " : "") + std::to_string(static_cast<uint64_t>(d.as_number()));
+  return s + "]";
+}
+
 std::string errno_text(int err) { return std::string(std::strerror(err)) + " (errno " + std::to_string(err) + ")"; }
 
 }  // namespace
 
 const TensorInfo* Header::find(const std::string& name) const {
-  for (const auto& t : tensors)
-    if (t.name == name) return &t;
-  return nullptr;
+  auto it = index.find(name);
+  return it == index.end() ? nullptr : &tensors[it->second];
 }
 
 torch::ScalarType dtype_from_name(const std::string& name) {
@@ -99,13 +106,18 @@ static Header parse_header(const std::string& path, const std::string& json_text
       bad(path, where + ": " + e.what());
     }
     if (!v["shape"].is_array()) bad(path, where + ": missing or non-array \"shape\"");
-    uint64_t numel = 1;
+    // The product of the non-zero dimensions bounds what libtorch computes for strides and sizes even when a zero
+    // dimension makes the element count 0: keep it below 2^62 bytes' worth, so nothing overflows later.
+    constexpr double kMaxDim = 9007199254740992.0;  // 2^53: JSON numbers above it are not exact integers
+    uint64_t numel = 1, extent = 1;
     for (const auto& d : v["shape"].as_array()) {
-      if (!d.is_number() || d.as_number() < 0 || d.as_number() != static_cast<double>(static_cast<int64_t>(d.as_number())))
+      if (!d.is_number() || d.as_number() < 0 || d.as_number() > kMaxDim || d.as_number() != std::floor(d.as_number()))
         bad(path, where + ": shape entries must be non-negative integers");
       int64_t n = static_cast<int64_t>(d.as_number());
       t.shape.push_back(n);
-      if (n != 0 && numel > (uint64_t(1) << 62) / static_cast<uint64_t>(n)) bad(path, where + ": shape is too large");
+      if (n != 0 && extent > (uint64_t(1) << 62) / (static_cast<uint64_t>(n) * isz))
+        bad(path, where + ": shape " + shape_text(v["shape"]) + " is too large (over 2^62 bytes): the file is corrupt");
+      if (n != 0) extent *= static_cast<uint64_t>(n);
       numel *= static_cast<uint64_t>(n);
     }
     const auto& off = v["data_offsets"];
@@ -140,6 +152,8 @@ static Header parse_header(const std::string& path, const std::string& json_text
     bad(path, "the data buffer has " + std::to_string(data_size - pos) + " trailing bytes not covered by any tensor");
   // Report tensors in storage order (the order they were written), not the header's key order.
   std::stable_sort(h.tensors.begin(), h.tensors.end(), [](const TensorInfo& a, const TensorInfo& b) { return a.begin < b.begin; });
+  h.index.reserve(h.tensors.size());
+  for (size_t i = 0; i < h.tensors.size(); ++i) h.index.emplace(h.tensors[i].name, i);
   return h;
 }
 
@@ -251,8 +265,8 @@ void fsync_dir(const std::string& dir) {
   if (rc != 0 && err != EINVAL) throw std::runtime_error(dir + ": fsync failed: " + errno_text(err));
 }
 
-void save(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-          const std::map<std::string, std::string>& metadata) {
+Written save(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+             const std::map<std::string, std::string>& metadata) {
   Json::Object header;
   std::vector<torch::Tensor> data;
   std::set<std::string> seen;
@@ -287,7 +301,11 @@ void save(const std::string& path, const std::vector<std::pair<std::string, torc
     std::string hint = err == ENOSPC ? " — the disk is full: free space and try again" : "";
     throw std::runtime_error(path + ": " + what + ": " + errno_text(err) + hint);
   };
+  Sha256 hash;
+  Written written;
   auto write_all = [&](const void* buf, size_t n) {
+    hash.update(buf, n);
+    written.size += n;
     const char* p = static_cast<const char*>(buf);
     while (n > 0) {
       ssize_t w = ::write(fd, p, n);
@@ -317,6 +335,8 @@ void save(const std::string& path, const std::vector<std::pair<std::string, torc
   }
   auto slash = path.find_last_of('/');
   fsync_dir(slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash)));
+  written.sha256 = hash.hex();
+  return written;
 }
 
 }  // namespace tl::st

@@ -7,6 +7,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -24,7 +25,9 @@ struct Header {
   std::map<std::string, std::string> metadata;
   uint64_t data_start = 0;  // 8 + N
   uint64_t file_size = 0;
+  // O(1) by name (a file may hold hundreds of thousands of tensors: a linear search per name was quadratic).
   const TensorInfo* find(const std::string& name) const;
+  std::unordered_map<std::string, size_t> index;  // name -> position in tensors
 };
 
 // Thrown for every problem with a file; the message names the file.
@@ -62,10 +65,16 @@ std::vector<std::pair<std::string, torch::Tensor>> load(const std::string& path,
                                                         std::optional<torch::ScalarType> dtype = std::nullopt,
                                                         std::optional<torch::Device> device = std::nullopt);
 
+// What save() wrote: the file's size and SHA-256 (hashed from the bytes as they were written).
+struct Written {
+  uint64_t size = 0;
+  std::string sha256;
+};
+
 // Writes atomically: a temporary file beside the target, fsync, rename, fsync of the folder.
 // Tensors are written in the given order; names must be unique. Non-CPU or non-contiguous tensors are copied.
-void save(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-          const std::map<std::string, std::string>& metadata = {});
+Written save(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+             const std::map<std::string, std::string>& metadata = {});
 
 // fsync a folder (after a rename into it). Throws on failure.
 void fsync_dir(const std::string& dir);

@@ -83,7 +83,7 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
       torch::Tensor mean, std;
       if (b.pixel_values.defined()) {
         if (!p.vae) throw UserError("EINPUT", "pixel values given but the VAE is not loaded");
-        auto post = p.vae->encode(b.pixel_values.to(dev, dt));
+        auto post = p.vae->encode(b.pixel_values.to(dev));  // in the VAE's dtype (fp32 under force_upcast)
         mean = post.mean, std = post.std;
       } else if (b.latent_mean.defined() && b.latent_std.defined()) {
         mean = b.latent_mean.to(dev, dt), std = b.latent_std.to(dev, dt);
@@ -93,7 +93,8 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
       // latent_dist.sample(): mean + std * N(0, 1)
       latents = mean + std * (R == 1 ? torch::randn(mean.sizes(), mean.options()) : randn_rows(mean.sizes(), mean.options()));
       const double sf = p.vae ? p.vae->config.scaling_factor : 0.18215;
-      latents = latents * sf;
+      // In the pipeline's dtype, as diffusers' script has them (an fp32 VAE under force_upcast returns fp32).
+      latents = (latents * sf).to(dt);
     }
   }
   const int64_t B = latents.size(0);
@@ -188,28 +189,36 @@ StepResult Trainer::optimizer_step(double lr) {
   std::vector<torch::Tensor> grads;
   for (auto& [_, p] : params_) grads.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
   if (data_parallel.reduce_grads) data_parallel.reduce_grads(grads);
+  // Non-finite gradients never reach AdamW: the step is skipped and the LR schedule holds. With fp16 that is an
+  // overflow and GradScaler lowers the loss scale; in fp32/bf16 it is a diverging run (TypeScript counts and stops it).
+  auto skip = [&]() {
+    if (scaler_.enabled) {
+      scaler_.scale *= cfg_.backoff_factor;
+      scaler_.growth_tracker = 0;
+    }
+    zero_grad();
+    r.skipped = true;
+    r.non_finite = true;
+    r.grad_norm = std::nan("");
+    r.loss_scale = scaler_.scale;
+    r.optimizer_steps = optimizer_step_count_;
+    return r;
+  };
   if (scaler_.enabled) {
     // GradScaler.unscale_: one fused unscale + non-finite check over all gradients, and one device sync.
     auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(pipe_->device);
     torch::Tensor found_inf = torch::zeros({1}, opts);
     torch::Tensor inv_scale = torch::full({1}, 1.0 / scaler_.scale, opts);
     at::_amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale);
-    if (found_inf.item<float>() != 0) {
-      scaler_.scale *= cfg_.backoff_factor;
-      scaler_.growth_tracker = 0;
-      zero_grad();
-      r.skipped = true;
-      r.grad_norm = std::nan("");
-      r.loss_scale = scaler_.scale;
-      r.optimizer_steps = optimizer_step_count_;
-      return r;
-    }
+    if (found_inf.item<float>() != 0) return skip();
   }
   // clip_grad_norm_: total 2-norm over all trainable gradients; always rescales by min(1, max/(norm+1e-6)).
+  // The norm is non-finite exactly when a gradient is: the check costs no extra pass or sync.
   std::vector<torch::Tensor> norms;
   for (const auto& g : grads) norms.push_back(torch::linalg_vector_norm(g, 2, {}, false, torch::kFloat32));
   torch::Tensor total = torch::linalg_vector_norm(torch::stack(norms), 2, {}, false, torch::kFloat32);
   r.grad_norm = total.item<double>();
+  if (!std::isfinite(r.grad_norm)) return skip();
   if (cfg_.max_grad_norm > 0) {
     torch::Tensor coef = torch::clamp_max(cfg_.max_grad_norm / (total + 1e-6), 1.0);
     for (auto& g : grads) g.mul_(coef.to(g.scalar_type()));

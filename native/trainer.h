@@ -51,7 +51,8 @@ struct MicroBatch {
 
 struct StepResult {
   double grad_norm = 0;  // before clipping (after unscaling)
-  bool skipped = false;  // fp16 overflow: no update, the LR schedule must not advance
+  bool skipped = false;     // no update (non-finite gradients), the LR schedule must not advance
+  bool non_finite = false;  // the gradients held inf/NaN (fp16: an overflow, the loss scale was lowered)
   double loss_scale = 1;
   int64_t optimizer_steps = 0;
 };

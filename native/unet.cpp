@@ -58,7 +58,8 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const Json& j, const std:
   std::string mid = r.string("mid_block_type", "UNetMidBlock2DCrossAttn");
   if (r.present("mid_block_type") && mid != "UNetMidBlock2DCrossAttn")
     r.fail("mid_block_type", "\"" + mid + "\" is not supported (supported: UNetMidBlock2DCrossAttn, null)");
-  c.has_mid_block = true;
+  // An explicit null means no mid block (diffusers builds none); a missing key means the default block.
+  c.has_mid_block = !(j.has("mid_block_type") && j["mid_block_type"].is_null());
   // Features of other model families (SDXL, class-conditioned, LCM, ...) that this UNet does not implement.
   r.require_value("act_fn", Json("silu"));
   r.require_value("resnet_time_scale_shift", Json("default"));
@@ -72,6 +73,19 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const Json& j, const std:
                         "timestep_post_act", "time_embedding_dim", "projection_class_embeddings_input_dim",
                         "cross_attention_norm", "reverse_transformer_layers_per_block"})
     r.require_null(k, "an SD 1.x/2.x UNet has none");
+  // Sizes that divide others must be positive: a 0 here used to reach an integer division (SIGFPE).
+  auto at_least_one = [&](const std::string& key, const std::vector<int64_t>& v) {
+    for (int64_t x : v)
+      if (x < 1) r.fail(key, "must be at least 1, got " + std::to_string(x));
+  };
+  at_least_one("norm_num_groups", {c.norm_num_groups});
+  at_least_one(r.present("num_attention_heads") ? "num_attention_heads" : "attention_head_dim", c.num_attention_heads);
+  at_least_one("block_out_channels", c.block_out_channels);
+  at_least_one("layers_per_block", c.layers_per_block);
+  at_least_one("transformer_layers_per_block", c.transformer_layers_per_block);
+  at_least_one("cross_attention_dim", c.cross_attention_dim);
+  if (c.in_channels < 1 || c.out_channels < 1) r.fail(c.in_channels < 1 ? "in_channels" : "out_channels", "must be at least 1");
+  if (!(c.norm_eps > 0)) r.fail("norm_eps", "must be positive");
   for (size_t i = 0; i < n; ++i) {
     if (c.block_out_channels[i] % c.norm_num_groups != 0)
       r.fail("block_out_channels", std::to_string(c.block_out_channels[i]) + " is not divisible by norm_num_groups " + std::to_string(c.norm_num_groups));
@@ -288,6 +302,10 @@ UNet2DConditionModel::UNet2DConditionModel(const UNet2DConditionConfig& cfg) : c
 
   conv_norm_out = register_module("conv_norm_out", std::make_shared<nn::GroupNorm>(G, boc[0], eps));
   conv_out = register_module("conv_out", std::make_shared<nn::Conv2d>(boc[0], cfg.out_channels, cfg.conv_out_kernel, 1, (cfg.conv_out_kernel - 1) / 2));
+  // upcast_attention (SD 2.1): attention scores and softmax in fp32 when the attention runs in fp16/bf16.
+  if (cfg.upcast_attention)
+    for (const auto& m : modules(false))
+      if (auto* a = dynamic_cast<nn::Attention*>(m.get())) a->upcast = true;
 }
 
 namespace {

@@ -351,6 +351,9 @@ std::shared_ptr<AutoencoderKL> AutoencoderKL::load(const std::string& dir, const
   const std::string cfg_path = dir + "/config.json";
   AutoencoderKLConfig cfg = AutoencoderKLConfig::from_json(read_json_file(cfg_path), cfg_path);
   WeightSource src = WeightSource::open_component(dir, "diffusion_pytorch_model", variant);
+  // force_upcast (the default, and SD 1.5's VAE): the VAE overflows in fp16, so it stays fp32 when the pipeline asks
+  // for fp16 (encode/decode convert their inputs to the VAE's dtype; callers get fp32 latents and images).
+  if (dtype && *dtype == torch::kFloat16 && cfg.force_upcast) dtype = torch::kFloat32;
   auto m = std::make_shared<AutoencoderKL>(cfg);
 
   // Old conversions store the attention projections as 1x1 convs [C, C, 1, 1]: give those parameters the

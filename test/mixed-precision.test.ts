@@ -89,7 +89,7 @@ describe('fp16 dynamic loss scaling (torch.amp.GradScaler semantics)', () => {
     return { pipe, trainer, batch };
   }
   const nanLike = (t: HostTensor): HostTensor => {
-    const v = new Float32Array(t.data.slice().buffer);
+    const v = new Float32Array(new Uint8Array(t.data).buffer); // a copy (Buffer#slice would be a view)
     v[0] = NaN;
     v[1] = Infinity;
     return { ...t, dtype: 'F32', data: new Uint8Array(v.buffer) };
@@ -145,7 +145,7 @@ describe('fp16 dynamic loss scaling (torch.amp.GradScaler semantics)', () => {
     expect(lrs[2]).toBe(lrs[1]); // the schedule held at step 2's value
     expect(lrs[1]).toBeLessThan(lrs[0]);
     expect(rep.steps[1].lossScale).toBe(rep.steps[0].lossScale / 2);
-    expect(rep.messages.join('\n')).toMatch(/step 2: fp16 overflow .*update skipped and the LR schedule held/);
+    expect(rep.messages.join('\n')).toMatch(/step 2: .*update skipped.*the LR schedule held/);
     const sched = JSON.parse(fs.readFileSync(path.join(out, 'checkpoints', 'checkpoint-4', 'scheduler.json'), 'utf8'));
     expect(sched.scheduler_steps).toBe(3);
   }, 300000);
