@@ -47,14 +47,17 @@ export async function runForwardCommand(args: ForwardArgs): Promise<string[]> {
   // forward is the parity tool: fp32 means IEEE fp32 on CUDA too (TF32 off in cuBLAS and cuDNN).
   await native().setAllowTf32(false);
   const pipe = await native().loadPipeline(args.model, { device, dtype: args.dtype ?? 'fp32', variant: args.variant, components });
-  const outputs = await native().forward(pipe, all, { lora: args.lora, loraScale: args.loraScale, backward: args.backward });
-  const written = [...extra, ...outputs];
-  await native().safetensorsWrite(args.output, written, {
-    producer: 'train-lora forward',
-    torch: native().version().torch,
-    device,
-    dtype: args.dtype ?? 'fp32',
-  });
-  native().dispose(pipe);
-  return written.map((t) => t.name);
+  try {
+    const outputs = await native().forward(pipe, all, { lora: args.lora, loraScale: args.loraScale, backward: args.backward });
+    const written = [...extra, ...outputs];
+    await native().safetensorsWrite(args.output, written, {
+      producer: 'train-lora forward',
+      torch: native().version().torch,
+      device,
+      dtype: args.dtype ?? 'fp32',
+    });
+    return written.map((t) => t.name);
+  } finally {
+    native().dispose(pipe); // also when forward fails (a bad LoRA file, wrong input shapes)
+  }
 }
