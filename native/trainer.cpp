@@ -223,23 +223,29 @@ StepResult Trainer::optimizer_step(double lr) {
     torch::Tensor coef = torch::clamp_max(cfg_.max_grad_norm / (total + 1e-6), 1.0);
     for (auto& g : grads) g.mul_(coef.to(g.scalar_type()));
   }
-  // AdamW, as torch.optim.AdamW's single-tensor implementation.
+  // AdamW with torch.optim.AdamW's math, over all parameters at once (foreach ops: a few kernels per step instead of
+  // ~8 per tensor; the CPU runs the same per-tensor kernels, so results are bit-identical to the one-tensor loop).
+  // Parameters are grouped by their step count (equal unless a checkpoint says otherwise).
   const double b1 = cfg_.adam_beta1, b2 = cfg_.adam_beta2, eps = cfg_.adam_epsilon, wd = cfg_.adam_weight_decay;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const auto& name = params_[i].first;
-    torch::Tensor& p = params_[i].second;
-    torch::Tensor& g = grads[i];
-    torch::Tensor& m = exp_avg_[name];
-    torch::Tensor& v = exp_avg_sq_[name];
-    const int64_t step = ++steps_[name];
-    if (wd != 0) p.mul_(1 - lr * wd);
-    m.lerp_(g, 1 - b1);
-    v.mul_(b2).addcmul_(g, g, 1 - b2);
+  std::map<int64_t, std::vector<size_t>> by_step;
+  for (size_t i = 0; i < params_.size(); ++i) by_step[++steps_[params_[i].first]].push_back(i);
+  for (const auto& [step, idx] : by_step) {
+    std::vector<torch::Tensor> ps, gs, ms, vs;
+    for (size_t i : idx) {
+      const auto& name = params_[i].first;
+      ps.push_back(params_[i].second), gs.push_back(grads[i]), ms.push_back(exp_avg_[name]), vs.push_back(exp_avg_sq_[name]);
+    }
     const double bc1 = 1 - std::pow(b1, static_cast<double>(step));
     const double bc2 = 1 - std::pow(b2, static_cast<double>(step));
     const double step_size = lr / bc1;
-    torch::Tensor denom = (v.sqrt() / std::sqrt(bc2)).add_(eps);
-    p.addcdiv_(m, denom, -step_size);
+    if (wd != 0) at::_foreach_mul_(ps, 1 - lr * wd);
+    at::_foreach_lerp_(ms, gs, 1 - b1);
+    at::_foreach_mul_(vs, b2);
+    at::_foreach_addcmul_(vs, gs, gs, 1 - b2);
+    std::vector<torch::Tensor> denom = at::_foreach_sqrt(vs);
+    at::_foreach_div_(denom, std::sqrt(bc2));
+    at::_foreach_add_(denom, eps);
+    at::_foreach_addcdiv_(ps, ms, denom, -step_size);
   }
   ++optimizer_step_count_;
   if (scaler_.enabled) {
