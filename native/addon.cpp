@@ -168,7 +168,7 @@ Napi::Value LoadPipeline(const Napi::CallbackInfo& info) {
   });
 }
 
-// forward(pipeline, inputs: HostTensor[], {lora, loraScale, backward}) -> HostTensor[]
+// forward(pipeline, inputs: HostTensor[], {lora, loraScale, loraAlpha, backward}) -> HostTensor[]
 Napi::Value Forward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto p = unwrap_handle<Pipeline>(info[0], "Pipeline");
@@ -177,6 +177,7 @@ Napi::Value Forward(const Napi::CallbackInfo& info) {
   ForwardOptions opts;
   if (auto l = opt_str(o, "lora")) opts.lora_path = *l;
   if (o.Get("loraScale").IsNumber()) opts.lora_scale = o.Get("loraScale").As<Napi::Number>().DoubleValue();
+  if (o.Get("loraAlpha").IsNumber()) opts.lora_alpha = o.Get("loraAlpha").As<Napi::Number>().DoubleValue();
   if (o.Get("backward").IsBoolean()) opts.backward = o.Get("backward").As<Napi::Boolean>().Value();
   if (o.Get("gradientCheckpointing").IsBoolean()) opts.gradient_checkpointing = o.Get("gradientCheckpointing").As<Napi::Boolean>().Value();
   return Engine::of(env).run(env, [p, inputs, opts] {
@@ -280,6 +281,8 @@ Napi::Value CreateTrainer(const Napi::CallbackInfo& info) {
   c.adam_epsilon = num_opt(o, "adamEpsilon", 1e-8);
   c.max_grad_norm = num_opt(o, "maxGradNorm", 1.0);
   c.seed = static_cast<uint64_t>(num_opt(o, "seed", 0));
+  if (o.Get("textEmbeddingCacheMb").IsNumber())
+    c.text_embedding_cache_bytes = static_cast<int64_t>(o.Get("textEmbeddingCacheMb").As<Napi::Number>().DoubleValue() * 1024 * 1024);
   if (o.Get("lossScaling").IsObject()) {
     Napi::Object ls = o.Get("lossScaling").As<Napi::Object>();
     c.init_loss_scale = num_opt(ls, "initScale", c.init_loss_scale);
@@ -507,7 +510,8 @@ Napi::Value TrainerLoadLora(const Napi::CallbackInfo& info) {
     std::vector<std::string> paths;
     for (const auto& item : unet.named_modules("", false))
       if (dynamic_cast<nn::Linear*>(item.value().get())) paths.push_back(item.key());
-    LoraFile lf = read_lora_file(file, {{"unet", paths}});
+    // A file that does not carry its alpha is taken at this run's --lora-alpha.
+    LoraFile lf = read_lora_file(file, {{"unet", paths}}, t->config().lora.alpha);
     auto it = lf.components.find("unet");
     if (it == lf.components.end()) throw UserError("ELORAKEYS", file + ": has no UNet LoRA weights");
     const auto have = lora_modules(unet);

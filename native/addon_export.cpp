@@ -9,6 +9,7 @@
 #include "lora_export.h"
 #include "napi_util.h"
 #include "safetensors.h"
+#include "single_file.h"
 #include "trainer.h"
 
 namespace tl {
@@ -137,12 +138,13 @@ Napi::Value LoraExport(const Napi::CallbackInfo& info) {
   });
 }
 
-// loraMergeComponent(source, component, baseComponentDir, outComponentDir, {variant}) -> {file, merged, tensors, dtype}
+// loraMergeComponent(source, component, baseComponentDir, outComponentDir, {variant}) -> {file, merged, tensors, dtype}.
+// baseComponentDir may be a single-file checkpoint (then component may also be "vae", converted without a LoRA).
 Napi::Value LoraMergeComponent(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   LoraSource src = source_arg(info, 0);
   std::string kind = str_arg(info, 1, "component");
-  if (kind != "unet" && kind != "text_encoder") throw Napi::TypeError::New(env, "component must be unet or text_encoder");
+  if (kind != "unet" && kind != "text_encoder" && kind != "vae") throw Napi::TypeError::New(env, "component must be unet, text_encoder or vae");
   std::string base = str_arg(info, 2, "base component folder");
   std::string out = str_arg(info, 3, "output folder");
   Napi::Object o = obj_arg(info, 4);
@@ -150,8 +152,10 @@ Napi::Value LoraMergeComponent(const Napi::CallbackInfo& info) {
   return Engine::of(env).run(env, [src, kind, base, out, variant] {
     LoraSet set = src.resolve();
     auto it = set.find(kind);
-    if (it == set.end()) throw UserError("ENOLORA", "no LoRA adapters on the " + kind + " to merge");
-    MergeStats s = merge_lora_component(it->second, kind, base, variant, out);
+    // From a single-file base, a component without adapters (the VAE) is written converted to diffusers names.
+    const LoraWeights none;
+    if (it == set.end() && !is_single_file_checkpoint(base)) throw UserError("ENOLORA", "no LoRA adapters on the " + kind + " to merge");
+    MergeStats s = merge_lora_component(it == set.end() ? none : it->second, kind, base, variant, out);
     return Completion([s](Napi::Env env) -> Napi::Value {
       Napi::Object r = Napi::Object::New(env);
       r.Set("file", s.file);

@@ -134,14 +134,17 @@ Napi::Value SamplerLatents(const Napi::CallbackInfo& info) {
   });
 }
 
-// pipelineApplyLora(pipeline, file, scale) -> number of adapted modules
+// pipelineApplyLora(pipeline, file, scale, alphaIfUnknown?) -> number of adapted modules. `file` may be a PEFT adapter
+// or checkpoint folder; alphaIfUnknown (--lora-alpha) is used only for a LoRA that does not carry its alpha.
 Napi::Value PipelineApplyLora(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto p = unwrap_handle<Pipeline>(info[0], "Pipeline");
   std::string file = str_arg(info, 1, "LoRA file");
   double scale = info.Length() > 2 && info[2].IsNumber() ? info[2].As<Napi::Number>().DoubleValue() : 1.0;
-  return Engine::of(env).run(env, [p, file, scale] {
-    size_t n = pipeline_apply_lora(*p, file, scale);
+  std::optional<double> alpha;
+  if (info.Length() > 3 && info[3].IsNumber()) alpha = info[3].As<Napi::Number>().DoubleValue();
+  return Engine::of(env).run(env, [p, file, scale, alpha] {
+    size_t n = pipeline_apply_lora(*p, file, scale, nullptr, alpha);
     return Completion([n](Napi::Env env) { return Napi::Number::New(env, static_cast<double>(n)); });
   });
 }

@@ -14,5 +14,7 @@ void register_export(Napi::Env env, Napi::Object exports);
 void register_distributed(Napi::Env env, Napi::Object exports);
 // addon_sampling.cpp: samplerCreate, samplerStep, samplerDecode, pipelineApplyLora.
 void register_sampling(Napi::Env env, Napi::Object exports);
+// addon_models.cpp: singleFileConfigs.
+void register_models(Napi::Env env, Napi::Object exports);
 
 }  // namespace tl

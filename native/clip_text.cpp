@@ -204,13 +204,21 @@ std::shared_ptr<CLIPTextModel> CLIPTextModel::load(const std::string& dir, const
   const std::string cfg_path = dir + "/config.json";
   CLIPTextConfig cfg = CLIPTextConfig::from_json(read_json_file(cfg_path), cfg_path);
   WeightSource src = WeightSource::open_component(dir, "model", variant);
+  return load_from(cfg, src, nullptr, dtype, device);
+}
+
+std::shared_ptr<CLIPTextModel> CLIPTextModel::load_from(const CLIPTextConfig& cfg, const WeightSource& src,
+                                                        const std::function<std::string(const std::string&)>& rename_key,
+                                                        std::optional<torch::ScalarType> dtype, torch::Device device) {
   auto m = std::make_shared<CLIPTextModel>(cfg);
   LoadOptions o;
   o.dtype = dtype;
   o.device = device;
   // Real SD files carry the "text_model." prefix; transformers 5 writes CLIPTextModel without it. The
   // position_ids buffer and the parts of a full CLIPModel file that a CLIPTextModel does not use are ignored.
-  o.rename = [](const std::string& key) -> std::string {
+  o.rename = [rename_key](const std::string& file_key) -> std::string {
+    const std::string key = rename_key ? rename_key(file_key) : file_key;
+    if (key.empty()) return "";
     for (const char* skip : {"vision_model.", "visual_projection.", "text_projection.", "logit_scale"})
       if (starts_with(key, skip)) return "";
     std::string name = starts_with(key, "text_model.") ? key : "text_model." + key;

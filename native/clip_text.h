@@ -6,12 +6,15 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <functional>
+
 #include <memory>
 #include <optional>
 #include <string>
 
 #include "json.h"
 #include "nn.h"
+#include "weights.h"
 
 namespace tl {
 
@@ -95,6 +98,11 @@ struct CLIPTextModel : torch::nn::Module {
   // Floating weights are converted to dtype when given, and placed on device.
   static std::shared_ptr<CLIPTextModel> load(const std::string& dir, const std::string& variant,
                                              std::optional<torch::ScalarType> dtype, torch::Device device);
+  // From a config and a weight source whose keys `rename` maps to this folder layout's names ("" = not the text
+  // encoder's; the text_model. prefix is added when missing, as load() does).
+  static std::shared_ptr<CLIPTextModel> load_from(const CLIPTextConfig& cfg, const WeightSource& src,
+                                                  const std::function<std::string(const std::string&)>& rename,
+                                                  std::optional<torch::ScalarType> dtype, torch::Device device);
 };
 
 }  // namespace tl

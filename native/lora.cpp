@@ -1,10 +1,15 @@
 #include "lora.h"
 
+#include <sys/stat.h>
+
+#include <cmath>
+#include <cstdlib>
 #include <set>
 
 #include "engine.h"
 #include "json.h"
 #include "safetensors.h"
+#include "weights.h"
 
 namespace tl {
 namespace {
@@ -20,6 +25,85 @@ std::string underscored(const std::string& path) {
   std::string s = path;
   for (auto& c : s)
     if (c == '.') c = '_';
+  return s;
+}
+
+bool is_file(const std::string& p) {
+  struct stat sb;
+  return ::stat(p.c_str(), &sb) == 0 && S_ISREG(sb.st_mode);
+}
+bool is_directory(const std::string& p) {
+  struct stat sb;
+  return ::stat(p.c_str(), &sb) == 0 && S_ISDIR(sb.st_mode);
+}
+std::string dir_of(const std::string& p) {
+  auto s = p.find_last_of('/');
+  return s == std::string::npos ? "." : (s == 0 ? "/" : p.substr(0, s));
+}
+std::string base_of(const std::string& p) {
+  auto s = p.find_last_of('/');
+  return s == std::string::npos ? p : p.substr(s + 1);
+}
+
+// Where a LoRA's weights and its rank/alpha live: the safetensors file, and the PEFT adapter_config.json or
+// train-lora trainer_state.json that describes it ("" when none).
+struct LoraLocation {
+  std::string file, adapter_config, trainer_state;
+};
+
+LoraLocation locate_lora(const std::string& p) {
+  LoraLocation loc;
+  std::string dir;
+  if (is_directory(p)) {
+    dir = p;
+    while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+    for (const char* name : {"adapter_model.safetensors", "model.safetensors", "pytorch_lora_weights.safetensors"})
+      if (is_file(dir + "/" + name)) {
+        loc.file = dir + "/" + name;
+        break;
+      }
+    if (loc.file.empty()) {
+      for (const char* name : {"adapter_model.bin", "pytorch_lora_weights.bin"})
+        if (is_file(dir + "/" + name))
+          throw UserError("EPICKLE", dir + "/" + name + ": pickle files are never loaded (they can run arbitrary code); convert it "
+                                                        "to safetensors first, e.g. PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True)");
+      throw UserError("ENOENT", p + ": a folder without a LoRA: expected a PEFT adapter folder (adapter_config.json + "
+                                    "adapter_model.safetensors), a train-lora checkpoint folder (model.safetensors + trainer_state.json) "
+                                    "or a folder with pytorch_lora_weights.safetensors");
+    }
+  } else {
+    loc.file = p;
+    dir = dir_of(p);
+  }
+  const std::string base = base_of(loc.file);
+  if (base == "adapter_model.safetensors" && is_file(dir + "/adapter_config.json")) loc.adapter_config = dir + "/adapter_config.json";
+  if (base == "model.safetensors" && is_file(dir + "/trainer_state.json")) loc.trainer_state = dir + "/trainer_state.json";
+  return loc;
+}
+
+// A component's adapter-wide alpha as one source gives it.
+struct Strength {
+  std::optional<double> alpha;
+  bool rslora = false;
+  std::string source;
+};
+
+// peft config keys (`prefix` is "" for adapter_config.json, "unet." for lora_adapter_metadata) -> Strength.
+std::optional<Strength> peft_strength(const Json& j, const std::string& prefix, const std::string& where) {
+  const Json& a = j[prefix + "lora_alpha"];
+  if (!a.is_number()) return std::nullopt;
+  const Json& type = j[prefix + "peft_type"];
+  if (type.is_string() && type.as_string() != "LORA")
+    throw UserError("ELORAFORMAT", where + ": a " + type.as_string() + " adapter; only LoRA (peft_type LORA) is supported");
+  if (j[prefix + "use_dora"].is_bool() && j[prefix + "use_dora"].as_bool())
+    throw UserError("ELORAFORMAT", where + ": a DoRA adapter (use_dora); only plain LoRA is supported");
+  const Json& pat = j[prefix + "alpha_pattern"];
+  if (pat.is_object() && !pat.as_object().empty())
+    throw UserError("ELORAFORMAT", where + ": per-module alpha_pattern is not supported (one lora_alpha for all modules is)");
+  Strength s;
+  s.alpha = a.as_number();
+  s.rslora = j[prefix + "use_rslora"].is_bool() && j[prefix + "use_rslora"].as_bool();
+  s.source = where;
   return s;
 }
 
@@ -134,9 +218,13 @@ std::string lora_adapter_metadata_json(const std::map<std::string, std::vector<L
   return Json(o).dump();
 }
 
-LoraFile read_lora_file(const std::string& path, const std::map<std::string, std::vector<std::string>>& module_paths) {
+LoraFile read_lora_file(const std::string& given, const std::map<std::string, std::vector<std::string>>& module_paths,
+                        std::optional<double> alpha_if_unknown) {
+  const LoraLocation loc = locate_lora(given);
+  const std::string& path = loc.file;
   st::File f(path);
   LoraFile out;
+  out.file = path;
   out.metadata = f.header().metadata;
   const auto& tensors = f.header().tensors;
   bool any_kohya = false, any_peft = false, any_diffusers = false;
@@ -153,18 +241,46 @@ LoraFile read_lora_file(const std::string& path, const std::map<std::string, std
                                             : "mixes several LoRA key formats; convert it to one format first"));
   out.format = any_kohya ? LoraFormat::Kohya : any_peft ? LoraFormat::Peft : LoraFormat::Diffusers;
 
-  // Adapter-wide alpha from diffusers' metadata: {"unet.lora_alpha": 8, "unet.r": 4, ...}.
-  std::map<std::string, double> meta_alpha;
+  // Adapter-wide alpha per component, from the first source that gives one (see read_lora_file in lora.h).
+  std::map<std::string, Strength> strength;
   if (auto it = out.metadata.find("lora_adapter_metadata"); it != out.metadata.end()) {
+    Json m;
     try {
-      Json m = Json::parse(it->second);
-      for (const auto& comp : {"unet", "text_encoder"}) {
-        const Json& a = m[std::string(comp) + ".lora_alpha"];
-        if (a.is_number()) meta_alpha[comp] = a.as_number();
-      }
+      m = Json::parse(it->second);
     } catch (const std::exception& e) {
       throw UserError("ELORAFORMAT", path + ": lora_adapter_metadata is not valid JSON: " + e.what());
     }
+    for (const std::string comp : {"unet", "text_encoder"})
+      if (auto s = peft_strength(m, comp + ".", path + " (lora_adapter_metadata)")) strength.emplace(comp, *s);
+  }
+  for (const char* key : {"lora_alpha", "train_lora.alpha"}) {
+    auto it = out.metadata.find(key);
+    if (it == out.metadata.end()) continue;
+    char* end = nullptr;
+    const double a = std::strtod(it->second.c_str(), &end);
+    if (it->second.empty() || *end != '\0' || !std::isfinite(a))
+      throw UserError("ELORAFORMAT", path + ": metadata " + key + " \"" + it->second + "\" is not a number");
+    for (const std::string comp : {"unet", "text_encoder"}) strength.emplace(comp, Strength{a, false, path + " (metadata " + key + ")"});
+    break;
+  }
+  if (!loc.adapter_config.empty()) {
+    Json c = read_json_file(loc.adapter_config);
+    auto s = peft_strength(c, "", loc.adapter_config);
+    if (!s) throw UserError("EBADCONFIG", loc.adapter_config + ": has no numeric \"lora_alpha\"");
+    // A peft adapter folder is one model: its keys (base_model.model.*) are read as the UNet's below.
+    for (const std::string comp : {"unet", "text_encoder"}) strength.emplace(comp, *s);
+  }
+  if (!loc.trainer_state.empty()) {
+    Json t = read_json_file(loc.trainer_state);
+    const Json& cfg = t["config"];
+    if (cfg["train_mode"].is_string() && cfg["train_mode"].as_string() != "lora")
+      throw UserError("ECKPTLORA", loc.trainer_state + ": a --train-mode " + cfg["train_mode"].as_string() +
+                                       " checkpoint holds no LoRA (its model.safetensors is a full UNet state dict)");
+    // train-lora's config: lora_alpha, or (when it was not given) the rank.
+    const Json& a = cfg["lora_alpha"].is_number() ? cfg["lora_alpha"] : cfg["rank"];
+    if (a.is_number())
+      for (const std::string comp : {"unet", "text_encoder"})
+        strength.emplace(comp, Strength{a.as_number(), false, loc.trainer_state + (cfg["lora_alpha"].is_number() ? " (config.lora_alpha)" : " (config.rank: no lora_alpha)")});
   }
 
   // kohya: map underscored names back through the model's real module paths.
@@ -233,13 +349,47 @@ LoraFile read_lora_file(const std::string& path, const std::map<std::string, std
     throw UserError("ELORAKEYS", msg);
   }
   for (auto& [comp, w] : out.components) {
-    if (meta_alpha.count(comp)) w.alpha = meta_alpha[comp];
     for (auto& [mpath, e] : w.modules) {
       if (!e.down.defined() || !e.up.defined())
         throw UserError("ELORAKEYS", path + ": module " + comp + "." + mpath + " has only one of its two LoRA matrices");
       if (e.down.dim() != 2 || e.up.dim() != 2 || e.up.size(1) != e.down.size(0))
         throw UserError("ELORAKEYS", path + ": module " + comp + "." + mpath + " has LoRA matrices of incompatible shapes");
     }
+    auto st = strength.find(comp);
+    if (st != strength.end()) {
+      out.alpha_source = st->second.source;
+      if (!st->second.rslora) {
+        w.alpha = st->second.alpha;
+      } else {
+        // rsLoRA scales by alpha / sqrt(r): the same as alpha * sqrt(r) / r for each module's own rank.
+        for (auto& [mpath, e] : w.modules)
+          if (!e.alpha) e.alpha = *st->second.alpha * std::sqrt(static_cast<double>(e.down.size(0)));
+      }
+      continue;
+    }
+    bool all_have_alpha = true;
+    for (const auto& [mpath, e] : w.modules) all_have_alpha = all_have_alpha && e.alpha.has_value();
+    if (all_have_alpha) {
+      out.alpha_source = path + " (kohya .alpha tensors)";
+      continue;
+    }
+    // The formats' own conventions: diffusers loads a file without network alphas at scale 1 (alpha = r), and
+    // kohya's sd-scripts takes a missing .alpha as the rank.
+    if (out.format != LoraFormat::Peft) {
+      out.alpha_source = path + " (no alpha in the file: alpha = rank, the " + lora_format_name(out.format) + " convention)";
+      continue;
+    }
+    if (alpha_if_unknown) {
+      w.alpha = *alpha_if_unknown;
+      out.alpha_source = "--lora-alpha";
+      continue;
+    }
+    throw UserError("ELORAALPHA",
+                    given + ": the LoRA's strength cannot be known: a PEFT-format file (keys <module>.lora_A.weight) carries no "
+                            "alpha (no lora_adapter_metadata or lora_alpha metadata, no adapter_config.json beside an "
+                            "adapter_model.safetensors, no trainer_state.json beside a checkpoint's model.safetensors). Pass the "
+                            "adapter or checkpoint folder instead, or give the alpha with --lora-alpha (the scale is alpha / rank; "
+                            "this file's rank is " + std::to_string(w.rank()) + ").");
   }
   return out;
 }

@@ -54,11 +54,27 @@ struct LoraFile {
   LoraFormat format;
   std::map<std::string, LoraWeights> components;  // "unet", "text_encoder"
   std::map<std::string, std::string> metadata;
+  std::string file;          // the safetensors file read (inside the folder when a folder was given)
+  std::string alpha_source;  // where the alpha came from, for messages ("adapter_config.json", ...)
 };
 
-// Reads a LoRA safetensors file (any supported format). `module_paths` per component lets kohya names
-// (underscores) map back to module paths exactly; unknown names are an error that lists them.
-LoraFile read_lora_file(const std::string& path, const std::map<std::string, std::vector<std::string>>& module_paths);
+// Reads a LoRA (any supported format): a .safetensors file, a PEFT adapter folder (adapter_config.json +
+// adapter_model.safetensors), a train-lora checkpoint folder (model.safetensors + trainer_state.json) or a folder with
+// pytorch_lora_weights.safetensors. `module_paths` per component lets kohya names (underscores) map back to module
+// paths exactly; unknown names are an error that lists them.
+//
+// The one place that decides each module's alpha (its strength, scale = alpha / r), first found wins:
+//   1. kohya `<module>.alpha` tensors;
+//   2. diffusers' `lora_adapter_metadata` (`unet.lora_alpha`, `unet.use_rslora`, ...);
+//   3. train-lora metadata: `lora_alpha` (checkpoints) or `train_lora.alpha` (exports);
+//   4. adapter_config.json beside adapter_model.safetensors (`lora_alpha`, `use_rslora`);
+//   5. trainer_state.json beside a checkpoint's model.safetensors (`config.lora_alpha`);
+//   6. the format's own convention: diffusers and kohya files without alpha mean alpha = r;
+//   7. `alpha_if_unknown` (the --lora-alpha flag); otherwise a PEFT-format file without any of the above is an error
+//      (ELORAALPHA) that says its strength cannot be known and names the flag.
+// use_rslora (scale alpha / sqrt(r)) is folded into the module's alpha; alpha_pattern / DoRA / other peft types are refused.
+LoraFile read_lora_file(const std::string& path, const std::map<std::string, std::vector<std::string>>& module_paths,
+                        std::optional<double> alpha_if_unknown = std::nullopt);
 
 // Tensor names + tensors for one component in a format (alpha tensors for kohya included).
 std::vector<std::pair<std::string, torch::Tensor>> lora_tensors(torch::nn::Module& model, const std::string& component,

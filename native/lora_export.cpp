@@ -5,6 +5,7 @@
 
 #include "engine.h"
 #include "safetensors.h"
+#include "single_file.h"
 #include "weights.h"
 
 namespace tl {
@@ -52,7 +53,7 @@ LoraSet lora_set_from_checkpoint(const std::string& model_file, double alpha) {
   if (!any_lora)
     throw UserError("ECKPTLORA", model_file + ": holds no LoRA weights (keys like unet.<module>.lora_A.weight); is it a --train-mode full checkpoint? "
                                               "Its model.safetensors is already a full UNet state dict: use it as unet/diffusion_pytorch_model.safetensors");
-  LoraFile f = read_lora_file(model_file, {});
+  LoraFile f = read_lora_file(model_file, {}, alpha);
   if (f.format != LoraFormat::Peft) throw UserError("ECKPTLORA", model_file + ": expected peft keys (unet.<module>.lora_A.weight)");
   for (auto& [_, w] : f.components) {
     w.alpha = alpha;
@@ -99,7 +100,16 @@ std::vector<std::pair<std::string, torch::Tensor>> lora_set_tensors(const LoraSe
 MergeStats merge_lora_component(const LoraWeights& w, const std::string& kind, const std::string& base_dir,
                                 const std::string& variant, const std::string& out_dir) {
   const std::string stem = kind == "text_encoder" ? "model" : "diffusion_pytorch_model";
-  WeightSource src = WeightSource::open_component(base_dir, stem, variant);
+  // A single-file base checkpoint: this component's tensors under their diffusers names (the file's LDM names mapped as
+  // when loading; the VAE's 1x1-conv attention weights as the Linear weights diffusers stores).
+  const bool single = is_single_file_checkpoint(base_dir);
+  if (single && !variant.empty()) throw UserError("EINPUT", base_dir + ": --variant selects a file inside a model folder; a single file has none");
+  WeightSource src = single ? WeightSource::open_file(base_dir) : WeightSource::open_component(base_dir, stem, variant);
+  KeyMap name_of = [](const std::string& k) { return k; };
+  if (single) {
+    SingleFileModel sf = describe_single_file(src);
+    name_of = kind == "unet" ? sf.unet_key : kind == "vae" ? sf.vae_key : sf.text_encoder_key;
+  }
   // File key -> module path. The text encoder's file may lack the "text_model." level (transformers 5 layout).
   auto module_of = [&](const std::string& key) -> std::string {
     static const std::string suffix = ".weight";
@@ -113,8 +123,12 @@ MergeStats merge_lora_component(const LoraWeights& w, const std::string& kind, c
   std::set<std::string> done;
   NamedTensors out;
   torch::NoGradGuard ng;
-  for (const auto& key : src.keys()) {
-    torch::Tensor t = src.get(key, std::nullopt, torch::Device(torch::kCPU));
+  for (const auto& file_key : src.keys()) {
+    const std::string key = name_of(file_key);
+    if (key.empty()) continue;  // another component's tensor (single file)
+    torch::Tensor t = src.get(file_key, std::nullopt, torch::Device(torch::kCPU));
+    if (single && kind == "vae" && key.find(".attentions.") != std::string::npos && t.dim() == 4 && t.size(2) == 1 && t.size(3) == 1)
+      t = t.reshape({t.size(0), t.size(1)});
     const std::string path = module_of(key);
     if (!path.empty()) {
       const auto& e = w.modules.at(path);

@@ -44,6 +44,9 @@ struct MergeStats {
 // writes <out_dir>/<diffusion_pytorch_model|model>.safetensors with every tensor as stored, except the weights of
 // adapted Linear modules, which become W + (alpha/r) * B @ A computed in fp32 and stored in the base dtype.
 // Throws when an adapter names a module the base file does not have, or the shapes differ.
+// `base_dir` may also be a single-file SD 1.x checkpoint (single_file.h): then `kind` ("unet", "vae", "text_encoder")
+// selects that component's tensors, written under their diffusers names (a component without adapters is only
+// converted: `w` may be empty).
 MergeStats merge_lora_component(const LoraWeights& w, const std::string& kind, const std::string& base_dir,
                                 const std::string& variant, const std::string& out_dir);
 

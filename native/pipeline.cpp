@@ -5,6 +5,7 @@
 #include "engine.h"
 #include "lora.h"
 #include "safetensors.h"
+#include "single_file.h"
 #include "weights.h"
 
 namespace tl {
@@ -34,11 +35,11 @@ std::vector<std::string> linear_paths(torch::nn::Module& m) {
 
 }  // namespace
 
-size_t pipeline_apply_lora(Pipeline& p, const std::string& file, double scale, LoraFormat* format) {
+size_t pipeline_apply_lora(Pipeline& p, const std::string& file, double scale, LoraFormat* format, std::optional<double> alpha_if_unknown) {
   std::map<std::string, std::vector<std::string>> paths;
   if (p.unet) paths["unet"] = linear_paths(*p.unet);
   if (p.text_encoder) paths["text_encoder"] = linear_paths(*p.text_encoder);
-  LoraFile lora = read_lora_file(file, paths);
+  LoraFile lora = read_lora_file(file, paths, alpha_if_unknown);
   if (lora.components.empty()) throw UserError("ELORAKEYS", file + ": has no LoRA weights for the UNet or the text encoder");
   size_t n = 0;
   for (const auto& [comp, w] : lora.components) {
@@ -52,7 +53,50 @@ size_t pipeline_apply_lora(Pipeline& p, const std::string& file, double scale, L
   return n;
 }
 
+namespace {
+
+// A single-file SD 1.x checkpoint (single_file.h): one memory-mapped file, keys mapped to diffusers names while loading.
+std::shared_ptr<Pipeline> load_single_file(const std::string& file, const PipelineOptions& opts) {
+  if (!opts.variant.empty())
+    throw UserError("EINPUT", file + ": --variant selects a file inside a model folder; a single-file checkpoint has none");
+  WeightSource src = WeightSource::open_file(file);
+  SingleFileModel sf = describe_single_file(src);
+  auto p = std::make_shared<Pipeline>();
+  p->dir = file;
+  p->device = opts.device;
+  p->dtype = opts.dtype.value_or(torch::kFloat32);
+  auto need = [&](const std::string& c) { return opts.components.count(c) > 0; };
+  const std::string where = file + " (inferred ";
+  if (need("text_encoder")) {
+    p->text_encoder = CLIPTextModel::load_from(CLIPTextConfig::from_json(sf.text_encoder, where + "text encoder config)"), src,
+                                               sf.text_encoder_key, p->dtype, p->device);
+    freeze(*p->text_encoder);
+    p->text_encoder->eval();
+  }
+  if (need("unet")) {
+    p->unet = UNet2DConditionModel::load_from(UNet2DConditionConfig::from_json(sf.unet, where + "UNet config)"), src, sf.unet_key,
+                                              p->dtype, p->device);
+    freeze(*p->unet);
+    p->unet->eval();
+  }
+  if (need("vae")) {
+    p->vae = AutoencoderKL::load_from(AutoencoderKLConfig::from_json(sf.vae, where + "VAE config)"), src, sf.vae_key, p->dtype, p->device);
+    freeze(*p->vae);
+    p->vae->eval();
+  }
+  return p;
+}
+
+}  // namespace
+
+std::string single_file_configs_json(const std::string& file) {
+  WeightSource src = WeightSource::open_file(file);
+  SingleFileModel sf = describe_single_file(src);
+  return Json(Json::Object{{"unet", sf.unet}, {"vae", sf.vae}, {"text_encoder", sf.text_encoder}}).dump();
+}
+
 std::shared_ptr<Pipeline> load_pipeline(const std::string& dir, const PipelineOptions& opts) {
+  if (is_single_file_checkpoint(dir)) return load_single_file(dir, opts);
   if (!is_dir(dir))
     throw UserError("ENOENT", dir + ": model folder not found (expected a diffusers folder with model_index.json, unet/, vae/, text_encoder/, tokenizer/)");
   auto p = std::make_shared<Pipeline>();
@@ -116,7 +160,7 @@ NamedTensors run_forward(Pipeline& p, const NamedTensors& inputs, const ForwardO
 
   LoraFormat lora_format = LoraFormat::Peft;
   const bool has_lora = !opts.lora_path.empty();
-  if (has_lora) pipeline_apply_lora(p, opts.lora_path, opts.lora_scale, &lora_format);
+  if (has_lora) pipeline_apply_lora(p, opts.lora_path, opts.lora_scale, &lora_format, opts.lora_alpha);
 
   if (torch::Tensor ids = in("input_ids"); ids.defined()) {
     if (!p.text_encoder) throw UserError("EINPUT", "input_ids given but the text encoder is not loaded");

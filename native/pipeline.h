@@ -31,11 +31,17 @@ struct PipelineOptions {
   torch::Device device = torch::kCPU;
 };
 
+// `dir` is a diffusers folder, or a single-file SD 1.x checkpoint in the original layout (single_file.h).
 std::shared_ptr<Pipeline> load_pipeline(const std::string& dir, const PipelineOptions& opts);
+
+// The configs inferred from a single-file checkpoint: {"unet": {...}, "vae": {...}, "text_encoder": {...}} (JSON text).
+std::string single_file_configs_json(const std::string& file);
 
 // Applies a LoRA file (diffusers, peft or kohya keys, detected) to the pipeline's UNet and text encoder at `scale`
 // (peft's adapter scale). Returns the number of adapted modules; `format` receives the file's format.
-size_t pipeline_apply_lora(Pipeline& p, const std::string& file, double scale, LoraFormat* format = nullptr);
+// `file` may be a folder (see read_lora_file); `alpha_if_unknown` is --lora-alpha, used only when the LoRA does not say.
+size_t pipeline_apply_lora(Pipeline& p, const std::string& file, double scale, LoraFormat* format = nullptr,
+                           std::optional<double> alpha_if_unknown = std::nullopt);
 
 // A component ("unet" | "vae" | "text_encoder") built from <dir>/config.json, without loading weights.
 std::shared_ptr<torch::nn::Module> build_component(const std::string& dir, const std::string& kind);
@@ -49,6 +55,7 @@ using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
 struct ForwardOptions {
   std::string lora_path;  // applied to the UNet (and the text encoder when the file has text_encoder keys)
   double lora_scale = 1.0;
+  std::optional<double> lora_alpha;  // --lora-alpha: the alpha of a LoRA file that does not say (see read_lora_file)
   bool backward = false;
   bool gradient_checkpointing = false;  // backward through checkpointed blocks (must give the same gradients)
 };

@@ -135,7 +135,7 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
   } else {
     if (!p.text_encoder) throw UserError("EINPUT", "input ids given but the text encoder is not loaded");
     torch::NoGradGuard ng;
-    ehs = p.text_encoder->forward(b.input_ids.to(dev));
+    ehs = text_embeddings(b.input_ids);
   }
   torch::Tensor pred;
   {
@@ -155,6 +155,40 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
   std::vector<int64_t> dims;
   for (int64_t d = 1; d < l.dim(); ++d) dims.push_back(d);
   return (l.mean(dims) * w).mean();
+}
+
+torch::Tensor Trainer::text_embeddings(const torch::Tensor& input_ids) {
+  auto& te = *pipe_->text_encoder;
+  const auto dev = pipe_->device;
+  bool frozen = true;
+  for (const auto& p : te.parameters(true)) frozen = frozen && !p.requires_grad();
+  if (cfg_.text_embedding_cache_bytes <= 0 || !frozen) return te.forward(input_ids.to(dev));
+  torch::Tensor ids = input_ids.to(torch::kCPU, torch::kLong).contiguous();
+  const int64_t B = ids.size(0), L = ids.size(1);
+  std::vector<torch::Tensor> rows;
+  for (int64_t i = 0; i < B; ++i) {
+    std::string key(reinterpret_cast<const char*>(ids.data_ptr<int64_t>() + i * L), static_cast<size_t>(L) * sizeof(int64_t));
+    auto it = text_cache_.find(key);
+    if (it != text_cache_.end()) {
+      text_lru_.splice(text_lru_.begin(), text_lru_, it->second.lru);
+      rows.push_back(it->second.value);
+      continue;
+    }
+    torch::Tensor e = te.forward(ids.narrow(0, i, 1).to(dev));
+    rows.push_back(e);
+    const int64_t bytes = e.numel() * e.element_size();
+    if (bytes > cfg_.text_embedding_cache_bytes) continue;
+    while (text_cache_used_ + bytes > cfg_.text_embedding_cache_bytes && !text_lru_.empty()) {
+      auto old = text_cache_.find(text_lru_.back());
+      text_cache_used_ -= old->second.value.numel() * old->second.value.element_size();
+      text_cache_.erase(old);
+      text_lru_.pop_back();
+    }
+    text_lru_.push_front(key);
+    text_cache_.emplace(std::move(key), CachedEmbedding{e, text_lru_.begin()});
+    text_cache_used_ += bytes;
+  }
+  return torch::cat(rows, 0);
 }
 
 double Trainer::micro_step(const MicroBatch& b) {

@@ -7,10 +7,12 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <list>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "lora.h"
@@ -37,6 +39,10 @@ struct TrainerConfig {
   // fp16 dynamic loss scaling (torch.amp.GradScaler's parameters and defaults)
   double init_loss_scale = 65536.0, growth_factor = 2.0, backoff_factor = 0.5;
   int64_t growth_interval = 2000;
+  // Text-encoder outputs kept per distinct token sequence while the text encoder is frozen (LRU, bytes); 0 disables.
+  // Each caption is encoded on its own (batch of 1), so an embedding does not depend on what shared its batch or on
+  // what the cache held: a resumed run computes exactly what an uninterrupted one does.
+  int64_t text_embedding_cache_bytes = int64_t(1) << 30;
 };
 
 struct MicroBatch {
@@ -110,6 +116,14 @@ class Trainer {
 
  private:
   torch::Tensor loss_for(const MicroBatch& b, bool train);
+  torch::Tensor text_embeddings(const torch::Tensor& input_ids);
+  struct CachedEmbedding {
+    torch::Tensor value;
+    std::list<std::string>::iterator lru;
+  };
+  std::unordered_map<std::string, CachedEmbedding> text_cache_;
+  std::list<std::string> text_lru_;  // most recently used first
+  int64_t text_cache_used_ = 0;
   std::shared_ptr<Pipeline> pipe_;
   TrainerConfig cfg_;
   std::vector<std::pair<std::string, torch::Tensor>> params_;  // trainable, in a fixed order

@@ -373,11 +373,18 @@ std::shared_ptr<UNet2DConditionModel> UNet2DConditionModel::load(const std::stri
                                                                  std::optional<torch::ScalarType> dtype, torch::Device device) {
   const std::string cfg_path = dir + "/config.json";
   auto cfg = UNet2DConditionConfig::from_json(read_json_file(cfg_path), cfg_path);
-  auto model = std::make_shared<UNet2DConditionModel>(cfg);
   auto src = WeightSource::open_component(dir, "diffusion_pytorch_model", variant);
+  return load_from(cfg, src, nullptr, dtype, device);
+}
+
+std::shared_ptr<UNet2DConditionModel> UNet2DConditionModel::load_from(const UNet2DConditionConfig& cfg, const WeightSource& src,
+                                                                      const std::function<std::string(const std::string&)>& rename,
+                                                                      std::optional<torch::ScalarType> dtype, torch::Device device) {
+  auto model = std::make_shared<UNet2DConditionModel>(cfg);
   LoadOptions opts;
   opts.dtype = dtype;
   opts.device = device;
+  opts.rename = rename;
   load_module(*model, src, opts, "UNet2DConditionModel");
   return model;
 }

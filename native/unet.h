@@ -3,12 +3,15 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <functional>
+
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "json.h"
 #include "nn.h"
+#include "weights.h"
 
 namespace tl {
 
@@ -95,6 +98,11 @@ struct UNet2DConditionModel : torch::nn::Module {
   // dir = the unet/ folder (config.json + diffusion_pytorch_model[.variant].safetensors or shards).
   static std::shared_ptr<UNet2DConditionModel> load(const std::string& dir, const std::string& variant,
                                                     std::optional<torch::ScalarType> dtype, torch::Device device);
+  // The same from a config and a weight source whose keys `rename` maps to diffusers names ("" = not this model's
+  // key): a single-file checkpoint (single_file.cpp).
+  static std::shared_ptr<UNet2DConditionModel> load_from(const UNet2DConditionConfig& cfg, const WeightSource& src,
+                                                         const std::function<std::string(const std::string&)>& rename,
+                                                         std::optional<torch::ScalarType> dtype, torch::Device device);
 };
 
 // diffusers' get_timestep_embedding.

@@ -351,6 +351,17 @@ std::shared_ptr<AutoencoderKL> AutoencoderKL::load(const std::string& dir, const
   const std::string cfg_path = dir + "/config.json";
   AutoencoderKLConfig cfg = AutoencoderKLConfig::from_json(read_json_file(cfg_path), cfg_path);
   WeightSource src = WeightSource::open_component(dir, "diffusion_pytorch_model", variant);
+  return load_from(cfg, src, nullptr, dtype, device);
+}
+
+std::shared_ptr<AutoencoderKL> AutoencoderKL::load_from(const AutoencoderKLConfig& cfg, const WeightSource& src,
+                                                        const std::function<std::string(const std::string&)>& rename_key,
+                                                        std::optional<torch::ScalarType> dtype, torch::Device device) {
+  // The caller's names may still be the old attention names: map those too.
+  auto rename = [&rename_key](const std::string& key) -> std::string {
+    std::string name = rename_key ? rename_key(key) : key;
+    return name.empty() ? name : rename_vae_key(name);
+  };
   // force_upcast (the default, and SD 1.5's VAE): the VAE overflows in fp16, so it stays fp32 when the pipeline asks
   // for fp16 (encode/decode convert their inputs to the VAE's dtype; callers get fp32 latents and images).
   if (dtype && *dtype == torch::kFloat16 && cfg.force_upcast) dtype = torch::kFloat32;
@@ -364,7 +375,7 @@ std::shared_ptr<AutoencoderKL> AutoencoderKL::load(const std::string& dir, const
   {
     torch::NoGradGuard ng;
     for (const auto& key : src.keys()) {
-      const std::string name = rename_vae_key(key);
+      const std::string name = rename(key);
       auto it = params.find(name);
       if (it == params.end() || name.find(".attentions.") == std::string::npos) continue;
       const auto fs = src.shape(key);
@@ -378,7 +389,7 @@ std::shared_ptr<AutoencoderKL> AutoencoderKL::load(const std::string& dir, const
   LoadOptions o;
   o.dtype = dtype;
   o.device = device;
-  o.rename = rename_vae_key;
+  o.rename = rename;
   load_module(*m, src, o, "VAE");
   {
     torch::NoGradGuard ng;

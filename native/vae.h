@@ -6,6 +6,8 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <functional>
+
 #include <memory>
 #include <optional>
 #include <string>
@@ -13,6 +15,7 @@
 
 #include "json.h"
 #include "nn.h"
+#include "weights.h"
 
 namespace tl {
 
@@ -124,6 +127,10 @@ struct AutoencoderKL : torch::nn::Module {
   // Accepts the old attention names query/key/value/proj_attn (and 1x1-conv-shaped [C, C, 1, 1] weights).
   static std::shared_ptr<AutoencoderKL> load(const std::string& dir, const std::string& variant,
                                              std::optional<torch::ScalarType> dtype, torch::Device device);
+  // From a config and a weight source whose keys `rename` maps to diffusers names ("" = not the VAE's).
+  static std::shared_ptr<AutoencoderKL> load_from(const AutoencoderKLConfig& cfg, const WeightSource& src,
+                                                  const std::function<std::string(const std::string&)>& rename,
+                                                  std::optional<torch::ScalarType> dtype, torch::Device device);
 };
 
 }  // namespace tl

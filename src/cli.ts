@@ -15,13 +15,13 @@ import { runForwardCommand } from './commands/forward';
 import { runGenerateCommand } from './commands/generate';
 import { SCHEDULER_NAMES, type SchedulerName } from './inference/schedulers';
 import { testSetup } from './commands/test-setup';
-import { addTrainOptions, configFromArgv } from './commands/train-options';
+import { addTrainOptions, configFromArgv, normalizeTrainArgs } from './commands/train-options';
 import { ConfigError } from './config';
 import { launchPlan } from './distributed/env';
 import { superviseWorkers } from './distributed/launcher';
 import { makeDemoData } from './data/demo-data';
 import { CliReporter } from './train/reporter';
-import { nextRunDir, train } from './train/train';
+import { checkOutputDir, nextRunDir, train } from './train/train';
 import { DEMO_MODEL_VERSION, DEMO_RESOLUTION, makeTinyModel, type ModelPreset } from './models/model-folder';
 import { native, type LoraFileFormat, type Precision } from './native';
 
@@ -75,6 +75,8 @@ async function demoDefaults(log: CliReporter): Promise<Record<string, unknown>> 
 
 /** Flags that take a value and that a resume/continue command replaces. */
 const REPLACED_FLAGS = new Set(['output-dir', 'output_dir', 'out', 'resume-from-checkpoint', 'resume_from_checkpoint', 'max-train-steps', 'max_train_steps']);
+/** Switches that belong to the first start only: a resume must not repeat them. */
+const DROPPED_SWITCHES = new Set(['overwrite-output-dir', 'overwrite_output_dir']);
 
 /**
  * The user's own command line with `extra` flags in place of the ones they replace (output folder, resume, steps), so
@@ -88,6 +90,10 @@ export function rerunCommand(args: readonly string[], extra: readonly string[]):
       if (m[2] === undefined) i++; // skip its value
       continue;
     }
+    if (m && DROPPED_SWITCHES.has(m[1])) {
+      if (m[2] === undefined && (args[i + 1] === 'true' || args[i + 1] === 'false')) i++;
+      continue;
+    }
     kept.push(args[i]);
   }
   const quote = (a: string) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`);
@@ -95,16 +101,31 @@ export function rerunCommand(args: readonly string[], extra: readonly string[]):
 }
 
 async function runTrain(argv: Record<string, unknown>): Promise<void> {
-  const reporter = new CliReporter((argv['log-level'] as 'info' | undefined) ?? 'info');
-  const extra = argv.demo ? await demoDefaults(reporter) : {};
   if (!argv.demo && argv['pretrained-model-name-or-path'] === undefined && argv.config === undefined) {
     throw new ConfigError([
       '--pretrained-model-name-or-path is required (a local diffusers folder), with --train-data-dir. Try `train-lora --demo` for a complete run on generated data, or `train-lora --help`.',
     ]);
   }
+  let extra: Record<string, unknown> = {};
+  if (argv.demo) {
+    const early = new CliReporter((argv['log-level'] as 'info' | undefined) ?? 'info');
+    try {
+      extra = await demoDefaults(early);
+    } finally {
+      early.close();
+    }
+  }
   const cfg = configFromArgv(argv, extra);
+  // The log level of the merged configuration: --log-level, else the --config file's log_level, else info.
+  const reporter = new CliReporter(cfg.log_level);
   const chosenDir = !cfg.output_dir;
   if (!cfg.output_dir) cfg.output_dir = nextRunDir();
+  try {
+    checkOutputDir(cfg.output_dir);
+  } catch (e) {
+    reporter.close();
+    throw e;
+  }
   const plan = launchPlan(cfg);
   if (plan.kind === 'supervise') {
     // --num-processes N: this process only starts and watches the workers (same arguments, one output folder).
@@ -143,8 +164,26 @@ async function runTrain(argv: Record<string, unknown>): Promise<void> {
   }
 }
 
+/** Subcommands whose options are not the training flags. */
+const OTHER_COMMANDS = new Set(['devices', 'checkpoints', 'list-runs', 'make-tiny-model', 'make-demo-data', 'forward', 'generate']);
+
+/** Training (the default command) and test-setup read the training flags: last one wins, negative numbers are values. */
+function normalizeArgs(argv: readonly string[]): string[] {
+  return OTHER_COMMANDS.has(argv[0]) ? [...argv] : normalizeTrainArgs(argv);
+}
+
+/** The training flags of a command line as yargs parses them for `train` (for tests and tools). */
+export function parseTrainFlags(args: readonly string[]): Record<string, unknown> {
+  return addTrainOptions(yargs(normalizeArgs(args)))
+    .strict()
+    .fail((msg, err) => {
+      throw err ?? new ConfigError([msg]);
+    })
+    .parseSync() as Record<string, unknown>;
+}
+
 export async function main(argv: string[]): Promise<void> {
-  await yargs(argv)
+  await yargs(normalizeArgs(argv))
     .scriptName('train-lora')
     .usage('$0 [command] [options]\n\nLoRA fine-tuning of Stable Diffusion 1.5 on a folder of images and captions,\nwith checkpoints that survive crashes, Ctrl+C and full disks.')
     .command(
@@ -237,8 +276,9 @@ export async function main(argv: string[]): Promise<void> {
           .option('model', { type: 'string', demandOption: true, describe: 'diffusers model folder' })
           .option('inputs', { type: 'string', describe: 'safetensors with input_ids / latents+timesteps+encoder_hidden_states / image / vae_latents [/ target]' })
           .option('output', { type: 'string', demandOption: true, describe: 'where to write the outputs (safetensors)' })
-          .option('lora', { type: 'string', describe: 'LoRA file applied to the UNet (diffusers, peft or kohya keys)' })
+          .option('lora', { type: 'string', describe: 'LoRA file (diffusers, peft or kohya keys), PEFT adapter folder or checkpoint folder, applied to the UNet' })
           .option('lora-scale', { type: 'number', default: 1 })
+          .option('lora-alpha', { type: 'number', describe: 'alpha of a LoRA file that does not carry it (a bare PEFT-format file); the scale is alpha / rank' })
           .option('prompt', { type: 'string', array: true, describe: 'tokenize with the folder tokenizer; writes input_ids and text_embeddings' })
           .option('device', { type: 'string', default: 'cpu' })
           .option('dtype', { choices: ['fp32', 'fp16', 'bf16'] as const, default: 'fp32' as const })
@@ -251,6 +291,7 @@ export async function main(argv: string[]): Promise<void> {
           output: a.output,
           lora: a.lora,
           loraScale: a['lora-scale'],
+          loraAlpha: a['lora-alpha'],
           prompt: a.prompt,
           device: a.device,
           dtype: a.dtype as Precision,
@@ -266,8 +307,9 @@ export async function main(argv: string[]): Promise<void> {
       (y) =>
         y
           .option('model', { type: 'string', demandOption: true, describe: 'diffusers model folder' })
-          .option('lora', { type: 'string', describe: 'LoRA .safetensors (diffusers, peft or kohya keys) or a training checkpoint folder' })
+          .option('lora', { type: 'string', describe: 'LoRA .safetensors (diffusers, peft or kohya keys), a PEFT adapter folder or a training checkpoint folder' })
           .option('lora-scale', { type: 'number', default: 1, describe: 'LoRA strength' })
+          .option('lora-alpha', { type: 'number', describe: 'alpha of a LoRA file that does not carry it (a bare PEFT-format file); the scale is alpha / rank' })
           .option('prompt', { type: 'string', array: true, demandOption: true, describe: 'prompt (repeat for several)' })
           .option('negative-prompt', { type: 'string', describe: 'one negative prompt for every image' })
           .option('num-images', { type: 'number', default: 1, describe: 'images per prompt' })
@@ -286,6 +328,7 @@ export async function main(argv: string[]): Promise<void> {
           model: a.model,
           lora: a.lora,
           loraScale: a['lora-scale'],
+          loraAlpha: a['lora-alpha'],
           prompt: a.prompt.map(String),
           negativePrompt: a['negative-prompt'],
           numImages: a['num-images'],

@@ -56,6 +56,8 @@ export const TrainConfigSchema = z
     adam_weight_decay: z.number().min(0).default(1e-2),
     adam_epsilon: z.number().positive().default(1e-8),
     max_grad_norm: z.number().default(1.0),
+    /** Stop after this many optimizer steps in a row with non-finite loss or gradients (each one is skipped). */
+    max_nonfinite_steps: positiveInt.default(10),
     seed: nonNegInt.default(42),
     prediction_type: z.enum(['epsilon', 'v_prediction']).optional(),
     noise_offset: z.number().min(0).default(0),
@@ -75,6 +77,8 @@ export const TrainConfigSchema = z
     // Checkpointing
     output_dir: z.string().optional(),
     checkpointing_steps: positiveInt.default(500),
+    /** Also save when this many minutes of wall-clock time passed since the last save. */
+    checkpointing_minutes: z.number().positive().optional(),
     checkpoints_total_limit: positiveInt.default(5),
     checkpoint_every_epoch: z.boolean().default(false),
     resume_from_checkpoint: z.string().optional(),
@@ -85,6 +89,8 @@ export const TrainConfigSchema = z
     monitor: z.enum(['train_loss', 'val_loss']).default('train_loss'),
     monitor_mode: z.enum(['min', 'max']).default('min'),
     stage: z.string().min(1).optional(),
+    /** Start a new run in an output folder that holds another run's checkpoints or LoRA: move them aside first. */
+    overwrite_output_dir: z.boolean().default(false),
     // Validation
     validation_prompt: z.array(z.string()).default([]),
     validation_prompts_file: z.string().optional(),

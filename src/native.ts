@@ -67,9 +67,12 @@ export interface LoadPipelineOptions {
 }
 
 export interface ForwardOptions {
-  /** A LoRA file (diffusers, peft or kohya keys; autodetected) applied to the UNet / text encoder. */
+  /** A LoRA file (diffusers, peft or kohya keys; autodetected), PEFT adapter folder or checkpoint folder, applied to
+   * the UNet / text encoder at its own alpha (see read_lora_file in native/lora.h). */
   lora?: string;
   loraScale?: number;
+  /** --lora-alpha: the alpha of a LoRA that does not carry it (otherwise such a file is an ELORAALPHA error). */
+  loraAlpha?: number;
   /** Also compute `loss` (MSE against `target`) and `grad.<key>` of every LoRA parameter. */
   backward?: boolean;
   /** Backward through activation-checkpointed blocks (must give the same gradients). */
@@ -83,7 +86,13 @@ export interface NativeBinding {
   safetensorsRead(path: string, options?: { dtype?: Precision | DType }): Promise<{ tensors: HostTensor[]; metadata: Record<string, string> }>;
   safetensorsWrite(path: string, tensors: HostTensor[], metadata?: Record<string, string>): Promise<void>;
   dispose(handle: Handle<string>): void;
+  /** Finishes queued work and stops the addon's torch and I/O threads; every later call rejects with code ESHUTDOWN. */
+  shutdown(): void;
+  /** `dir`: a diffusers model folder, or a single-file SD 1.x checkpoint in the original (LDM) layout. */
   loadPipeline(dir: string, options?: LoadPipelineOptions): Promise<PipelineHandle>;
+  /** The configs inferred from a single-file SD 1.x checkpoint's tensors, as JSON text {"unet", "vae", "text_encoder"};
+   * rejects (EMODELFILE) for other families (SDXL, SD3, Flux, SD 2.x OpenCLIP) and incomplete files. */
+  singleFileConfigs(file: string): Promise<string>;
   /** TF32 for fp32 matmuls (cuBLAS) and convolutions (cuDNN), both set to `allow`; resolves with what libtorch reports. */
   setAllowTf32(allow: boolean): Promise<{ cublas: boolean; cudnn: boolean }>;
   forward(pipeline: PipelineHandle, inputs: HostTensor[], options?: ForwardOptions): Promise<HostTensor[]>;
@@ -130,8 +139,10 @@ export interface NativeBinding {
   /**
    * Writes <outComponentDir>/diffusion_pytorch_model.safetensors (model.safetensors for the text encoder): the base
    * component's weights as stored, with W + alpha/r * B @ A folded into every adapted weight, in the base dtype.
+   * `baseComponentDir` may be a single-file checkpoint: the component's tensors are written under diffusers names
+   * ('vae', without adapters, is only converted).
    */
-  loraMergeComponent(source: LoraSource, component: LoraComponent, baseComponentDir: string, outComponentDir: string, options?: { variant?: string }): Promise<LoraMergeResult>;
+  loraMergeComponent(source: LoraSource, component: LoraComponent | 'vae', baseComponentDir: string, outComponentDir: string, options?: { variant?: string }): Promise<LoraMergeResult>;
   /**
    * A text-to-image sampling session (src/inference/text-to-image.ts drives it): encodes the prompts, draws the
    * initial latents from its own CPU generator seeded with `seed` (diffusers' prepare_latents). `pipeline` may be
@@ -144,8 +155,10 @@ export interface NativeBinding {
   samplerDecode(sampler: SamplerHandle, options?: { output?: 'uint8' | 'float' }): Promise<HostTensor>;
   /** The current latents (float32), for tests. */
   samplerLatents(sampler: SamplerHandle): Promise<HostTensor>;
-  /** Applies a LoRA file (UNet and/or text encoder; any supported format) at strength `scale`; resolves with the module count. */
-  pipelineApplyLora(pipeline: PipelineHandle, file: string, scale?: number): Promise<number>;
+  /** Applies a LoRA (UNet and/or text encoder; any supported format, a file, PEFT adapter folder or checkpoint folder) at
+   * strength `scale`, at its own alpha; `alphaIfUnknown` (--lora-alpha) serves a file that does not carry its alpha.
+   * Resolves with the module count. */
+  pipelineApplyLora(pipeline: PipelineHandle, file: string, scale?: number, alphaIfUnknown?: number): Promise<number>;
 }
 
 /** Where LoRA adapters come from: a live trainer or pipeline, or a checkpoint's model.safetensors (peft keys) + alpha. */
@@ -234,6 +247,12 @@ export interface TrainerOptions {
   /** <= 0 disables clipping. */
   maxGradNorm?: number;
   seed?: number;
+  /**
+   * Text-encoder outputs cached per distinct caption (token ids) while the text encoder is frozen, LRU-bounded to this
+   * many MiB (default 1024; 0 encodes every batch anew). Each caption is encoded alone, so results do not depend on
+   * the cache's state (exact resume).
+   */
+  textEmbeddingCacheMb?: number;
   /** fp16 dynamic loss scaling, as torch.amp.GradScaler (defaults: 65536, 2, 0.5, 2000). */
   lossScaling?: { initScale?: number; growthFactor?: number; backoffFactor?: number; growthInterval?: number };
 }
@@ -253,14 +272,18 @@ export interface TrainBatch {
 export interface OptimizerStepResult {
   /** Total gradient 2-norm before clipping (NaN when the step was skipped). */
   gradNorm: number;
-  /** fp16: non-finite gradients (overflow); no update happened, the loss scale was lowered and the LR schedule must not advance. */
+  /** No update happened and the LR schedule must not advance (non-finite gradients). */
   skipped: boolean;
+  /** The gradients held inf/NaN: with fp16 an overflow (the loss scale was lowered), otherwise a diverging run. */
+  nonFinite: boolean;
   lossScale: number;
   optimizerSteps: number;
 }
 
 /** What a checkpoint stores besides model.safetensors / optimizer.safetensors (all JSON-able). */
 export interface TrainerStateJson {
+  /** trainerSaveState only: the files it wrote, with the size and SHA-256 of the bytes written (for the manifest). */
+  files?: Record<string, { size: number; sha256: string }>;
   optimizerSteps: Record<string, number>;
   scaler: { enabled: boolean; scale: number; growthTracker: number };
   /** Generator states by stream ("cpu", "cuda:0", ...), base64. */

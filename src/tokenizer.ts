@@ -228,6 +228,49 @@ function parseMerges(text: string, file: string, vocab: ReadonlyMap<string, numb
   return ranks;
 }
 
+/** The tokenizer.json pipeline of a CLIP tokenizer, as tokenizers serializes it (checked, so another kind is refused). */
+const CLIP_NORMALIZER = JSON.stringify({
+  type: 'Sequence',
+  normalizers: [{ type: 'NFC' }, { type: 'Replace', pattern: { Regex: '\\s+' }, content: ' ' }, { type: 'Lowercase' }],
+});
+
+/**
+ * Reads a tokenizers `tokenizer.json` of a CLIP tokenizer: model.vocab (token -> id), model.merges (["a", "b"] pairs,
+ * or "a b" strings as older tokenizers wrote them) and added_tokens. The rest of the pipeline must be CLIP's
+ * (normalizer, Split + ByteLevel pre-tokenizer, BPE with "</w>"), which this class implements; anything else is refused.
+ */
+function parseTokenizerJson(file: string): {
+  vocab: Map<string, number>;
+  ranks: Map<string, number>;
+  added: Array<Record<string, unknown>>;
+} {
+  const j = parseJsonObject(fs.readFileSync(file, 'utf8'), file);
+  const bad = (what: string): Error => new Error(`CLIPTokenizer: ${file}: ${what}`);
+  const model = j.model as Record<string, unknown> | undefined;
+  if (!model || typeof model !== 'object') throw bad('has no "model" object');
+  if (model.type !== undefined && model.type !== 'BPE') throw bad(`model type ${JSON.stringify(model.type)} is not a CLIP BPE tokenizer`);
+  if (model.end_of_word_suffix !== '</w>') throw bad('is not a CLIP tokenizer (its BPE has no "</w>" end-of-word suffix)');
+  if (model.continuing_subword_prefix) throw bad('is not a CLIP tokenizer (continuing_subword_prefix is set)');
+  if (model.byte_fallback) throw bad('is not a CLIP tokenizer (byte_fallback is set)');
+  if (model.dropout != null) throw bad('BPE dropout is not supported');
+  if (j.normalizer != null && JSON.stringify(j.normalizer) !== CLIP_NORMALIZER)
+    throw bad(`its normalizer is not CLIP's (NFC, white space -> " ", lower case): ${JSON.stringify(j.normalizer)}`);
+  const pre = j.pre_tokenizer as { type?: string; pretokenizers?: Array<{ type?: string }> } | undefined;
+  const preTypes = pre?.type === 'Sequence' ? (pre.pretokenizers ?? []).map((p) => p.type).join(',') : pre?.type;
+  if (preTypes !== 'Split,ByteLevel') throw bad(`its pre-tokenizer is not CLIP's (Split, ByteLevel), got ${preTypes ?? 'none'}`);
+  const vocab = parseVocab(JSON.stringify(model.vocab ?? null), `${file} model.vocab`);
+  if (!Array.isArray(model.merges)) throw bad('model.merges must be a list');
+  const lines = (model.merges as unknown[]).map((m, i) => {
+    if (typeof m === 'string') return m;
+    if (Array.isArray(m) && m.length === 2 && typeof m[0] === 'string' && typeof m[1] === 'string') return `${m[0]} ${m[1]}`;
+    throw bad(`model.merges[${i}] must be ["left", "right"] or "left right"`);
+  });
+  const ranks = parseMerges(lines.join('\n'), `${file} model.merges`, vocab);
+  const added = j.added_tokens === undefined ? [] : j.added_tokens;
+  if (!Array.isArray(added)) throw bad('added_tokens must be a list');
+  return { vocab, ranks, added: added as Array<Record<string, unknown>> };
+}
+
 /** Reads a special-token entry the way transformers' `from_pretrained` does. */
 function parseTokenDecl(value: unknown, where: string, fromSpecialTokensMap: boolean): TokenDecl {
   if (typeof value === 'string') return { kind: 'string', content: value };
@@ -372,13 +415,27 @@ export class CLIPTokenizer {
   }
 
   /**
-   * Loads a Hugging Face CLIP tokenizer folder: vocab.json and merges.txt (required),
-   * tokenizer_config.json and special_tokens_map.json (optional, as in transformers).
+   * Loads a Hugging Face CLIP tokenizer folder: vocab.json and merges.txt, or (without them) tokenizer.json,
+   * which transformers 5 writes instead; tokenizer_config.json and special_tokens_map.json are optional, as in
+   * transformers.
    */
   static fromFolder(dir: string): CLIPTokenizer {
-    const vocab = parseVocab(readRequired(dir, 'vocab.json'), path.join(dir, 'vocab.json'));
-    const ranks = parseMerges(readRequired(dir, 'merges.txt'), path.join(dir, 'merges.txt'), vocab);
-    const config = readOptionalJson(dir, 'tokenizer_config.json');
+    let vocab: Map<string, number>;
+    let ranks: Map<string, number>;
+    let config = readOptionalJson(dir, 'tokenizer_config.json');
+    const hasSlowFiles = fs.existsSync(path.join(dir, 'vocab.json')) || fs.existsSync(path.join(dir, 'merges.txt'));
+    if (!hasSlowFiles && fs.existsSync(path.join(dir, 'tokenizer.json'))) {
+      // transformers 5's save_pretrained writes tokenizer.json only: the same BPE, vocabulary and merges inside.
+      const fast = parseTokenizerJson(path.join(dir, 'tokenizer.json'));
+      vocab = fast.vocab;
+      ranks = fast.ranks;
+      // Its added tokens are what the backend tokenizer starts with: they come first, as added_tokens_decoder does.
+      if (config?.added_tokens_decoder === undefined && fast.added.length)
+        config = { ...(config ?? {}), added_tokens_decoder: Object.fromEntries(fast.added.map((t) => [String(t.id), t])) };
+    } else {
+      vocab = parseVocab(readRequired(dir, 'vocab.json'), path.join(dir, 'vocab.json'));
+      ranks = parseMerges(readRequired(dir, 'merges.txt'), path.join(dir, 'merges.txt'), vocab);
+    }
     const specialMap = readOptionalJson(dir, 'special_tokens_map.json');
     const special = resolveSpecialTokens(config, specialMap, vocab);
 

@@ -6,6 +6,7 @@ import * as path from 'node:path';
 
 import { native } from '../src/native';
 import { byName, relativeError } from '../src/tensors';
+import { parseTrainFlags, rerunCommand } from '../src/cli';
 import { configFromArgv } from '../src/commands/train-options';
 import { ConfigError } from '../src/config';
 
@@ -82,6 +83,57 @@ describe('training options', () => {
         expect.stringMatching(/--train-batch-size/),
       ]),
     );
+  });
+
+  test('a flag given twice: the last one wins under any spelling; array options repeat; negative numbers are values', () => {
+    const c = configFromArgv(
+      parseTrainFlags([
+        '--model', tiny, '--data', tmp,
+        '--max-train-steps', '2', '--max-train-steps', '1',
+        '--checkpointing-steps', '5', '--checkpointing_steps=3',
+        '--output-dir', 'a', '--out', 'b',
+        '--center-crop', '--no-center-crop',
+        '--validation-prompt', 'a red circle', '--validation-prompt', 'a blue square', 'a green star',
+        '--save-format', 'diffusers', '--save-format', 'kohya',
+        '--lora-target-modules', 'to_k', 'to_q', '--lora-target-modules', 'to_v',
+        '--noise-offset', '-0.5', '--noise-offset', '1e-2',
+      ]),
+    );
+    expect([c.max_train_steps, c.checkpointing_steps, c.output_dir, c.center_crop, c.noise_offset]).toEqual([1, 3, 'b', false, 0.01]);
+    expect(c.validation_prompt).toEqual(['a red circle', 'a blue square', 'a green star']);
+    expect(c.save_format).toEqual(['diffusers', 'kohya']);
+    expect(c.lora_target_modules).toEqual(['to_k', 'to_q', 'to_v']);
+    // The resume command a run prints never repeats --overwrite-output-dir (a switch for starting over, not for continuing).
+    expect(rerunCommand(['--model', 'm', '--overwrite-output-dir', '--rank', '4'], ['--resume-from-checkpoint', 'latest'])).toBe('npx train-lora --model m --rank 4 --resume-from-checkpoint latest');
+    // A negative value reaches the configuration's validation, which names the flag.
+    expect(() => configFromArgv(parseTrainFlags(['--model', tiny, '--data', tmp, '--learning-rate', '-1e-3']))).toThrow(/--learning-rate: Number must be greater than 0/);
+  });
+
+  test('the CLI: duplicated flags and a negative --learning-rate are parsed as values, then validated (exit 1)', () => {
+    const r = run('--model', tiny, '--data', path.join(tmp, 'no-data'), '--output-dir', path.join(tmp, 'neg'), '--checkpointing-steps', '5', '--checkpointing-steps', '2', '--learning-rate', '-1e-3');
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/--learning-rate: Number must be greater than 0/);
+    expect(r.stderr).not.toMatch(/Unknown arguments|Expected number, received array/);
+  });
+
+  test('--config log_level is the log level (a --log-level flag still wins)', () => {
+    const cfgFile = path.join(tmp, 'quiet_config.json');
+    fs.writeFileSync(cfgFile, JSON.stringify({ log_level: 'error' }));
+    const args = ['--model', tiny, '--data', path.join(tmp, 'no-data'), '--device', 'cpu', '--output-dir', path.join(tmp, 'quiet')];
+    const quiet = run(...args, '--config', cfgFile);
+    expect(quiet.status).toBe(1);
+    expect(quiet.stdout + quiet.stderr).not.toMatch(/device: cpu/);
+    const loud = run(...args, '--config', cfgFile, '--log-level', 'info');
+    expect(loud.stdout + loud.stderr).toMatch(/device: cpu/);
+  });
+
+  test('an --output-dir that is a file is a clear error naming it (exit 1)', () => {
+    const file = path.join(tmp, 'not-a-folder');
+    fs.writeFileSync(file, 'x');
+    const r = run('--model', tiny, '--data', path.join(tmp, 'no-data'), '--output-dir', file);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/^train-lora: --output-dir .*not-a-folder: .*not-a-folder is a file, not a folder\. Pass a folder for the run/);
+    expect(r.stderr).not.toMatch(/ENOTDIR/);
   });
 
   test('the CLI accepts --max_train_steps (diffusers spelling) and reports config errors with exit 1', () => {

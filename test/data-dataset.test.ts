@@ -18,6 +18,34 @@ beforeAll(async () => {
   jpg = await sharp({ create: { width: 9, height: 14, channels: 3, background: { r: 10, g: 200, b: 10 } } }).jpeg().toBuffer();
 });
 
+/** CRC-32 of PNG chunks (zlib's polynomial). */
+function crc32(buf: Buffer): number {
+  let c = ~0;
+  for (const b of buf) {
+    c ^= b;
+    for (let k = 0; k < 8; k++) c = (c >>> 1) ^ (0xedb88320 & -(c & 1));
+  }
+  return ~c >>> 0;
+}
+
+/** A 48x32 noisy PNG whose IDAT (deflate) data has 40 damaged bytes, its chunk CRC recomputed: the header is intact. */
+async function damagedPng(): Promise<Buffer> {
+  const raw = Buffer.alloc(48 * 32 * 3);
+  for (let i = 0; i < raw.length; i++) raw[i] = (i * 7919 + (i >> 5) * 31) % 251;
+  const good = await sharp(raw, { raw: { width: 48, height: 32, channels: 3 } }).png({ compressionLevel: 9 }).toBuffer();
+  const out = Buffer.from(good);
+  for (let off = 8; off < out.length; ) {
+    const len = out.readUInt32BE(off);
+    if (out.toString('ascii', off + 4, off + 8) === 'IDAT') {
+      for (let i = 0; i < 40; i++) out[off + 8 + (len >> 1) + i] ^= 0x5a;
+      out.writeUInt32BE(crc32(out.subarray(off + 4, off + 8 + len)), off + 8 + len);
+      return out;
+    }
+    off += 12 + len;
+  }
+  throw new Error('no IDAT chunk');
+}
+
 /** A fresh folder with `files` (Buffer = bytes, string = text, 'png'/'jpg' = a small image). */
 function folder(files: Record<string, Buffer | string>): string {
   const dir = path.join(base, `ds${counter++}`);
@@ -248,6 +276,27 @@ describe('malformed datasets', () => {
     const ds = await loadDataset(folder(files), { skipBadImages: true });
     expect(ds.items.map((i) => i.file)).toEqual(['a.png']);
     expect(ds.counts).toMatchObject({ images: 1, skippedBad: 3 });
+  });
+
+  test('damaged pixel data behind a valid header (a PNG whose IDAT stream is corrupt) is found at load: an error naming the file and --skip-bad-images, or skipped the same way at every load', async () => {
+    const damaged = await damagedPng();
+    // The header alone reads fine: only a full decode finds it.
+    await expect(sharp(damaged).metadata()).resolves.toMatchObject({ width: 48, height: 32 });
+    await expect(sharp(damaged).raw().toBuffer()).rejects.toThrow();
+    const files = { 'a.png': 'png', 'a.txt': 'a', 'b.png': damaged, 'b.txt': 'b', 'c.png': 'png', 'c.txt': 'c' };
+    const err = await loadError(folder(files));
+    expect(err.badImages.map((b) => b.file)).toEqual(['b.png']);
+    expect(err.message).toMatch(/b\.png: damaged pixel data: the png header reads as 48x32, but decoding fails/);
+    expect(err.message).toContain('--skip-bad-images');
+    const dir = folder(files);
+    const first = await loadDataset(dir, { skipBadImages: true });
+    expect(first.items.map((i) => i.file)).toEqual(['a.png', 'c.png']);
+    expect(first.skipped).toEqual([{ file: 'b.png', reason: expect.stringMatching(/^damaged pixel data/) }]);
+    // A resume loads the folder again: the same images, the same fingerprint, so the data order continues exactly.
+    const again = await loadDataset(dir, { skipBadImages: true });
+    expect(datasetFingerprint(again)).toBe(datasetFingerprint(first));
+    // The header-only check (validateImages: 'header') is what missed it.
+    expect((await loadDataset(dir, { validateImages: 'header' })).items.map((i) => i.file)).toEqual(['a.png', 'b.png', 'c.png']);
   });
 
   test('every image bad, even when skipping, is an error', async () => {

@@ -314,6 +314,7 @@ describe('checkpoints export (CLI)', () => {
       for (const f of fs.readdirSync(ckpt)) if (f !== 'manifest.json' && f !== 'trainer_state.json') fs.copyFileSync(path.join(ckpt, f), path.join(d, f));
       const st = JSON.parse(fs.readFileSync(path.join(ckpt, 'trainer_state.json'), 'utf8'));
       st.config.train_mode = 'full';
+      st.global_step = 5; // verify checks that trainer_state.json and the manifest name the same step
       fs.writeFileSync(path.join(d, 'trainer_state.json'), JSON.stringify(st));
     });
     const f = run('checkpoints', 'export', full.path);

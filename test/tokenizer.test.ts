@@ -212,3 +212,65 @@ describe('CLIPTokenizer.fromFolder errors', () => {
     expect(load({ 'special_tokens_map.json': '{"bos_token": "<s>"}' })).toThrow(/"<s>" is not in vocab\.json/);
   });
 });
+
+// transformers 5's save_pretrained writes tokenizer.json (and tokenizer_config.json) only: no vocab.json / merges.txt.
+// The folder is made by scripts/golden/make_tokenizer_json_fixture.py, which checks with transformers that it gives
+// the golden ids too.
+describe('a tokenizer folder with tokenizer.json only', () => {
+  const JSON_DIR = path.join(__dirname, 'fixtures', 'tokenizer', 'tokenizer-json');
+  const fast = CLIPTokenizer.fromFolder(JSON_DIR);
+  const slow = CLIPTokenizer.fromFolder(VOCAB_DIR);
+
+  test('the fixture has no vocab.json or merges.txt', () => {
+    expect(fs.readdirSync(JSON_DIR).sort()).toEqual(['tokenizer.json', 'tokenizer_config.json']);
+  });
+
+  test('same special ids and sizes as the vocab.json / merges.txt tokenizer', () => {
+    expect([fast.bosTokenId, fast.eosTokenId, fast.padTokenId, fast.vocabSize, fast.modelMaxLength]).toEqual([
+      slow.bosTokenId, slow.eosTokenId, slow.padTokenId, slow.vocabSize, slow.modelMaxLength,
+    ]);
+  });
+
+  test.each(CASES.map((c) => [label(c.text), c] as const))('golden ids %s', (_name, c) => {
+    expect(fast.encode(c.text)).toEqual(c.ids);
+    expect(fast.encodeBatch([c.text])).toEqual([c.padded]);
+  });
+
+  test('merges written as "a b" strings (older tokenizers) load the same', () => {
+    const j = JSON.parse(fs.readFileSync(path.join(JSON_DIR, 'tokenizer.json'), 'utf8'));
+    j.model.merges = (j.model.merges as string[][]).map((m) => m.join(' '));
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'clip-tokjson-'));
+    fs.writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify(j));
+    fs.copyFileSync(path.join(JSON_DIR, 'tokenizer_config.json'), path.join(dir, 'tokenizer_config.json'));
+    const t = CLIPTokenizer.fromFolder(dir);
+    for (const c of CASES) expect(t.encode(c.text)).toEqual(c.ids);
+  });
+
+  test('a tokenizer.json of another kind is refused', () => {
+    const j = JSON.parse(fs.readFileSync(path.join(JSON_DIR, 'tokenizer.json'), 'utf8'));
+    const write = (mutate: (x: any) => void): string => {
+      const copy = JSON.parse(JSON.stringify(j));
+      mutate(copy);
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'clip-tokjson-'));
+      fs.writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify(copy));
+      return dir;
+    };
+    expect(() => CLIPTokenizer.fromFolder(write((x) => (x.model.type = 'WordPiece')))).toThrow(/not a CLIP BPE/);
+    expect(() => CLIPTokenizer.fromFolder(write((x) => (x.model.end_of_word_suffix = null)))).toThrow(/<\/w>/);
+    expect(() => CLIPTokenizer.fromFolder(write((x) => (x.normalizer = null, x.pre_tokenizer = { type: 'Whitespace' })))).toThrow(/pre-tokenizer/);
+    expect(() => CLIPTokenizer.fromFolder(write((x) => (x.model.merges = [['q', 'z']])))).toThrow(/"qz" is not in/);
+  });
+});
+
+// The CLIP ViT-L/14 tokenizer that ships for single-file checkpoints (assets/clip-tokenizer, scripts/make-clip-tokenizer.py,
+// which checks it against open_clip's original tokenizer and writes transformers' ids for these texts).
+describe('assets/clip-tokenizer (49408 tokens)', () => {
+  const tok = CLIPTokenizer.fromFolder(path.join(__dirname, '..', 'assets', 'clip-tokenizer'));
+  const cases: Array<{ text: string; ids: number[] }> = JSON.parse(fs.readFileSync(path.join(__dirname, 'fixtures', 'tokenizer', 'clip_cases.json'), 'utf8'));
+  test('sizes and special ids of SD 1.5\'s tokenizer', () => {
+    expect([tok.vocabSize, tok.bosTokenId, tok.eosTokenId, tok.padTokenId, tok.modelMaxLength]).toEqual([49408, 49406, 49407, 49407, 77]);
+  });
+  test.each(cases.map((c) => [label(c.text), c] as const))('transformers ids %s', (_name, c) => {
+    expect(tok.encode(c.text)).toEqual(c.ids);
+  });
+});

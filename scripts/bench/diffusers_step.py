@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
 """One LoRA training step of diffusers' examples/text_to_image/train_text_to_image_lora.py, timed.
 
-    diffusers_step.py --model DIR --resolution R --batch B [--gradient-checkpointing] [--device cpu]
-                      [--dtype fp32|bf16] --steps N --warmup 2 [--min-seconds S] [--threads T]
+    diffusers_step.py --model DIR --resolution R --batch B [--gradient-checkpointing] [--cached-latents]
+                      [--count-flops] [--device cpu] [--dtype fp32|bf16] --steps N --warmup 2 [--min-seconds S]
+                      [--threads T]
     diffusers_step.py --check
 
-Prints one JSON line: {"steps_per_sec", "steps", "seconds", "peak_rss_mb", and on CUDA "peak_cuda_mb"}
-(--check: {"ok": true, versions...}; on a failed import: {"error": "..."} and exit status 2).
+Prints one JSON line: {"steps_per_sec", "steps", "seconds", "peak_rss_mb", and on CUDA "peak_cuda_mb"; with
+--count-flops "flops_per_step"} (--check: {"ok": true, versions...}; on a failed import:
+{"error": "..."} and exit status 2).
 
 The step is the script's (accumulation 1, --mixed_precision no|bf16, --max_grad_norm 1): VAE encode +
 sample * scaling_factor, randn noise, randint timesteps, DDPMScheduler.add_noise, text_encoder(input_ids)[0],
 unet(...).sample, mse_loss, backward, clip_grad_norm_, AdamW over the peft LoRA parameters, zero_grad; loss.item()
-as the script's logging does. Inputs are random pixels in [-1, 1] and random token ids.
+as the script's logging does. Inputs are random pixels in [-1, 1] and random token ids. --cached-latents: the step
+starts from a cached VAE posterior (random mean, std 0.1; latents = (mean + std * randn) * scaling_factor, as
+DiagonalGaussianDistribution.sample) instead of encoding pixels.
+--count-flops: before the warm-up (and before checkpointing is enabled), one step runs under
+torch.utils.flop_counter.FlopCounterMode: flops_per_step is every FLOP it counts (matmuls, convolutions and
+attention, forward and backward; the frozen weights get no weight gradients, so LoRA's backward is about one forward).
 Set DIFFUSERS_SRC to a diffusers `src` folder when diffusers is not installed.
 """
 import argparse
@@ -53,6 +60,8 @@ def main():
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--cached-latents", action="store_true")
+    p.add_argument("--count-flops", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--steps", type=int, default=5, help="timed steps (at least)")
@@ -92,18 +101,24 @@ def main():
     unet.add_adapter(unet_lora_config)
     # (the script casts the LoRA parameters to fp32 only for fp16 mixed precision)
     lora_layers = [q for q in unet.parameters() if q.requires_grad]
-    if a.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(lora_layers, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     unet.train()
 
     vocab = text_encoder.config.vocab_size
     seq = text_encoder.config.max_position_embeddings  # tokenizer.model_max_length (77)
 
+    if a.cached_latents:
+        s = a.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        cached_mean = torch.randn(a.batch, vae.config.latent_channels, s, s, device=device, dtype=weight_dtype)
+        cached_std = torch.full_like(cached_mean, 0.1)
+
     def step():
-        pixel_values = torch.rand(a.batch, 3, a.resolution, a.resolution, device=device) * 2 - 1
         input_ids = torch.randint(0, vocab, (a.batch, seq), device=device)
-        latents = vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample()
+        if a.cached_latents:
+            latents = cached_mean + cached_std * torch.randn_like(cached_mean)
+        else:
+            pixel_values = torch.rand(a.batch, 3, a.resolution, a.resolution, device=device) * 2 - 1
+            latents = vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample()
         latents = latents * vae.config.scaling_factor
         noise = torch.randn_like(latents)
         bsz = latents.shape[0]
@@ -121,6 +136,18 @@ def main():
         optimizer.zero_grad()
         return loss.item()
 
+    flops = {}
+    if a.count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = {"flops_per_step": counter.get_total_flops()}
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+    if a.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     for _ in range(a.warmup):
         step()
     if cuda:
@@ -136,7 +163,7 @@ def main():
 
     out = {"steps_per_sec": n / seconds, "steps": n, "seconds": seconds,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), **flops}
     if cuda:
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     print(json.dumps(out), flush=True)

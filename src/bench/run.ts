@@ -1,19 +1,24 @@
 /**
- * `npm run bench`: steps/s and peak memory of one LoRA training step (forward + backward of one micro-batch,
- * one AdamW step, accumulation 1), ours next to diffusers + peft (scripts/bench/diffusers_step.py) on the same
- * model folder, with the same thread count.
+ * `npm run bench`: steps/s, samples/s, MFU and peak memory of one LoRA training step (forward + backward of one
+ * micro-batch, one AdamW step, accumulation 1), ours next to diffusers + peft (scripts/bench/diffusers_step.py) on
+ * the same model folder, with the same thread count.
  *
- *   node dist/bench/run.js [--quick] [--no-python] [--out FILE]
+ *   node dist/bench/run.js [--quick] [--no-python] [--cached-latents] [--peak-tflops N] [--out FILE]
  *
  * CPU: the tiny model, 32 and 64 px, batch 1 and 4, fp32, with and without gradient checkpointing.
  * CUDA (when available): the SD 1.5-shaped random-weight model, 512 px, batch 1 and 8, fp32 and bf16, with and
- * without checkpointing. `--quick`: tiny, 32 px, batch 1 and 4, fp32, no checkpointing.
+ * without checkpointing. `--quick`: tiny, 32 px, batch 1 and 4, fp32, no checkpointing. `--cached-latents`: both
+ * sides start each step from a cached VAE posterior (mean, std) instead of pixels, as `--cache-latents` trains.
  * Every measurement runs in its own process, so the peak host RSS (and GPU memory, sampled with nvidia-smi)
  * of a row is that row's alone; it includes loading the model. The python side finds diffusers through
  * DIFFUSERS_SRC (a diffusers `src` folder) or an installed package; PYTHON picks the interpreter.
+ *
+ * MFU (with --peak-tflops; the device check looks the GPU's dense bf16 peak up by name): FLOPs of one training step
+ * as torch.utils.flop_counter counts them in the python step on the same shapes (text encoder forward, UNet forward
+ * and backward — LoRA's backward skips the frozen weights' gradients —, plus the VAE encoder without cached latents;
+ * no checkpointing recompute), × steps/s, ÷ the peak. Without the python side there is no FLOP count and no MFU.
  * Writes the table to stdout and the same as JSON to bench-results.json (or --out).
  */
-import { execFile, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -22,43 +27,63 @@ import { makeTinyModel, type ModelPreset } from '../models/model-folder';
 import { native, type TrainBatch } from '../native';
 import { fromFloat32, fromInt64 } from '../tensors';
 import { NoiseSchedule } from '../train/schedules/noise';
+import { childError, findPython, fmt, lastJson, markdownTable, num, runChild, stopChildrenOnSignal, type Python } from './proc';
 
 const WARMUP = 2;
 const MIN_STEPS = 5;
 const MIN_SECONDS = 3;
 const TARGETS = ['to_k', 'to_q', 'to_v', 'to_out.0'];
-const PY_SCRIPT = path.resolve(__dirname, '..', '..', 'scripts', 'bench', 'diffusers_step.py');
+export const PY_STEP_SCRIPT = path.resolve(__dirname, '..', '..', 'scripts', 'bench', 'diffusers_step.py');
 const CACHE = path.join(os.tmpdir(), 'train-lora-bench');
+export const BENCH_PROTOCOL = { warmup: WARMUP, minSteps: MIN_STEPS, minSeconds: MIN_SECONDS, rank: 4, alpha: 4, targets: TARGETS, accumulation: 1 };
 
-interface Case {
+export interface Case {
   preset: ModelPreset;
   device: string;
   resolution: number;
   batch: number;
   dtype: 'fp32' | 'bf16';
   checkpointing: boolean;
+  /** Steps start from a cached VAE posterior (no VAE encode per step). */
+  cachedLatents: boolean;
 }
 
 /** One side's measurement (or why there is none). */
-interface Measurement {
+export interface Measurement {
   stepsPerSec?: number;
+  samplesPerSec?: number;
   steps?: number;
   peakRssMb?: number;
   /** Peak GPU memory of the process (nvidia-smi, device used minus what was used before it started). */
   peakGpuMb?: number;
   /** The python side's torch.cuda.max_memory_allocated. */
   peakCudaAllocatedMb?: number;
+  /** Model FLOPs utilisation (0..1) against the GPU's dense bf16 peak. */
+  mfu?: number;
   error?: string;
 }
 
-interface Row extends Case {
+export interface Row extends Case {
   ours: Measurement;
   python?: Measurement;
+  /** FLOPs of one training step (see the header), from the python step on the same shapes. */
+  flopsPerStep?: number;
   /** ours / python steps/s */
   ratio?: number;
 }
 
 // ------------------------------------------------------------------ the child: our step, timed
+
+function randn(n: number): Float32Array {
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i += 2) {
+    const r = Math.sqrt(-2 * Math.log(1 - Math.random()));
+    const t = 2 * Math.PI * Math.random();
+    out[i] = r * Math.cos(t);
+    if (i + 1 < n) out[i + 1] = r * Math.sin(t);
+  }
+  return out;
+}
 
 async function runOurs(c: Case, modelDir: string): Promise<Measurement> {
   const n = native();
@@ -75,18 +100,21 @@ async function runOurs(c: Case, modelDir: string): Promise<Measurement> {
     maxGradNorm: 1,
     seed: 0,
   });
-  const te = JSON.parse(fs.readFileSync(path.join(modelDir, 'text_encoder', 'config.json'), 'utf8')) as {
-    vocab_size: number;
-    max_position_embeddings: number;
-  };
+  const config = (component: string): Record<string, unknown> => JSON.parse(fs.readFileSync(path.join(modelDir, component, 'config.json'), 'utf8')) as Record<string, unknown>;
+  const te = config('text_encoder') as { vocab_size: number; max_position_embeddings: number };
+  const vae = config('vae') as { block_out_channels: number[]; latent_channels: number };
   // Two random batches made up front (the python side draws its inputs on the device, at no real cost).
   const batches: TrainBatch[] = [0, 1].map(() => {
-    const px = c.batch * 3 * c.resolution * c.resolution;
     const ids = c.batch * te.max_position_embeddings;
-    return {
-      pixelValues: fromFloat32('pixel_values', [c.batch, 3, c.resolution, c.resolution], Float32Array.from({ length: px }, () => Math.random() * 2 - 1)),
-      inputIds: fromInt64('input_ids', [c.batch, te.max_position_embeddings], Array.from({ length: ids }, () => Math.floor(Math.random() * te.vocab_size))),
-    };
+    const inputIds = fromInt64('input_ids', [c.batch, te.max_position_embeddings], Array.from({ length: ids }, () => Math.floor(Math.random() * te.vocab_size)));
+    if (c.cachedLatents) {
+      const s = c.resolution / 2 ** (vae.block_out_channels.length - 1);
+      const shape = [c.batch, vae.latent_channels, s, s];
+      const count = shape.reduce((a, b) => a * b, 1);
+      return { latentMean: fromFloat32('latent_mean', shape, randn(count)), latentStd: fromFloat32('latent_std', shape, new Float32Array(count).fill(0.1)), inputIds };
+    }
+    const px = c.batch * 3 * c.resolution * c.resolution;
+    return { pixelValues: fromFloat32('pixel_values', [c.batch, 3, c.resolution, c.resolution], Float32Array.from({ length: px }, () => Math.random() * 2 - 1)), inputIds };
   });
   const step = async (i: number): Promise<void> => {
     await n.trainerMicroStep(trainer, batches[i % 2], 1);
@@ -100,106 +128,40 @@ async function runOurs(c: Case, modelDir: string): Promise<Measurement> {
   return { stepsPerSec: steps / seconds, steps, peakRssMb: process.resourceUsage().maxRSS / 1024 };
 }
 
-// ------------------------------------------------------------------ the parent: processes and memory sampling
+// ------------------------------------------------------------------ the parent: one process per measurement
 
-interface ChildResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-  peakGpuMb?: number;
+export interface BenchOptions {
+  /** The python reference (undefined or with a `reason`: ours only). */
+  python?: Python;
+  threads: number;
+  /** The CUDA device of the cuda rows (for nvidia-smi). */
+  gpuIndex?: number;
+  /** The device's peak in TFLOP/s for the rows' dtype (bf16 rows on a GPU: its dense bf16 peak); no MFU without it. */
+  peakTflops?: number;
+  /** Date.now() after which no measurement starts and running ones are stopped. */
+  deadline?: number;
+  log?: (line: string) => void;
 }
 
-function gpuUsedMb(index: number): Promise<number | undefined> {
-  return new Promise((resolve) => {
-    execFile('nvidia-smi', ['--query-gpu=memory.used', '--format=csv,noheader,nounits', '-i', String(index)], (err, out) => {
-      const v = Number(out?.trim());
-      resolve(err || !Number.isFinite(v) ? undefined : v);
-    });
-  });
-}
+const timeLeft = (o: BenchOptions): number | undefined => (o.deadline === undefined ? undefined : o.deadline - Date.now());
 
-/** Runs a process to the end; on CUDA samples the GPU's used memory meanwhile. */
-async function runChild(cmd: string, args: string[], env: NodeJS.ProcessEnv, gpuIndex?: number): Promise<ChildResult> {
-  const base = gpuIndex === undefined ? undefined : await gpuUsedMb(gpuIndex);
-  let peak: number | undefined;
-  const child = spawn(cmd, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
-  const sample = async (): Promise<void> => {
-    const v = base === undefined || gpuIndex === undefined ? undefined : await gpuUsedMb(gpuIndex);
-    if (v !== undefined && base !== undefined) peak = Math.max(peak ?? 0, v - base);
-  };
-  const timer = base === undefined ? undefined : setInterval(() => void sample(), 250);
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  const code = await new Promise<number | null>((resolve) => {
-    child.on('error', (e) => {
-      stderr += e.message;
-      resolve(null);
-    });
-    child.on('close', resolve);
-  });
-  if (timer) clearInterval(timer);
-  return { code, stdout, stderr, peakGpuMb: peak };
-}
-
-/** The last JSON object line a child printed. */
-function lastJson(stdout: string): Record<string, unknown> | undefined {
-  const line = stdout.split('\n').reverse().find((l) => l.trim().startsWith('{'));
-  if (!line) return undefined;
-  try {
-    return JSON.parse(line) as Record<string, unknown>;
-  } catch {
-    return undefined;
-  }
-}
-
-function childError(r: ChildResult, json: Record<string, unknown> | undefined): string {
-  if (json && typeof json.error === 'string') return json.error;
-  const tail = r.stderr.trim().split('\n').filter(Boolean).slice(-1)[0] ?? '';
-  return `exit ${r.code}${tail ? `: ${tail}` : ''}`;
-}
-
-const num = (v: unknown): number | undefined => (typeof v === 'number' && Number.isFinite(v) ? v : undefined);
-
-async function measureOurs(c: Case, modelDir: string, gpuIndex?: number): Promise<Measurement> {
-  const r = await runChild(process.execPath, [__filename, '--child', JSON.stringify({ case: c, modelDir })], process.env, gpuIndex);
+async function measureOurs(c: Case, modelDir: string, o: BenchOptions): Promise<Measurement> {
+  const gpuIndex = c.device === 'cpu' ? undefined : o.gpuIndex;
+  const r = await runChild(process.execPath, [__filename, '--child', JSON.stringify({ case: c, modelDir })], { gpuIndex, timeoutMs: timeLeft(o) });
   const j = lastJson(r.stdout);
   if (r.code !== 0 || !j || j.error) return { error: childError(r, j) };
   return { stepsPerSec: num(j.stepsPerSec), steps: num(j.steps), peakRssMb: num(j.peakRssMb), peakGpuMb: r.peakGpuMb };
 }
 
-interface Python {
-  cmd: string;
-  env: NodeJS.ProcessEnv;
-  versions?: string;
-  reason?: string;
-}
-
-async function findPython(threads: number): Promise<Python> {
-  const cmd = process.env.PYTHON ?? 'python3';
-  const env: NodeJS.ProcessEnv = { ...process.env, OMP_WAIT_POLICY: 'PASSIVE', OMP_NUM_THREADS: String(threads) };
-  const src = process.env.DIFFUSERS_SRC;
-  if (src) {
-    if (!fs.existsSync(path.join(src, 'diffusers'))) return { cmd, env, reason: `DIFFUSERS_SRC=${src} has no diffusers/ folder` };
-    env.PYTHONPATH = [src, process.env.PYTHONPATH].filter(Boolean).join(path.delimiter);
-  }
-  const r = await runChild(cmd, [PY_SCRIPT, '--check'], env);
-  const j = lastJson(r.stdout);
-  if (r.code !== 0 || !j || j.ok !== true) {
-    const why = childError(r, j);
-    return { cmd, env, reason: /ENOENT/.test(why) ? `${cmd} not found` : why };
-  }
-  const versions = ['torch', 'diffusers', 'peft', 'transformers'].map((k) => `${k} ${String(j[k])}`).join(', ');
-  return { cmd, env, versions: `python ${String(j.python)}: ${versions}` };
-}
-
-async function measurePython(py: Python, c: Case, modelDir: string, threads: number, gpuIndex?: number): Promise<Measurement> {
-  const args = [PY_SCRIPT, '--model', modelDir, '--resolution', String(c.resolution), '--batch', String(c.batch)];
+async function measurePython(py: Python, c: Case, modelDir: string, o: BenchOptions, countFlops: boolean): Promise<Measurement & { flops?: number }> {
+  const args = [PY_STEP_SCRIPT, '--model', modelDir, '--resolution', String(c.resolution), '--batch', String(c.batch)];
   if (c.checkpointing) args.push('--gradient-checkpointing');
+  if (c.cachedLatents) args.push('--cached-latents');
+  if (countFlops) args.push('--count-flops');
   args.push('--device', c.device, '--dtype', c.dtype, '--steps', String(MIN_STEPS), '--warmup', String(WARMUP));
-  args.push('--min-seconds', String(MIN_SECONDS), '--threads', String(threads));
-  const r = await runChild(py.cmd, args, py.env, gpuIndex);
+  args.push('--min-seconds', String(MIN_SECONDS), '--threads', String(o.threads));
+  const gpuIndex = c.device === 'cpu' ? undefined : o.gpuIndex;
+  const r = await runChild(py.cmd, args, { env: py.env, gpuIndex, timeoutMs: timeLeft(o) });
   const j = lastJson(r.stdout);
   if (r.code !== 0 || !j || j.error) return { error: childError(r, j) };
   return {
@@ -208,82 +170,128 @@ async function measurePython(py: Python, c: Case, modelDir: string, threads: num
     peakRssMb: num(j.peak_rss_mb),
     peakGpuMb: r.peakGpuMb,
     peakCudaAllocatedMb: num(j.peak_cuda_mb),
+    flops: num(j.flops_per_step),
   };
 }
 
-// ------------------------------------------------------------------ cases, table, main
+const made = new Map<ModelPreset, string>();
 
-function cases(quick: boolean, cuda: string | undefined): Case[] {
+/** The random-weight model folder of a preset (tiny: remade once per process; sd15, ~4 GB: kept between runs). */
+export async function modelFor(preset: ModelPreset, log: (line: string) => void = (l) => process.stdout.write(`${l}\n`)): Promise<string> {
+  const dir = path.join(CACHE, preset);
+  if (made.has(preset)) return dir;
+  made.set(preset, dir);
+  // makeTinyModel renames a finished folder into place, so an existing one is complete.
+  if (preset === 'sd15' && fs.existsSync(path.join(dir, 'model_index.json'))) return dir;
+  fs.mkdirSync(CACHE, { recursive: true });
+  log(`making the ${preset} model in ${dir} ...`);
+  await makeTinyModel(dir, preset, 0);
+  return dir;
+}
+
+/** The same FLOPs for the same shapes, whatever the dtype or checkpointing. */
+const flopsKey = (c: Case): string => `${c.preset}|${c.resolution}|${c.batch}|${c.cachedLatents}`;
+const tag = (c: Case): string => `${c.preset} ${c.resolution}px b${c.batch} ${c.dtype}${c.checkpointing ? ' ckpt' : ''}${c.cachedLatents ? ' cached' : ''}`;
+
+/** Measures every case, ours then python's, each in its own process; cases past the deadline get an error. */
+export async function benchmark(cases: Case[], o: BenchOptions): Promise<Row[]> {
+  const py = o.python && !o.python.reason ? o.python : undefined;
+  const flops = new Map<string, number>();
+  const rows: Row[] = [];
+  for (const c of cases) {
+    const left = timeLeft(o);
+    if (left !== undefined && left <= 0) {
+      rows.push({ ...c, ours: { error: 'skipped (time box)' }, ...(py ? { python: { error: 'skipped (time box)' } } : {}) });
+      continue;
+    }
+    const modelDir = await modelFor(c.preset, o.log);
+    const row: Row = { ...c, ours: await measureOurs(c, modelDir, o) };
+    if (py) {
+      // FLOPs are counted in a step without checkpointing, so that the counted step cannot raise a checkpointed row's peak memory.
+      const { flops: f, ...m } = await measurePython(py, c, modelDir, o, !c.checkpointing && !flops.has(flopsKey(c)));
+      row.python = m;
+      if (f !== undefined) flops.set(flopsKey(c), f);
+    }
+    rows.push(row);
+    o.log?.(`  ${tag(c)}: ours ${fmt(row.ours.stepsPerSec, 2)} step/s${py ? `, python ${fmt(row.python?.stepsPerSec, 2)} step/s` : ''}`);
+  }
+  for (const r of rows) {
+    r.flopsPerStep = flops.get(flopsKey(r));
+    for (const m of [r.ours, r.python]) {
+      if (!m?.stepsPerSec) continue;
+      m.samplesPerSec = m.stepsPerSec * r.batch;
+      if (r.flopsPerStep && o.peakTflops) m.mfu = (r.flopsPerStep * m.stepsPerSec) / (o.peakTflops * 1e12);
+    }
+    if (r.ours.stepsPerSec && r.python?.stepsPerSec) r.ratio = r.ours.stepsPerSec / r.python.stepsPerSec;
+  }
+  return rows;
+}
+
+const pct = (v: number | undefined): string => (v === undefined ? '-' : `${(100 * v).toFixed(1)}%`);
+
+/** The rows as a markdown table, then one line per error. */
+export function benchTable(rows: Row[]): string {
+  const python = rows.some((r) => r.python);
+  const head = ['model', 'device', 'res', 'batch', 'dtype', 'ckpt', 'latents', 'ours step/s', 'ours samples/s', 'ours MFU', 'ours peak MB'];
+  if (python) head.push('py step/s', 'py samples/s', 'py MFU', 'py peak MB', 'ours/py');
+  const mem = (r: Row, m: Measurement): string => fmt(r.device === 'cpu' ? m.peakRssMb : m.peakGpuMb, 0);
+  const side = (r: Row, m: Measurement | undefined): string[] =>
+    m?.error ? ['error', '-', '-', '-'] : [fmt(m?.stepsPerSec, 2), fmt(m?.samplesPerSec, 2), pct(m?.mfu), m ? mem(r, m) : '-'];
+  const body = rows.map((r) => {
+    const cells = [r.preset, r.device, String(r.resolution), String(r.batch), r.dtype, r.checkpointing ? 'yes' : 'no', r.cachedLatents ? 'cached' : 'VAE', ...side(r, r.ours)];
+    if (python) cells.push(...side(r, r.python), r.ratio === undefined ? '-' : `${r.ratio.toFixed(2)}x`);
+    return cells;
+  });
+  const errors = rows.flatMap((r) =>
+    [r.ours.error && `ours   ${tag(r)}: ${r.ours.error}`, r.python?.error && `python ${tag(r)}: ${r.python.error}`].filter((e): e is string => typeof e === 'string'),
+  );
+  return [markdownTable(head, body, 2), ...errors].join('\n');
+}
+
+export const BENCH_NOTES = [
+  'peak MB: GPU memory in use while the process ran (nvidia-smi every 250 ms, CUDA context and allocator cache included) on CUDA rows; peak host RSS on CPU rows; both include loading the model.',
+  'MFU: FLOPs of one step as torch.utils.flop_counter counts them in the python step (text encoder forward, UNet forward + LoRA backward, VAE encode unless latents are cached; no checkpointing recompute) x steps/s / the peak TFLOP/s given.',
+];
+
+// ------------------------------------------------------------------ `npm run bench`
+
+function cases(quick: boolean, cuda: string | undefined, cachedLatents: boolean): Case[] {
   const out: Case[] = [];
-  const tiny = { preset: 'tiny', device: 'cpu', dtype: 'fp32' } as const;
+  const tiny = { preset: 'tiny', device: 'cpu', dtype: 'fp32', cachedLatents } as const;
   for (const resolution of quick ? [32] : [32, 64])
     for (const batch of [1, 4])
       for (const checkpointing of quick ? [false] : [false, true]) out.push({ ...tiny, resolution, batch, checkpointing });
   if (!quick && cuda)
     for (const dtype of ['fp32', 'bf16'] as const)
       for (const batch of [1, 8])
-        for (const checkpointing of [false, true]) out.push({ preset: 'sd15', device: cuda, resolution: 512, batch, dtype, checkpointing });
+        for (const checkpointing of [false, true]) out.push({ preset: 'sd15', device: cuda, resolution: 512, batch, dtype, checkpointing, cachedLatents });
   return out;
 }
 
-const made = new Map<ModelPreset, string>();
-
-async function modelFor(preset: ModelPreset): Promise<string> {
-  const dir = path.join(CACHE, preset);
-  if (made.has(preset)) return dir;
-  made.set(preset, dir);
-  // makeTinyModel renames a finished folder into place, so an existing one is complete. tiny takes a moment
-  // and is remade each run; sd15 (~5 GB) is kept.
-  if (preset === 'sd15' && fs.existsSync(path.join(dir, 'model_index.json'))) return dir;
-  fs.mkdirSync(CACHE, { recursive: true });
-  process.stdout.write(`making the ${preset} model in ${dir} ...\n`);
-  await makeTinyModel(dir, preset, 0);
-  return dir;
+interface BenchArgs {
+  quick: boolean;
+  python: boolean;
+  cachedLatents: boolean;
+  peakTflops?: number;
+  out: string;
 }
 
-const fmt = (v: number | undefined, digits: number): string => (v === undefined ? '-' : v.toFixed(digits));
-
-function table(rows: Row[], python: boolean): string {
-  const gpu = rows.some((r) => r.device !== 'cpu');
-  const head = ['model', 'device', 'res', 'batch', 'dtype', 'ckpt', 'ours step/s', 'ours RSS MB'];
-  if (gpu) head.push('ours GPU MB');
-  if (python) head.push('py step/s', 'py RSS MB', ...(gpu ? ['py GPU MB'] : []), 'ours/py');
-  const body = rows.map((r) => {
-    const cells = [r.preset, r.device, String(r.resolution), String(r.batch), r.dtype, r.checkpointing ? 'yes' : 'no'];
-    cells.push(r.ours.error ? 'error' : fmt(r.ours.stepsPerSec, 2), fmt(r.ours.peakRssMb, 0));
-    if (gpu) cells.push(fmt(r.ours.peakGpuMb, 0));
-    if (python) {
-      const p = r.python ?? {};
-      cells.push(p.error ? 'error' : fmt(p.stepsPerSec, 2), fmt(p.peakRssMb, 0));
-      if (gpu) cells.push(fmt(p.peakGpuMb, 0));
-      cells.push(r.ratio === undefined ? '-' : `${r.ratio.toFixed(2)}x`);
-    }
-    return cells;
-  });
-  const widths = head.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
-  const line = (cells: string[]): string => cells.map((c, i) => (i < 6 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ');
-  const errors = rows.flatMap((r) =>
-    [r.ours.error && `ours   ${r.preset} ${r.resolution}px b${r.batch} ${r.dtype}${r.checkpointing ? ' ckpt' : ''}: ${r.ours.error}`,
-      r.python?.error && `python ${r.preset} ${r.resolution}px b${r.batch} ${r.dtype}${r.checkpointing ? ' ckpt' : ''}: ${r.python.error}`].filter(
-      (e): e is string => typeof e === 'string',
-    ),
-  );
-  return [line(head), line(widths.map((w) => '-'.repeat(w))), ...body.map(line), ...errors].join('\n');
-}
-
-function parseArgs(argv: string[]): { quick: boolean; python: boolean; out: string } {
-  const a = { quick: false, python: true, out: 'bench-results.json' };
+function parseArgs(argv: string[]): BenchArgs {
+  const a: BenchArgs = { quick: false, python: true, cachedLatents: false, out: 'bench-results.json' };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === '--quick') a.quick = true;
     else if (argv[i] === '--no-python') a.python = false;
+    else if (argv[i] === '--cached-latents') a.cachedLatents = true;
+    else if (argv[i] === '--peak-tflops' && Number(argv[i + 1]) > 0) a.peakTflops = Number(argv[++i]);
     else if (argv[i] === '--out' && argv[i + 1]) a.out = argv[++i];
-    else throw new Error(`unknown option ${argv[i]} (use --quick, --no-python, --out FILE)`);
+    else throw new Error(`unknown option ${argv[i]} (use --quick, --no-python, --cached-latents, --peak-tflops N, --out FILE)`);
   }
   return a;
 }
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
+  stopChildrenOnSignal();
   const started = Date.now();
   const devices = await native().devices();
   const threads = devices.find((d) => d.type === 'cpu')?.threads ?? os.cpus().length;
@@ -294,35 +302,25 @@ async function main(): Promise<void> {
   if (!cuda) console.log(`CUDA: skipped (no CUDA device: ${devices.find((d) => d.type === 'cuda')?.reason ?? 'none found'})`);
   else console.log(`CUDA: ${cudaInfo?.name ?? cuda}`);
 
-  const py = args.python ? await findPython(threads) : undefined;
+  const py = args.python ? await findPython(PY_STEP_SCRIPT, threads) : undefined;
   if (!args.python) console.log('Python reference: skipped (--no-python)');
   else if (py?.reason) console.log(`Python reference: not available (${py.reason})`);
   else console.log(`Python reference: ${py?.versions} (${threads} threads)`);
-  const withPython = py !== undefined && py.reason === undefined;
 
   console.log(`each row: ${WARMUP} warm-up steps, then at least ${MIN_STEPS} steps and ${MIN_SECONDS} s; one process per measurement\n`);
-  const rows: Row[] = [];
-  for (const c of cases(args.quick, cuda)) {
-    const modelDir = await modelFor(c.preset);
-    const gpuIndex = c.device === 'cpu' ? undefined : cudaInfo?.index;
-    const row: Row = { ...c, ours: await measureOurs(c, modelDir, gpuIndex) };
-    if (withPython) row.python = await measurePython(py, c, modelDir, threads, gpuIndex);
-    if (row.ours.stepsPerSec && row.python?.stepsPerSec) row.ratio = row.ours.stepsPerSec / row.python.stepsPerSec;
-    rows.push(row);
-    const tag = `${c.preset} ${c.resolution}px b${c.batch} ${c.dtype}${c.checkpointing ? ' ckpt' : ''}`;
-    process.stderr.write(`  ${tag}: ours ${fmt(row.ours.stepsPerSec, 2)} step/s${withPython ? `, python ${fmt(row.python?.stepsPerSec, 2)} step/s` : ''}\n`);
-  }
+  const log = (l: string): void => void process.stderr.write(`${l}\n`);
+  const rows = await benchmark(cases(args.quick, cuda, args.cachedLatents), { python: py, threads, gpuIndex: cudaInfo?.index, peakTflops: args.peakTflops, log });
 
   const seconds = (Date.now() - started) / 1000;
-  console.log(table(rows, withPython));
-  console.log(`\nRSS: peak host resident memory of the measuring process (includes loading the model).`);
-  if (cuda) console.log('GPU MB: peak device memory in use while the process ran (nvidia-smi, sampled every 250 ms).');
+  console.log(benchTable(rows));
+  console.log(`\n${BENCH_NOTES.join('\n')}`);
   console.log(`total ${seconds.toFixed(0)} s`);
   const result = {
     date: new Date().toISOString(),
     host: { cpu: os.cpus()[0]?.model, threads, libtorch: v.torch, node: process.version, cuda: cudaInfo?.name ?? null },
     python: args.python ? (py?.reason ? { available: false, reason: py.reason } : { available: true, versions: py?.versions }) : { available: false, reason: '--no-python' },
-    protocol: { warmup: WARMUP, minSteps: MIN_STEPS, minSeconds: MIN_SECONDS, rank: 4, alpha: 4, targets: TARGETS, accumulation: 1 },
+    protocol: BENCH_PROTOCOL,
+    peakTflops: args.peakTflops ?? null,
     seconds,
     rows,
   };

@@ -2,7 +2,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-import { CheckpointManager, markKeep, verifyCheckpoint, type CheckpointEntry } from '../checkpoint/manager';
+import { CheckpointManager, inspectLock, markKeep, verifyCheckpoint, type CheckpointEntry } from '../checkpoint/manager';
 import { formatBytes } from '../checkpoint/fsutil';
 import { exportCheckpoint, type CheckpointExportOptions } from '../export/lora-export';
 import { native } from '../native';
@@ -16,13 +16,26 @@ function readState(dir: string): TrainerStateFile | undefined {
   }
 }
 
-/** A table of the run's checkpoints: step, epoch, time, size, loss, latest / best, valid or not. */
+/**
+ * A table of the run's checkpoints: step, epoch, time, size, loss, latest / best, valid or not. Without `full` each one
+ * gets the quick check (its files exist with the manifest's sizes: "size ok (quick check; --full hashes)"), except the
+ * one marked latest and any newer ones, which are verified in full as `--resume-from-checkpoint latest` verifies them
+ * (so "latest" is the checkpoint a resume would take). With `full` every one is hashed and its content checked.
+ */
 export async function listCheckpoints(runDir: string, full = false): Promise<string> {
   const mgr = new CheckpointManager(runDir);
-  const entries = await mgr.list(full ? 'full' : 'quick');
+  let entries = await mgr.list(full ? 'full' : 'quick');
   if (!entries.length) return `${mgr.dir}: no checkpoints`;
   const best = mgr.readBest();
-  const latest = entries.find((e) => e.valid);
+  const verified = new Set<number>(full ? entries.map((e) => e.step) : []);
+  if (!full) {
+    const checked = new Map<number, CheckpointEntry>();
+    const latest = await mgr.latest((e) => checked.set(e.step, e));
+    if (latest) checked.set(latest.step, latest);
+    for (const s of checked.keys()) verified.add(s);
+    entries = entries.map((e) => checked.get(e.step) ?? e);
+  }
+  const latest = entries.find((e) => e.valid && verified.has(e.step));
   const rows = [['checkpoint', 'step', 'epoch', 'saved', 'size', 'train_loss', 'flags', 'status']];
   for (const e of entries) {
     const st = readState(e.path);
@@ -35,7 +48,7 @@ export async function listCheckpoints(runDir: string, full = false): Promise<str
       formatBytes(e.size),
       st?.train_loss != null ? st.train_loss.toFixed(4) : '-',
       flags || '-',
-      e.valid ? 'ok' : `INVALID: ${e.problem}`,
+      !e.valid ? `INVALID: ${e.problem}` : verified.has(e.step) ? 'ok (sha256 and content verified)' : 'size ok (quick check; --full hashes)',
     ]);
   }
   const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
@@ -54,7 +67,7 @@ export async function verifyCommand(p: string): Promise<{ ok: boolean; text: str
       if (r !== st.config.rank) return { ok: false, text: `${e.path}: INVALID — ${t.name} has rank ${r}, trainer_state.json says ${st.config.rank}` };
     }
   }
-  return { ok: true, text: `${e.path}: ok (step ${e.step}, ${Object.keys(e.manifest!.files).length} files verified by sha256, ${h.tensors.length} tensors)` };
+  return { ok: true, text: `${e.path}: ok (step ${e.step}, ${Object.keys(e.manifest!.files).length} files verified by sha256 and their content checked, ${h.tensors.length} tensors)` };
 }
 
 export function keepCommand(p: string): string {
@@ -84,18 +97,12 @@ export async function listRuns(root = 'outputs'): Promise<string> {
     const last = entries.find((e) => e.valid);
     const st = last ? readState(last.path) : undefined;
     const best = mgr.readBest();
-    const lockFile = path.join(dir, 'train-lora.lock');
     let status = 'interrupted';
     if (st && st.global_step >= st.max_train_steps) status = 'finished';
-    if (fs.existsSync(lockFile)) {
-      try {
-        const pid = (JSON.parse(fs.readFileSync(lockFile, 'utf8')) as { pid: number }).pid;
-        process.kill(pid, 0);
-        status = 'running';
-      } catch {
-        /* stale lock: not running */
-      }
-    }
+    // Running only while the lock's process is the one that took it (a stale lock's pid may belong to another program now).
+    const lock = inspectLock(path.join(dir, 'train-lora.lock'));
+    if (lock.status === 'live') status = 'running';
+    else if (lock.status === 'unknown' && lock.holder?.host) status = `locked (host ${lock.holder.host})`;
     let size = 0;
     for (const e of entries) size += e.size;
     rows.push([

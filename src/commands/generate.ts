@@ -1,18 +1,16 @@
 /**
  * `train-lora generate`: text-to-image with a base model and optionally a LoRA (a .safetensors file in diffusers,
- * peft or kohya keys, or a training checkpoint folder). Writes OUT/<prompt-index>_<image-index>.png (both 0-based,
+ * peft or kohya keys, a PEFT adapter folder or a training checkpoint folder, each at its own alpha). Writes OUT/<prompt-index>_<image-index>.png (both 0-based,
  * e.g. 0_0.png, 0_1.png, 1_0.png) and, with --grid, OUT/grid.png with the prompts as labels.
  */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 
-import { checkModelFolder } from '../models/model-folder';
+import { checkModel, modelConfig, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
 import { native, type Precision } from '../native';
 import { resolveDevice } from '../device';
 import { ProgressBar } from '../logging/progress';
 import { CLIPTokenizer } from '../tokenizer';
-import { exportCommand } from './checkpoints';
 import { SCHEDULER_NAMES, type SchedulerName } from '../inference/schedulers';
 import { gridUpscale, makeGrid, textToImage, upscaleNearest, writePng } from '../inference/text-to-image';
 
@@ -20,6 +18,8 @@ export interface GenerateArgs {
   model: string;
   lora?: string;
   loraScale?: number;
+  /** --lora-alpha: the alpha of a LoRA file that does not carry it. */
+  loraAlpha?: number;
   prompt: string[];
   negativePrompt?: string;
   numImages?: number;
@@ -47,28 +47,23 @@ function readJson(file: string): Record<string, unknown> {
 
 /** diffusers' default size: unet sample_size * vae_scale_factor (2 ** (len(vae block_out_channels) - 1)). */
 export function defaultImageSize(model: string): { size: number; vaeScale: number } {
-  const unet = readJson(path.join(model, 'unet', 'config.json'));
-  const vae = readJson(path.join(model, 'vae', 'config.json'));
+  const unet = modelConfig(model, 'unet');
+  const vae = modelConfig(model, 'vae');
   const blocks = Array.isArray(vae.block_out_channels) ? vae.block_out_channels.length : 1;
   const vaeScale = 2 ** (blocks - 1);
   const ss = Array.isArray(unet.sample_size) ? Number(unet.sample_size[0]) : Number(unet.sample_size ?? 64);
   return { size: ss * vaeScale, vaeScale };
 }
 
-/** The LoRA file to apply: the file itself, or a checkpoint folder's adapter written to a temporary file. */
-async function resolveLora(lora: string, tmpDir: string): Promise<string> {
-  if (!fs.existsSync(lora)) throw new Error(`--lora ${lora}: not found (give a LoRA .safetensors file or a checkpoint folder)`);
-  if (!fs.statSync(lora).isDirectory()) return lora;
-  if (!fs.existsSync(path.join(lora, 'model.safetensors')))
-    throw new Error(`--lora ${lora}: a folder must be a training checkpoint (with model.safetensors and trainer_state.json)`);
-  const file = path.join(tmpDir, 'checkpoint_lora.safetensors');
-  await exportCommand(lora, { formats: ['diffusers'], out: file });
-  return file;
+/** The LoRA to apply: a file, a PEFT adapter folder or a checkpoint folder; the native loader reads each at its own alpha. */
+function resolveLora(lora: string): string {
+  if (!fs.existsSync(lora)) throw new Error(`--lora ${lora}: not found (give a LoRA .safetensors file, a PEFT adapter folder or a checkpoint folder)`);
+  return lora;
 }
 
 export async function runGenerateCommand(args: GenerateArgs): Promise<string[]> {
   if (!args.prompt.length) throw new Error('generate: give at least one --prompt');
-  checkModelFolder(args.model, ['text_encoder', 'unet', 'vae'], true);
+  await checkModel(args.model, ['text_encoder', 'unet', 'vae'], true);
   const { size, vaeScale } = defaultImageSize(args.model);
   const width = args.width ?? size;
   const height = args.height ?? size;
@@ -82,18 +77,17 @@ export async function runGenerateCommand(args: GenerateArgs): Promise<string[]> 
   if (!Number.isSafeInteger(steps) || steps < 1) throw new Error(`--num-inference-steps ${steps}: must be a positive integer`);
   const scheduler = args.scheduler ?? 'pndm';
   if (!SCHEDULER_NAMES.includes(scheduler)) throw new Error(`--scheduler ${scheduler}: choose one of ${SCHEDULER_NAMES.join(', ')}`);
-  const schedulerFile = path.join(args.model, 'scheduler', 'scheduler_config.json');
+  const schedulerFile = modelSchedulerConfig(args.model);
   const schedulerConfig = fs.existsSync(schedulerFile) ? readJson(schedulerFile) : {};
-  const tokenizer = CLIPTokenizer.fromFolder(path.join(args.model, 'tokenizer'));
+  const tokenizer = CLIPTokenizer.fromFolder(modelTokenizerDir(args.model));
 
-  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'train-lora-generate-'));
   const n = native();
   const pipe = await n.loadPipeline(args.model, { device: await resolveDevice(args.device ?? 'cpu'), dtype: args.dtype ?? 'fp32', components: ['text_encoder', 'unet', 'vae'] });
   try {
     if (args.lora) {
-      const file = await resolveLora(args.lora, tmp);
+      const file = resolveLora(args.lora);
       try {
-        await n.pipelineApplyLora(pipe, file, args.loraScale ?? 1);
+        await n.pipelineApplyLora(pipe, file, args.loraScale ?? 1, args.loraAlpha);
       } catch (e) {
         throw new Error(`--lora ${args.lora}: ${(e as Error).message}`);
       }
@@ -131,6 +125,5 @@ export async function runGenerateCommand(args: GenerateArgs): Promise<string[]> 
     return files;
   } finally {
     n.dispose(pipe);
-    fs.rmSync(tmp, { recursive: true, force: true });
   }
 }

@@ -10,7 +10,7 @@ import { CheckpointManager, verifyCheckpoint } from '../checkpoint/manager';
 import { formatBytes } from '../checkpoint/fsutil';
 import { loraAlpha, type TrainConfig } from '../config';
 import { describeDataset, loadDataset, type Dataset } from '../data/dataset';
-import { checkModelFolder } from '../models/model-folder';
+import { checkModel, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
 import { native, type PipelineHandle, type TrainerHandle } from '../native';
 import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
@@ -79,18 +79,18 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
   const modelDir = path.resolve(cfg.pretrained_model_name_or_path);
   const rss0 = rssBytes();
   try {
-    checkModelFolder(modelDir, ['unet', 'vae', 'text_encoder']);
+    await checkModel(modelDir, ['unet', 'vae', 'text_encoder']);
     const t0 = Date.now();
     pipe = await native().loadPipeline(modelDir, { device, dtype: precision.weightDtype, variant: cfg.variant });
     report({ name: 'models load', ok: true, detail: `${modelDir} on ${device} (${precision.weightDtype}) in ${((Date.now() - t0) / 1000).toFixed(1)} s` });
   } catch (e) {
-    report({ name: 'models load', ok: false, detail: (e as Error).message, fix: 'point --pretrained-model-name-or-path at a complete diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)' });
+    report({ name: 'models load', ok: false, detail: (e as Error).message, fix: 'point --pretrained-model-name-or-path at a complete diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or an SD 1.x single-file .safetensors' });
   }
 
   let noise: NoiseSchedule | undefined;
   if (pipe) {
     try {
-      noise = NoiseSchedule.fromFile(path.join(modelDir, 'scheduler', 'scheduler_config.json'), cfg.prediction_type ? { predictionType: cfg.prediction_type } : {});
+      noise = NoiseSchedule.fromFile(modelSchedulerConfig(modelDir), cfg.prediction_type ? { predictionType: cfg.prediction_type } : {});
       const r = await native().createTrainer(pipe, { mode: cfg.train_mode, rank: cfg.rank, alpha: loraAlpha(cfg), targets: cfg.lora_target_modules, mixedPrecision: mixed, gradientCheckpointing: cfg.gradient_checkpointing, predictionType: noise.predictionType as 'epsilon', alphasCumprod: Array.from(noise.alphasCumprod), seed: cfg.seed, maxGradNorm: cfg.max_grad_norm });
       trainer = r.trainer;
       report({ name: 'LoRA configured', ok: true, detail: `rank ${cfg.rank}, alpha ${loraAlpha(cfg)}, targets ${cfg.lora_target_modules.join(',')}: ${r.trainableParams.toLocaleString('en-US')} trainable of ${r.totalParams.toLocaleString('en-US')} (${((100 * r.trainableParams) / r.totalParams).toFixed(3)} %)` });
@@ -102,7 +102,7 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
   if (trainer && dataset) {
     const src = new ImageSource(dataset, { batchSize: cfg.train_batch_size, seed: cfg.seed, resolution: cfg.resolution, interpolation: cfg.image_interpolation_mode, centerCrop: cfg.center_crop, randomFlip: cfg.random_flip });
     try {
-      const tok = CLIPTokenizer.fromFolder(path.join(modelDir, 'tokenizer'));
+      const tok = CLIPTokenizer.fromFolder(modelTokenizerDir(modelDir));
       const losses: number[] = [];
       const t0 = Date.now();
       for (let i = 0; i < 5; i++) {
@@ -126,9 +126,19 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
       const t0 = Date.now();
       const mgr = new CheckpointManager(dir);
       const saved = await mgr.save(1, async (tmp) => {
+        // Every file a training checkpoint has, with the content verify checks (src/checkpoint/schema.ts).
         const s = await native().trainerSaveState(trainer!, tmp);
-        fs.writeFileSync(path.join(tmp, 'optimizer.json'), JSON.stringify({ per_parameter_steps: s.optimizerSteps }));
-        fs.writeFileSync(path.join(tmp, 'random_states_0.json'), JSON.stringify({ torch: s.rng }));
+        const n = dataset?.items.length ?? 1;
+        const put = (f: string, v: unknown) => fs.writeFileSync(path.join(tmp, f), JSON.stringify(v));
+        put('optimizer.json', { kind: 'AdamW', betas: [cfg.adam_beta1, cfg.adam_beta2], eps: cfg.adam_epsilon, weight_decay: cfg.adam_weight_decay, per_parameter_steps: s.optimizerSteps });
+        put('scheduler.json', { spec: { kind: 'constant', baseLr: cfg.learning_rate, warmupSteps: 0, totalSteps: 1, numCycles: 1, power: 1, lrEnd: 0, stepRules: null }, scheduler_steps: 1 });
+        put('scaler.json', s.scaler);
+        put('random_states_0.json', { torch: s.rng, data: { sampler: { version: 1, seed: cfg.seed, numSamples: n, epoch: 0, position: 0 }, seed: cfg.seed } });
+        put('trainer_state.json', {
+          version: 1, global_step: 1, scheduler_steps: 1, epoch: 0, position: 0, samples_seen: 0, max_train_steps: 1, train_loss: null, best_metric: null,
+          base_model: { path: modelDir, fingerprint: 'test-setup' }, dataset: { path: cfg.train_data_dir, fingerprint: 'test-setup', size: n },
+          config: cfg, device, resumed_from: null, versions: {}, time: new Date().toISOString(), host: os.hostname(),
+        });
       });
       const v = await verifyCheckpoint(saved.path);
       if (!v.valid) throw new Error(`verify failed: ${v.problem}`);

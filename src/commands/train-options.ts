@@ -41,7 +41,7 @@ export const TRAIN_OPTIONS: readonly Opt[] = [
   { key: 'center_crop', group: DATA, kind: 'boolean', describe: 'center crop instead of a random crop' },
   { key: 'random_flip', group: DATA, kind: 'boolean', describe: 'random horizontal flips' },
   { key: 'image_interpolation_mode', group: DATA, kind: 'string', describe: 'resize filter [default: lanczos]', choices: ['lanczos', 'bilinear', 'bicubic', 'nearest', 'area'] },
-  { key: 'skip_bad_images', group: DATA, kind: 'boolean', describe: 'skip missing/unreadable images (listed) instead of stopping' },
+  { key: 'skip_bad_images', group: DATA, kind: 'boolean', describe: 'leave out missing, unreadable or damaged images (every image is decoded at start; listed) instead of stopping' },
   { key: 'caption_dropout_rate', group: DATA, kind: 'number', describe: 'train this fraction of samples with the empty caption (seeded; 0.05-0.1 keeps classifier-free guidance working) [default: 0]' },
   { key: 'skip_uncaptioned', group: DATA, kind: 'boolean', describe: 'skip images that have no caption instead of stopping' },
   { key: 'dataset_layout', group: DATA, kind: 'string', describe: 'force a layout instead of detecting it', choices: ['captions.json', 'metadata.jsonl', 'txt'] },
@@ -68,6 +68,7 @@ export const TRAIN_OPTIONS: readonly Opt[] = [
   { key: 'adam_weight_decay', group: TRAINING, kind: 'number', describe: '[default: 1e-2]' },
   { key: 'adam_epsilon', group: TRAINING, kind: 'number', describe: '[default: 1e-8]' },
   { key: 'max_grad_norm', group: TRAINING, kind: 'number', describe: 'clip the trainable gradients to this norm; 0 disables [default: 1]' },
+  { key: 'max_nonfinite_steps', group: TRAINING, kind: 'number', describe: 'a step with NaN/inf loss or gradients is skipped (weights and AdamW untouched); stop, saving the last good state, after this many in a row [default: 10]' },
   { key: 'seed', group: TRAINING, kind: 'number', describe: 'seeds data order, augmentation, noise and init [default: 42]' },
   { key: 'prediction_type', group: TRAINING, kind: 'string', describe: "override the scheduler's prediction type", choices: ['epsilon', 'v_prediction'] },
   { key: 'noise_offset', group: TRAINING, kind: 'number', describe: 'noise offset [default: 0]' },
@@ -83,10 +84,12 @@ export const TRAIN_OPTIONS: readonly Opt[] = [
   { key: 'dist_backend', group: DIST, kind: 'string', describe: 'c10d backend: auto (nccl on CUDA when built with it, else gloo) [default: auto]', choices: ['auto', 'gloo', 'nccl'] },
   { key: 'dist_timeout', group: DIST, kind: 'number', describe: 'seconds a rank waits for the others (rendezvous, collectives, checkpoint barriers) before failing [default: 1800]' },
   { key: 'output_dir', group: CKPT, kind: 'string', describe: 'run folder [default: outputs/run-NNN]', aliases: ['out'] },
+  { key: 'overwrite_output_dir', group: CKPT, kind: 'boolean', describe: 'start a new run in a folder that holds another run\'s checkpoints or LoRA: they are moved into a dated folder under OUT/previous/ (nothing is deleted)' },
   { key: 'checkpointing_steps', group: CKPT, kind: 'number', describe: 'save every N optimizer steps [default: 500]' },
-  { key: 'checkpoints_total_limit', group: CKPT, kind: 'number', describe: 'keep the newest N regular checkpoints [default: 5]' },
+  { key: 'checkpointing_minutes', group: CKPT, kind: 'number', describe: 'also save when this many minutes passed since the last save (same retention; reason "time")' },
+  { key: 'checkpoints_total_limit', group: CKPT, kind: 'number', describe: 'keep the newest N checkpoints, the final one among them (beyond N only the best, kept ones and earlier stages\' last) [default: 5]' },
   { key: 'checkpoint_every_epoch', group: CKPT, kind: 'boolean', describe: 'also save at the end of every epoch' },
-  { key: 'resume_from_checkpoint', group: CKPT, kind: 'string', describe: 'latest | a checkpoint folder | another run folder' },
+  { key: 'resume_from_checkpoint', group: CKPT, kind: 'string', describe: 'latest | a checkpoint folder | another run folder; a diffusers/accelerate checkpoint-N folder is imported (LoRA weights and step N)' },
   { key: 'strict_resume', group: CKPT, kind: 'boolean', describe: 'fail instead of skipping invalid checkpoints' },
   { key: 'reset_optimizer', group: CKPT, kind: 'boolean', describe: 'on resume: keep the weights, fresh optimizer and LR schedule' },
   { key: 'allow_dataset_change', group: CKPT, kind: 'boolean', describe: 'on resume: accept a changed dataset' },
@@ -134,6 +137,59 @@ export function addTrainOptions<T>(y: Argv<T>): Argv<T> {
     out = out.option(flag, opt) as Argv<T>;
   }
   return out;
+}
+
+/** A number as a value of a flag, negative ones included (yargs takes "-1e-3" for the short flags -1 -e -3). */
+const NUMBER_RE = /^[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$/i;
+
+/**
+ * The training command line made unambiguous before yargs parses it, as argparse reads it:
+ *  - a flag given twice: the last one wins (under any of its spellings); array options (--validation-prompt,
+ *    --save-format, --lora-target-modules) are meant to repeat and keep every value;
+ *  - a negative number after a flag is its value (`--learning-rate -1e-3` becomes `--learning-rate=-1e-3`), and the
+ *    configuration's validation decides whether it is allowed.
+ * Anything else (unknown flags, positionals, what follows `--`) is passed through for yargs to judge.
+ */
+export function normalizeTrainArgs(args: readonly string[]): string[] {
+  const camel = (s: string) => s.replace(/[-_]([a-z0-9])/g, (_m, c: string) => c.toUpperCase());
+  const byName = new Map<string, Opt>();
+  for (const o of TRAIN_OPTIONS)
+    for (const n of [kebab(o.key), o.key, ...(o.aliases ?? [])]) {
+      byName.set(n, o);
+      byName.set(camel(n), o);
+    }
+  const items: Array<{ key?: string; tokens: string[] }> = [];
+  for (let i = 0; i < args.length; i++) {
+    const tok = args[i];
+    if (tok === '--') {
+      items.push({ tokens: args.slice(i) });
+      break;
+    }
+    const m = /^--([^=]+)(=[\s\S]*)?$/.exec(tok);
+    let opt = m ? byName.get(m[1]) : undefined;
+    const negated = !opt && m !== null && m[1].startsWith('no-') && byName.get(m[1].slice(3))?.kind === 'boolean';
+    if (negated) opt = byName.get(m![1].slice(3));
+    if (!m || !opt) {
+      items.push({ tokens: [tok] });
+      continue;
+    }
+    const next = args[i + 1];
+    if (opt.kind === 'boolean') {
+      const tokens = [tok];
+      if (m[2] === undefined && !negated && (next === 'true' || next === 'false')) tokens.push(args[++i]);
+      items.push({ key: opt.key, tokens });
+    } else if (opt.kind === 'array' || opt.kind === 'numarray') {
+      items.push({ tokens: [tok] }); // its values follow as plain tokens; repeats accumulate
+    } else if (m[2] === undefined && next !== undefined && (!next.startsWith('-') || NUMBER_RE.test(next))) {
+      items.push({ key: opt.key, tokens: [`--${m[1]}=${next}`] });
+      i++;
+    } else {
+      items.push({ key: opt.key, tokens: [tok] });
+    }
+  }
+  const last = new Map<string, number>();
+  items.forEach((it, i) => it.key !== undefined && last.set(it.key, i));
+  return items.filter((it, i) => it.key === undefined || last.get(it.key) === i).flatMap((it) => it.tokens);
 }
 
 /**

@@ -17,7 +17,7 @@ import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-import { readImageHeader } from './images';
+import { decodeRgb, readImageHeader } from './images';
 import { mapLimit } from './limit';
 import { derive } from './prng';
 
@@ -40,7 +40,11 @@ export interface DatasetOptions {
   captionColumn?: string;
   /** metadata.jsonl image field (default `file_name`, falling back to `image`). */
   imageColumn?: string;
-  /** Skip missing/unreadable images (listed in `skipped`) instead of failing. Default false. */
+  /**
+   * Skip missing/unreadable images (listed in `skipped`, in file order) instead of failing. Default false: the first
+   * load fails with a DatasetError listing every bad image. Which images are bad depends only on their bytes, so every
+   * load (a resume too) skips the same ones.
+   */
   skipBadImages?: boolean;
   /** Skip images that have no caption (listed in `uncaptioned`) instead of failing. Default false. */
   skipUncaptioned?: boolean;
@@ -48,8 +52,13 @@ export interface DatasetOptions {
   maxTrainSamples?: number;
   /** Seed for the maxTrainSamples subset (default 0). */
   seed?: number;
-  /** Read every image's header with sharp (fast; default true). When false, width/height are 0. */
-  validateImages?: boolean;
+  /**
+   * How far each image is checked before it is trusted. 'decode' (default; `true` too): decoded completely, as
+   * training will decode it, so damaged pixel data (a PNG with a corrupt IDAT stream, a truncated JPEG) is found here
+   * and not at some step of the run. 'header': the header only (format and size; faster, misses damaged pixel data).
+   * false: existence only (width/height are 0).
+   */
+  validateImages?: boolean | 'header' | 'decode';
   /** Header reads in flight (default 8). */
   concurrency?: number;
 }
@@ -465,7 +474,7 @@ export async function loadDataset(dir: string, options: DatasetOptions = {}): Pr
   if (max !== undefined && max < entries.length) order = derive(options.seed ?? 0, SUBSET_KEY).shuffle(order);
   const want = Math.min(max ?? entries.length, entries.length);
 
-  const validate = options.validateImages ?? true;
+  const validate = options.validateImages === false ? false : options.validateImages === 'header' ? 'header' : 'decode';
   const concurrency = options.concurrency ?? 8;
   const good: DatasetItem[] = [];
   const bad: BadImage[] = [];
@@ -505,7 +514,7 @@ export async function loadDataset(dir: string, options: DatasetOptions = {}): Pr
   return { root, layout, captionSource, items: good, skipped: bad, uncaptioned, warnings, counts };
 }
 
-async function checkImage(imageRoot: string, root: string, e: Entry, validate: boolean): Promise<DatasetItem | BadImage> {
+async function checkImage(imageRoot: string, root: string, e: Entry, validate: false | 'header' | 'decode'): Promise<DatasetItem | BadImage> {
   const abs = path.join(imageRoot, e.file);
   const file = path.relative(root, abs).split(path.sep).join('/');
   let bytes: number;
@@ -521,10 +530,21 @@ async function checkImage(imageRoot: string, root: string, e: Entry, validate: b
   let height = 0;
   let format = '';
   if (validate) {
+    let src: string | Buffer = abs;
     try {
-      ({ width, height, format } = await readImageHeader(abs));
+      if (validate === 'decode') src = await fs.promises.readFile(abs);
+      ({ width, height, format } = await readImageHeader(src));
     } catch (err) {
       return { file, reason: `unreadable image (${err instanceof Error ? err.message : String(err)})` };
+    }
+    if (validate === 'decode') {
+      // The whole image, decoded as training decodes it (the pixels are dropped): a header can be fine while the
+      // pixel data is damaged, which would otherwise surface at some step of the run, and again at every resume.
+      try {
+        await decodeRgb(src);
+      } catch (err) {
+        return { file, reason: `damaged pixel data: the ${format} header reads as ${width}x${height}, but decoding fails (${err instanceof Error ? err.message : String(err)})` };
+      }
     }
   }
   return { file, path: abs, captions: e.captions, bytes, width, height, format };

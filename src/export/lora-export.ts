@@ -29,8 +29,9 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 import { fsyncPath, renameDirReplacing, writeJsonDurable } from '../checkpoint/fsutil';
-import { verifyCheckpoint } from '../checkpoint/manager';
+import { mtimeOf, verifyCheckpoint, writerGone } from '../checkpoint/manager';
 import type { TrainConfig } from '../config';
+import { ASSETS, checkModel, isSingleFile, modelConfig, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
 import { native, type LoraComponent, type LoraComponentSummary, type LoraFileFormat, type LoraSource, type LoraSummary } from '../native';
 import { addKohyaHashes, kohyaMetadata } from './kohya';
 
@@ -240,8 +241,44 @@ function linkTree(src: string, dst: string): void {
 
 const WEIGHT_FILE = /\.(safetensors|bin|ckpt|pt|pth|msgpack|h5|onnx)$|\.safetensors\.index\.json$|\.bin\.index\.json$/;
 
+/**
+ * --merge from a single-file SD 1.x base checkpoint: a diffusers pipeline folder whose components are the file's, under
+ * diffusers names with their inferred configs (UNet and text encoder with the LoRA folded in, the VAE converted), plus
+ * the tokenizer and SD 1.5 scheduler config train-lora uses for such a file.
+ */
+async function writeMergedPipelineFromFile(spec: ExportSpec, summary: LoraSummary, base: string): Promise<{ dir: string; files: string[]; merged: string[] }> {
+  await checkModel(base, ['unet', 'vae', 'text_encoder']);
+  const final = path.join(spec.outDir, MERGED_PIPELINE_DIR);
+  const tmp = `${final}.tmp-${process.pid}`;
+  fs.rmSync(tmp, { recursive: true, force: true });
+  fs.mkdirSync(tmp, { recursive: true });
+  const files: string[] = [];
+  const merged: string[] = [];
+  try {
+    fs.copyFileSync(path.join(ASSETS, 'sd15-model', 'model_index.json'), path.join(tmp, 'model_index.json'));
+    for (const comp of ['unet', 'vae', 'text_encoder'] as const) {
+      const dst = path.join(tmp, comp);
+      fs.mkdirSync(dst);
+      fs.writeFileSync(path.join(dst, 'config.json'), `${JSON.stringify(modelConfig(base, comp), null, 2)}\n`);
+      const r = await native().loraMergeComponent(spec.source, comp, base, dst, {});
+      files.push(path.join(final, comp, path.basename(r.file)));
+      if (comp !== 'vae' && summary[comp]) merged.push(`${comp}: ${r.merged} weights (${r.dtype})`);
+    }
+    fs.cpSync(modelTokenizerDir(base), path.join(tmp, 'tokenizer'), { recursive: true });
+    fs.mkdirSync(path.join(tmp, 'scheduler'));
+    fs.copyFileSync(modelSchedulerConfig(base), path.join(tmp, 'scheduler', 'scheduler_config.json'));
+    for (const d of [tmp, ...fs.readdirSync(tmp).map((n) => path.join(tmp, n)).filter((p) => fs.statSync(p).isDirectory())]) fsyncPath(d);
+    renameDirReplacing(tmp, final, `${final}.old-${process.pid}`);
+  } catch (e) {
+    fs.rmSync(tmp, { recursive: true, force: true });
+    throw e;
+  }
+  return { dir: final, files, merged };
+}
+
 async function writeMergedPipeline(spec: ExportSpec, summary: LoraSummary): Promise<{ dir: string; files: string[]; merged: string[] }> {
   const base = path.resolve(spec.baseModel);
+  if (isSingleFile(base)) return writeMergedPipelineFromFile(spec, summary, base);
   const indexFile = path.join(base, 'model_index.json');
   if (!fs.existsSync(indexFile))
     throw new ExportError(`--merge: ${indexFile} not found: the base model must be a diffusers pipeline folder (pass it with --model)`, 'ENOENT');
@@ -280,6 +317,73 @@ async function writeMergedPipeline(spec: ExportSpec, summary: LoraSummary): Prom
   return { dir: final, files, merged };
 }
 
+/**
+ * Removes what a killed export (or end-of-training UNet write) left in `outDir`: only this program's temporary names
+ * (`pytorch_lora_weights.safetensors.tmp-<pid>`, `lora_weights/adapter_model.safetensors.tmp-<pid>`,
+ * `final_pipeline.tmp-<pid>/`, `.tmp-unet-<pid>/`, ...; `extraFiles`' `<file>.tmp-<pid>` too) whose process is gone
+ * (or whose pid now belongs to a process started after the file was written, or is this one: at the start nothing of
+ * ours is being written). Anything else, and every live writer's files, stay.
+ * Returns the paths removed.
+ */
+export function cleanStaleExports(outDir: string, extraFiles: readonly string[] = []): string[] {
+  const dir = path.resolve(outDir);
+  const names = new Set<string>([
+    ...Object.values(LORA_FILES),
+    path.join('lora_weights', 'adapter_config.json'),
+    path.join('lora_weights', 'text_encoder', 'adapter_model.safetensors'),
+    path.join('lora_weights', 'text_encoder', 'adapter_config.json'),
+  ]);
+  // <name>.tmp-<pid> beside each of our files (native safetensors writes, writeFileDurable, kohya hashing).
+  const candidates: Array<{ folder: string; re: RegExp }> = [];
+  const byFolder = new Map<string, string[]>();
+  for (const n of names) {
+    const folder = path.join(dir, path.dirname(n));
+    byFolder.set(folder, [...(byFolder.get(folder) ?? []), path.basename(n)]);
+  }
+  for (const f of extraFiles) {
+    const abs = path.resolve(f);
+    byFolder.set(path.dirname(abs), [...(byFolder.get(path.dirname(abs)) ?? []), path.basename(abs)]);
+  }
+  const esc = (x: string): string => x.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+  for (const [folder, files] of byFolder) candidates.push({ folder, re: new RegExp(`^(?:${files.map(esc).join('|')})\\.tmp-(\\d+)$`) });
+  // Folders: final_pipeline.tmp-<pid>, final_pipeline.old-<pid> (merge), .tmp-unet-<pid>, .old-unet-<pid> (full training).
+  candidates.push({ folder: dir, re: new RegExp(`^(?:${esc(MERGED_PIPELINE_DIR)}\\.(?:tmp|old)-|\\.(?:tmp|old)-unet-)(\\d+)$`) });
+  const removed: string[] = [];
+  for (const { folder, re } of candidates) {
+    let entries: string[];
+    try {
+      entries = fs.readdirSync(folder);
+    } catch {
+      continue;
+    }
+    for (const name of entries) {
+      const m = re.exec(name);
+      if (!m) continue;
+      const pid = Number(m[1]);
+      if (!writerGone(pid, mtimeOf(path.join(folder, name)))) continue; // a live export's file
+      // A replaced folder set aside (renameDirReplacing) whose successor never arrived: put it back instead.
+      const final = name.startsWith(`${MERGED_PIPELINE_DIR}.old-`) ? MERGED_PIPELINE_DIR : name.startsWith('.old-unet-') ? 'unet' : undefined;
+      if (final && !fs.existsSync(path.join(folder, final))) {
+        fs.renameSync(path.join(folder, name), path.join(folder, final));
+        continue;
+      }
+      fs.rmSync(path.join(folder, name), { recursive: true, force: true });
+      removed.push(path.join(folder, name));
+    }
+  }
+  // The peft folders an interrupted export created and left holding only its temporary files: empty now, removed.
+  for (const sub of [path.join('lora_weights', 'text_encoder'), 'lora_weights']) {
+    const folder = path.join(dir, sub);
+    if (!removed.some((r) => r.startsWith(folder + path.sep))) continue;
+    try {
+      if (fs.readdirSync(folder).length === 0) fs.rmdirSync(folder);
+    } catch {
+      /* not there, or not empty */
+    }
+  }
+  return removed;
+}
+
 /** Writes the requested formats (and the merged pipeline); `log` gets one line listing what was written. */
 export async function exportLora(spec: ExportSpec, log?: (msg: string) => void): Promise<ExportResult> {
   for (const f of spec.formats)
@@ -289,6 +393,7 @@ export async function exportLora(spec: ExportSpec, log?: (msg: string) => void):
   const summary = await native().loraSummary(spec.source);
   if (!components(summary).length) throw new ExportError('there are no LoRA adapters to export', 'ENOLORA');
   fs.mkdirSync(spec.outDir, { recursive: true });
+  cleanStaleExports(spec.outDir, spec.file ? [spec.file] : []);
   const files: string[] = [];
   for (const format of spec.formats) {
     const target = spec.file ?? path.join(spec.outDir, LORA_FILES[format]);

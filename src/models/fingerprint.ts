@@ -1,6 +1,7 @@
 /**
  * A cheap, stable fingerprint of a model folder: sha256 over each component's config.json, the safetensors
- * headers, and 16 evenly spaced 64 KiB samples of the weight bytes. It changes when the architecture, the dtype
+ * headers, and 16 evenly spaced 64 KiB samples of the weight bytes (for a single-file checkpoint: its header and
+ * samples of its bytes). It changes when the architecture, the dtype
  * layout or the weights change, and costs milliseconds even for a 4 GB UNet.
  */
 import * as crypto from 'node:crypto';
@@ -36,6 +37,12 @@ function hashFileSamples(h: crypto.Hash, file: string): void {
 
 export async function modelFingerprint(dir: string): Promise<string> {
   const h = crypto.createHash('sha256');
+  // A single-file checkpoint: its header (names, dtypes, shapes) and samples of its bytes, as for a component's file.
+  if (fs.statSync(dir).isFile()) {
+    h.update('[single-file]\n');
+    hashFileSamples(h, dir);
+    return h.digest('hex').slice(0, 16);
+  }
   for (const c of COMPONENTS) {
     const cdir = path.join(dir, c);
     if (!fs.existsSync(cdir)) continue;

@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 import type { TrainConfig } from '../config';
+import { modelSchedulerConfig } from '../models/model-folder';
 import { gridUpscale, makeGrid, textToImage, upscaleNearest, writePng, type RgbImage } from '../inference/text-to-image';
 import type { PipelineHandle } from '../native';
 import type { CLIPTokenizer } from '../tokenizer';
@@ -17,7 +18,7 @@ import { validationDir, validationGridName, validationImageName, validationPromp
 export function makeImageRenderer(cfg: TrainConfig, pipe: PipelineHandle, tokenizer: CLIPTokenizer, modelDir: string, outputDir: string): ImageRenderer | undefined {
   const prompts = validationPrompts(cfg);
   if (!prompts.length || cfg.num_validation_images === 0) return undefined;
-  const schedulerConfig: unknown = JSON.parse(fs.readFileSync(path.join(modelDir, 'scheduler', 'scheduler_config.json'), 'utf8'));
+  const schedulerConfig: unknown = JSON.parse(fs.readFileSync(modelSchedulerConfig(modelDir), 'utf8'));
   const size = cfg.validation_resolution ?? cfg.resolution;
   const seed = cfg.validation_seed ?? cfg.seed;
   const dir = validationDir(outputDir);

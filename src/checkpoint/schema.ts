@@ -1,0 +1,191 @@
+/**
+ * The content of a checkpoint's state files, as zod schemas. A hash in the manifest proves that a file is what was
+ * written, not that what was written is complete: a random_states_0.json missing its data cursor (and a manifest
+ * re-made over it) would otherwise verify, resume without a word and continue differently. `verify`, `latest` and
+ * every load at resume check each file against its schema and the files against each other.
+ *
+ * The schemas name what train-lora reads back; unknown extra keys are allowed (newer versions add fields), missing or
+ * mistyped ones are not.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+import { z } from 'zod';
+
+import { lrScheduleFromJSON } from '../train/schedules/lr';
+
+const int = z.number().int();
+const nonNegInt = int.nonnegative();
+const posInt = int.positive();
+const finite = z.number().finite();
+
+export const ManifestSchema = z.object({
+  format: z.literal('train-lora-checkpoint'),
+  version: z.literal(1),
+  step: nonNegInt,
+  created: z.string(),
+  files: z.record(z.object({ size: nonNegInt, sha256: z.string().regex(/^[0-9a-f]{64}$/, 'must be 64 hex digits') })),
+  reason: z.string().optional(),
+});
+
+/** random_states_<rank>.json: every generator stream (base64) and the data cursor. */
+export const RandomStatesSchema = z.object({
+  torch: z
+    .record(z.string().min(1, 'is empty'))
+    .refine((t) => typeof t.cpu === 'string', { message: 'has no "cpu" generator state' }),
+  data: z.object({
+    sampler: z.object({
+      version: z.literal(1),
+      seed: int,
+      numSamples: posInt,
+      epoch: nonNegInt,
+      position: nonNegInt,
+    }),
+    seed: int,
+  }),
+});
+
+export const OptimizerJsonSchema = z.object({
+  kind: z.literal('AdamW'),
+  betas: z.tuple([finite, finite]),
+  eps: finite,
+  weight_decay: finite,
+  per_parameter_steps: z.record(nonNegInt),
+});
+
+export const SchedulerJsonSchema = z.object({
+  spec: z.unknown().superRefine((v, ctx) => {
+    try {
+      lrScheduleFromJSON(v);
+    } catch (e) {
+      ctx.addIssue({ code: z.ZodIssueCode.custom, message: (e as Error).message });
+    }
+  }),
+  scheduler_steps: nonNegInt,
+  num_processes: posInt.optional(),
+  next_lr: finite.optional(),
+});
+
+export const ScalerJsonSchema = z.object({
+  enabled: z.boolean(),
+  scale: finite.positive(),
+  growthTracker: nonNegInt,
+});
+
+/** The part of the run configuration that resume (compatibility, schedule) and export read back. */
+const CheckpointConfigSchema = z
+  .object({
+    pretrained_model_name_or_path: z.string(),
+    train_data_dir: z.string(),
+    train_mode: z.enum(['lora', 'full']),
+    rank: posInt,
+    lora_alpha: z.number().positive().optional(),
+    lora_dropout: z.number().min(0).max(1),
+    lora_target_modules: z.array(z.string()).min(1),
+    train_batch_size: posInt,
+    gradient_accumulation_steps: posInt,
+    max_train_steps: posInt,
+    learning_rate: finite,
+    lr_scheduler: z.string(),
+    resolution: posInt,
+    seed: int,
+    mixed_precision: z.string(),
+  })
+  .passthrough();
+
+export const TrainerStateSchema = z.object({
+  version: posInt,
+  global_step: nonNegInt,
+  scheduler_steps: nonNegInt,
+  epoch: nonNegInt,
+  position: nonNegInt,
+  world_size: posInt.optional(),
+  samples_seen: nonNegInt,
+  max_train_steps: posInt,
+  train_loss: finite.nullable(),
+  val_loss: finite.nullable().optional(),
+  stage: z.string().optional(),
+  best_metric: z.object({ name: z.string(), value: finite, step: nonNegInt, mode: z.enum(['min', 'max']) }).nullable(),
+  base_model: z.object({ path: z.string(), fingerprint: z.string().min(1) }),
+  dataset: z.object({ path: z.string(), fingerprint: z.string().min(1), size: posInt }),
+  config: CheckpointConfigSchema,
+  device: z.string().optional(),
+  mixed_precision: z.enum(['no', 'fp16', 'bf16']).optional(),
+  resumed_from: z.string().nullable(),
+  versions: z.object({ train_lora: z.string(), torch: z.string(), node: z.string() }).partial(),
+  time: z.string(),
+  host: z.string(),
+});
+
+const RANDOM_STATES_RE = /^random_states_(\d+)\.json$/;
+
+/** The schema of a state file by its name in a checkpoint folder (undefined: not a JSON state file we know). */
+export function stateSchemaFor(name: string): z.ZodTypeAny | undefined {
+  if (RANDOM_STATES_RE.test(name)) return RandomStatesSchema;
+  return (
+    {
+      'trainer_state.json': TrainerStateSchema,
+      'optimizer.json': OptimizerJsonSchema,
+      'scheduler.json': SchedulerJsonSchema,
+      'scaler.json': ScalerJsonSchema,
+      'manifest.json': ManifestSchema,
+    } as Record<string, z.ZodTypeAny>
+  )[name];
+}
+
+/** zod's issues as one line: `data.sampler.position: Required; torch: has no "cpu" generator state`. */
+export function describeIssues(err: z.ZodError): string {
+  return err.issues
+    .slice(0, 4)
+    .map((i) => `${i.path.length ? i.path.join('.') : '(top level)'}: ${i.message}`)
+    .concat(err.issues.length > 4 ? [`and ${err.issues.length - 4} more`] : [])
+    .join('; ');
+}
+
+/** Why `value` (the parsed content of `name`) is not a valid state file, or undefined when it is (or is not one we know). */
+export function stateFileProblem(name: string, value: unknown): string | undefined {
+  const schema = stateSchemaFor(name);
+  if (!schema) return undefined;
+  const r = schema.safeParse(value);
+  return r.success ? undefined : `${name} has invalid content: ${describeIssues(r.error)}`;
+}
+
+/** Files every checkpoint must have (a run of N processes adds random_states_1..N-1.json). */
+export const REQUIRED_FILES = ['model.safetensors', 'optimizer.safetensors', 'optimizer.json', 'scheduler.json', 'scaler.json', 'random_states_0.json', 'trainer_state.json'];
+
+/**
+ * Checks between the files of one checkpoint (each already valid on its own): the step of the folder, every rank's
+ * random states, the data cursor that trainer_state.json and random_states_0.json both record, the device's stream.
+ */
+export function crossFileProblem(step: number, files: readonly string[], read: (name: string) => unknown): string | undefined {
+  for (const f of REQUIRED_FILES) if (!files.includes(f)) return `${f} is not in the manifest (a checkpoint needs it to resume)`;
+  const st = read('trainer_state.json') as z.infer<typeof TrainerStateSchema>;
+  if (st.global_step !== step) return `trainer_state.json says step ${st.global_step}, the manifest says ${step}`;
+  for (let r = 1; r < (st.world_size ?? 1); r++)
+    if (!files.includes(`random_states_${r}.json`)) return `random_states_${r}.json is not in the manifest (trained by ${st.world_size} processes)`;
+  const rng = read('random_states_0.json') as z.infer<typeof RandomStatesSchema>;
+  const cur = rng.data.sampler;
+  if (cur.epoch !== st.epoch || cur.position !== st.position)
+    return `random_states_0.json's data cursor (epoch ${cur.epoch}, sample ${cur.position}) differs from trainer_state.json's (epoch ${st.epoch}, sample ${st.position})`;
+  const devType = st.device?.split(':')[0];
+  if ((devType === 'cuda' || devType === 'mps') && !Object.keys(rng.torch).some((k) => k.split(':')[0] === devType))
+    return `random_states_0.json has no ${devType} generator state, but the run trained on ${st.device}`;
+  return undefined;
+}
+
+/**
+ * Reads a checkpoint's JSON state file and checks it against its schema: what resume uses instead of a bare
+ * JSON.parse. Throws an Error naming the file and what is wrong.
+ */
+export function readStateFile<T>(dir: string, name: string): T {
+  const file = path.join(dir, name);
+  let value: unknown;
+  try {
+    value = JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch (e) {
+    throw new Error(`${file}: cannot be read as JSON (${(e as Error).message})`);
+  }
+  const problem = stateFileProblem(name, value);
+  if (problem) throw new Error(`${dir}: ${problem}. Pick another checkpoint (\`train-lora checkpoints list\` shows them).`);
+  return value as T;
+}
