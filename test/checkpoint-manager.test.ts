@@ -42,6 +42,28 @@ test('a save appears complete with a manifest, or not at all', async () => {
   expect(fs.readdirSync(mgr.dir)).toEqual(['checkpoint-10']);
 });
 
+test('hashes the writer reports (the addon hashes weight files as it writes them) go into the manifest unread; a size mismatch is rehashed', async () => {
+  const dir = path.join(tmp, 'known-hashes');
+  const mgr = new CheckpointManager(dir);
+  let blocked = -1;
+  const e = await mgr.save(
+    7,
+    async (d) => {
+      await writeFake(d, 7);
+      const size = fs.statSync(path.join(d, 'model.safetensors')).size;
+      // A deliberately wrong hash for model.safetensors: the manifest must carry it (proof it was not recomputed), so a
+      // full verify then fails; a wrong size for optimizer.safetensors must be ignored (hashed from the file instead).
+      return { 'model.safetensors': { size, sha256: '0'.repeat(64) }, 'optimizer.safetensors': { size: 1, sha256: '1'.repeat(64) } };
+    },
+    { onBlocked: (ms) => (blocked = ms) },
+  );
+  expect(e.manifest!.files['model.safetensors'].sha256).toBe('0'.repeat(64));
+  const opt = fs.readFileSync(path.join(e.path, 'optimizer.safetensors'));
+  expect(e.manifest!.files['optimizer.safetensors'].sha256).toBe(crypto.createHash('sha256').update(opt).digest('hex'));
+  expect(blocked).toBeGreaterThanOrEqual(0);
+  expect((await verifyCheckpoint(e.path)).problem).toMatch(/model\.safetensors does not match its sha256/);
+});
+
 test.each(['start', 'files-written', 'before-manifest', 'before-rename'])('a failure at "%s" removes the partial folder and keeps the earlier checkpoints', async (stage) => {
   const ok = new CheckpointManager(tmp);
   await saveSteps(ok, [5, 10]);

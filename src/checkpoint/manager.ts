@@ -73,7 +73,12 @@ export interface SaveOptions {
   reason?: string;
   /** Bytes the new checkpoint will need (checked against free space first). */
   expectedBytes?: number;
+  /** Called with the milliseconds the save's last part (fsync, hashes, manifest, rename) held the JS thread. */
+  onBlocked?: (ms: number) => void;
 }
+
+/** Files the writer already knows the size and SHA-256 of (hashed as they were written, off the JS thread). */
+export type KnownFiles = Record<string, ManifestFile>;
 
 /** Test-only fault injection: called at each stage of a save with the stage name. */
 export type FaultHook = (stage: string) => void;
@@ -153,7 +158,12 @@ export class CheckpointManager {
    * Writes a checkpoint: `write(tmpDir)` fills the folder; then the manifest is written and the folder renamed.
    * On any failure the partial folder is removed and every earlier checkpoint is left as it was.
    */
-  async save(step: number, write: (tmpDir: string) => Promise<void>, opts: SaveOptions = {}): Promise<CheckpointEntry> {
+  /**
+   * `write` fills the temporary folder; it may return the size and SHA-256 of files it wrote (the addon hashes weight
+   * files while writing them), which are then not read back here: a full-model checkpoint is gigabytes, and hashing it
+   * on the JS thread would stall training for seconds.
+   */
+  async save(step: number, write: (tmpDir: string) => Promise<KnownFiles | void>, opts: SaveOptions = {}): Promise<CheckpointEntry> {
     fs.mkdirSync(this.dir, { recursive: true });
     this.checkFreeSpace(step, opts.expectedBytes);
     const tmp = path.join(this.dir, `${TMP_PREFIX}checkpoint-${step}-${process.pid}`);
@@ -162,14 +172,17 @@ export class CheckpointManager {
     const final = CheckpointManager.pathFor(this.dir, step);
     try {
       this.opts.faultHook?.('start');
-      await write(tmp);
+      const known = (await write(tmp)) ?? {};
+      const t0 = Date.now();
       this.opts.faultHook?.('files-written');
       const files: Record<string, ManifestFile> = {};
       for (const name of fs.readdirSync(tmp).sort()) {
         const p = path.join(tmp, name);
         if (!fs.statSync(p).isFile()) continue;
         fsyncPath(p);
-        files[name] = { size: fs.statSync(p).size, sha256: sha256File(p) };
+        const size = fs.statSync(p).size;
+        // A known hash counts only for the bytes it was computed from.
+        files[name] = known[name]?.size === size ? { size, sha256: known[name].sha256 } : { size, sha256: sha256File(p) };
       }
       const manifest: Manifest = { format: 'train-lora-checkpoint', version: 1, step, created: new Date().toISOString(), files, reason: opts.reason };
       this.opts.faultHook?.('before-manifest');
@@ -178,7 +191,9 @@ export class CheckpointManager {
       this.opts.faultHook?.('before-rename');
       // Re-saving a step (e.g. the final save right after an interval save) swaps atomically, then drops the old.
       renameDirReplacing(tmp, final, path.join(this.dir, `${TMP_PREFIX}old-checkpoint-${step}-${process.pid}`));
-      return this.entry(`checkpoint-${step}`, 'quick');
+      const entry = this.entry(`checkpoint-${step}`, 'quick');
+      opts.onBlocked?.(Date.now() - t0);
+      return entry;
     } catch (e) {
       fs.rmSync(tmp, { recursive: true, force: true });
       const err = e as NodeJS.ErrnoException;

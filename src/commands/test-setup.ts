@@ -162,6 +162,7 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
       (d && d.type !== 'cpu' && d.totalMemory ? `; ${d.type}: ${formatBytes(d.totalMemory)} total` : '') +
       `; training with batch ${cfg.train_batch_size}${cfg.gradient_checkpointing ? ' and gradient checkpointing' : ''} used about ${formatBytes(Math.max(0, rss - rss0))} beyond start-up here`,
   });
+  if (trainer) native().dispose(trainer);
   if (pipe) native().dispose(pipe);
   return results;
 }

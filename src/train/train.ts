@@ -31,7 +31,7 @@ import type { LoaderOptions } from '../data/loader';
 import type { SampleOrderState } from '../data/sampler';
 import { checkModel, modelConfigFile, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
 import { modelFingerprint } from '../models/fingerprint';
-import { native, type LoraFileFormat, type PipelineHandle, type SafetensorsHeader, type TrainBatch, type TrainerStateJson } from '../native';
+import { native, type LoraFileFormat, type PipelineHandle, type SafetensorsHeader, type TrainBatch, type TrainerHandle, type TrainerStateJson } from '../native';
 import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
 import { lrForOptimizerStep, lrScheduleFromJSON, trainingLrSchedule, type LrScheduleSpec } from './schedules/lr';
@@ -545,6 +545,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
   }
   let loader: MicroBatchSource | undefined;
   let pipe: PipelineHandle | undefined;
+  let trainerHandle: TrainerHandle | undefined;
   const startedAt = Date.now();
   try {
     if (isMain) for (const n of mgr.cleanStale()) report.info(`removed an incomplete checkpoint folder left by a crash: ${n}`);
@@ -669,7 +670,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     const t0 = Date.now();
     pipe = await native().loadPipeline(modelDir, { device, dtype: weightDtype, variant: cfg.variant });
     report.info(`loaded ${modelDir} on ${device} (${weightDtype}) in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
-    const { trainer, trainableParams, totalParams } = await native().createTrainer(pipe, {
+    const created = await native().createTrainer(pipe, {
       mode: cfg.train_mode,
       rank: cfg.rank,
       alpha: loraAlpha(cfg),
@@ -689,6 +690,8 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       maxGradNorm: cfg.max_grad_norm,
       seed: cfg.seed,
     });
+    const { trainer, trainableParams, totalParams } = created;
+    trainerHandle = trainer;
     await dist.attach(trainer);
     report.info(`trainable parameters: ${trainableParams.toLocaleString('en-US')} of ${totalParams.toLocaleString('en-US')} (${((100 * trainableParams) / totalParams).toFixed(3)} %)`);
 
@@ -880,6 +883,9 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       const nfTotal = nonFiniteTotal;
       const lastGood = lastGoodStep;
       lastSaveAt = now();
+      // JS-thread time of the save's background parts (the JSON files, the manifest, retention): training's next
+      // micro-step waits for the JS thread, so this is stall too. The weight files are written and hashed natively.
+      let busyMs = 0;
       try {
         const entry = await mgr.save(
           step,
@@ -889,6 +895,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
             const st = await native().trainerSaveState(trainer, tmp, { format: 'pt', step: String(step), ...loraMeta });
             // Never a checkpoint of non-finite weights (LoRA weights are small enough to check at every save).
             if (cfg.train_mode === 'lora') await assertFiniteWeights(path.join(tmp, 'model.safetensors'), step);
+            const c0 = Date.now();
             writeJsonDurable(path.join(tmp, 'optimizer.json'), {
               kind: 'AdamW',
               betas: [cfg.adam_beta1, cfg.adam_beta2],
@@ -928,9 +935,12 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
               host: os.hostname(),
             };
             writeJsonDurable(path.join(tmp, 'trainer_state.json'), ts);
+            busyMs += Date.now() - c0;
+            return st.files;
           },
-          { reason, expectedBytes: lastCheckpointSize(mgr) },
+          { reason, expectedBytes: lastCheckpointSize(mgr), onBlocked: (ms) => (busyMs += ms) },
         );
+        const c1 = Date.now();
         lastCheckpoint = entry.path;
         if (world > 1) removeRankParts(mgr.dir, step);
         if (improves && bestNow) {
@@ -940,9 +950,12 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
         // Checkpoints of another run in the folder (only possible in folders from before run ids) are never counted or deleted.
         const otherRuns = checkpointRuns(mgr).filter((c) => c.runId !== undefined && c.runId !== runId).map((c) => c.step);
         const removed = mgr.prune(cfg.checkpoints_total_limit, { best: best?.step, final: reason === 'final' ? step : undefined, stage, otherRuns });
+        busyMs += Date.now() - c1;
+        saveBusyMs.push(busyMs);
         report.info(`saved ${entry.path} (${reason}) in ${Date.now() - t} ms${removed.length ? `; removed ${removed.join(', ')}` : ''}`, {
           checkpoint: entry.path,
           saveMs: Date.now() - t,
+          jsBusyMs: busyMs,
         });
       } catch (e) {
         if (world > 1) removeRankParts(mgr.dir, step);
@@ -967,6 +980,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     let inflight: Promise<void> | undefined;
     let saveError: Error | undefined;
     const saveStallMs: number[] = [];
+    const saveBusyMs: number[] = [];
 
     /**
      * The free-space pre-check of a background save, run synchronously before it starts and before the next step
@@ -1133,7 +1147,11 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       );
     }
     if (saveStallMs.length)
-      report.info(`checkpoint saves stalled training by ${Math.max(...saveStallMs)} ms at most (${saveStallMs.length} background saves)`, { saveStallMs });
+      report.info(
+        `checkpoint saves stalled training by ${Math.max(...saveStallMs)} ms at most to start (${saveStallMs.length} background saves), ` +
+          `and held the JS thread for ${Math.max(0, ...saveBusyMs)} ms at most while they finished (JSON files, manifest, retention; weight files are written and hashed off it)`,
+        { saveStallMs, saveBusyMs },
+      );
     const loraFiles: string[] = [];
     if (finished && cfg.train_mode === 'lora' && dist.isMain) {
       // A LoRA file that train-lora did not write (a diffusers run's, in its own output folder) is never replaced.
@@ -1171,6 +1189,9 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
   } finally {
     await loader?.close();
     await dist.destroy().catch(() => undefined);
+    // Release the native trainer (weights, AdamW state, gradients) and pipeline now, not when the GC gets to them:
+    // a library user may train again in the same process.
+    if (trainerHandle) native().dispose(trainerHandle);
     if (pipe) native().dispose(pipe);
     if (opts.installSignalHandlers !== false) {
       process.off('SIGINT', onSignal);
