@@ -56,6 +56,13 @@ Napi::Value Devices(const Napi::CallbackInfo& info) {
   });
 }
 
+// liveHandles() -> {Pipeline: n, Trainer: n, ...}: native objects JS holds that were neither disposed nor collected.
+Napi::Value LiveHandles(const Napi::CallbackInfo& info) {
+  Napi::Object o = Napi::Object::New(info.Env());
+  for (const auto& [kind, n] : live_handles()) o.Set(kind, static_cast<double>(n));
+  return o;
+}
+
 // shutdown(): finish queued work and stop the addon's threads (later calls reject with code ESHUTDOWN).
 Napi::Value Shutdown(const Napi::CallbackInfo& info) {
   Engine::of(info.Env()).shutdown();
@@ -553,6 +560,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("loadPipeline", Napi::Function::New(env, LoadPipeline));
   exports.Set("setAllowTf32", Napi::Function::New(env, SetAllowTf32));
   exports.Set("shutdown", Napi::Function::New(env, Shutdown));
+  exports.Set("liveHandles", Napi::Function::New(env, LiveHandles));
   exports.Set("forward", Napi::Function::New(env, Forward));
   exports.Set("writeRandomWeights", Napi::Function::New(env, WriteRandomWeights));
   exports.Set("componentParamShapes", Napi::Function::New(env, ComponentParamShapes));

@@ -214,10 +214,26 @@ void Engine::notify(std::shared_ptr<Napi::FunctionReference> cb, Completion make
   if (tsfn_.NonBlockingCall(done) != napi_ok) delete done;
 }
 
+namespace {
+std::mutex g_handles_mu;
+std::map<std::string, int64_t> g_handles;
+}  // namespace
+
+void count_handle(const char* kind, int delta) {
+  std::lock_guard<std::mutex> lk(g_handles_mu);
+  if ((g_handles[kind] += delta) == 0) g_handles.erase(kind);
+}
+
+std::map<std::string, int64_t> live_handles() {
+  std::lock_guard<std::mutex> lk(g_handles_mu);
+  return g_handles;
+}
+
 void dispose_handle(Napi::Env env, const Napi::Value& v) {
   if (!v.IsExternal()) throw Napi::TypeError::New(env, "dispose: expected a handle");
   auto* box = v.As<Napi::External<HandleBox>>().Data();
   if (!box || !box->ptr) return;
+  count_handle(box->kind, -1);
   auto keep = std::move(box->ptr);
   Engine::of(env).post([keep]() mutable { keep.reset(); });
 }

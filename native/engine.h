@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -85,10 +86,16 @@ struct HandleBox {
   std::shared_ptr<void> ptr;
 };
 
+// Handles JS still holds (neither disposed nor garbage-collected), by kind: leak checks (native().liveHandles()).
+void count_handle(const char* kind, int delta);
+std::map<std::string, int64_t> live_handles();
+
 template <class T>
 Napi::Value wrap_handle(Napi::Env env, std::shared_ptr<T> p, const char* kind) {
   auto* box = new HandleBox{kind, std::static_pointer_cast<void>(std::move(p))};
+  count_handle(kind, +1);
   return Napi::External<HandleBox>::New(env, box, [](Napi::Env env, HandleBox* b) {
+    if (b->ptr) count_handle(b->kind, -1);
     if (Engine* e = Engine::maybe(env)) {
       auto keep = std::move(b->ptr);
       e->post([keep]() mutable { keep.reset(); });

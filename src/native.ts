@@ -86,6 +86,8 @@ export interface NativeBinding {
   safetensorsRead(path: string, options?: { dtype?: Precision | DType }): Promise<{ tensors: HostTensor[]; metadata: Record<string, string> }>;
   safetensorsWrite(path: string, tensors: HostTensor[], metadata?: Record<string, string>): Promise<void>;
   dispose(handle: Handle<string>): void;
+  /** Native objects (by kind: Pipeline, Trainer, Sampler, ProcessGroup) that JS holds and has neither disposed nor garbage-collected. */
+  liveHandles(): Record<string, number>;
   /** Finishes queued work and stops the addon's torch and I/O threads; every later call rejects with code ESHUTDOWN. */
   shutdown(): void;
   /** `dir`: a diffusers model folder, or a single-file SD 1.x checkpoint in the original (LDM) layout. */

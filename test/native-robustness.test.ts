@@ -169,3 +169,37 @@ describe('the trainer', () => {
     native().dispose(pipe);
   }, 120000);
 });
+
+describe('native objects are released when the work is done, not when the GC gets to them', () => {
+  const data = path.join(tmp, 'leak-data');
+  beforeAll(async () => {
+    const { makeDemoData } = await import('../src/data/demo-data');
+    await makeDemoData(data, { count: 4, size: 32, seed: 1 });
+  });
+  const live = () => native().liveHandles();
+
+  test('train() releases its trainer and pipeline', async () => {
+    const { train } = await import('../src/train/train');
+    const { Quiet } = await import('./helpers/quiet-reporter');
+    const { tinyRunConfig } = await import('./helpers/tiny-run');
+    const before = live();
+    await train(tinyRunConfig(path.join(tmp, 'leak-train'), data, { max_train_steps: 1 }), new Quiet(), { installSignalHandlers: false });
+    expect(live()).toEqual(before);
+  }, 120000);
+
+  test('forward releases its pipeline when it fails', async () => {
+    const { runForwardCommand } = await import('../src/commands/forward');
+    const before = live();
+    const inputs = path.join(fixtures, 'golden', 'tiny', 'inputs.safetensors');
+    await expect(runForwardCommand({ model: TINY_MODEL, inputs, output: path.join(tmp, 'fw-out.safetensors'), lora: path.join(tmp, 'no-such-lora.safetensors') })).rejects.toThrow(/no-such-lora/);
+    expect(live()).toEqual(before);
+  });
+
+  test('test-setup releases its trainer and pipeline', async () => {
+    const { testSetup } = await import('../src/commands/test-setup');
+    const { tinyRunConfig } = await import('./helpers/tiny-run');
+    const before = live();
+    await testSetup(tinyRunConfig(path.join(tmp, 'leak-setup'), data), () => undefined);
+    expect(live()).toEqual(before);
+  }, 120000);
+});
