@@ -310,6 +310,7 @@ export async function main(argv: string[]): Promise<void> {
           .option('lora', { type: 'string', describe: 'LoRA .safetensors (diffusers, peft or kohya keys), a PEFT adapter folder or a training checkpoint folder' })
           .option('lora-scale', { type: 'number', default: 1, describe: 'LoRA strength' })
           .option('lora-alpha', { type: 'number', describe: 'alpha of a LoRA file that does not carry it (a bare PEFT-format file); the scale is alpha / rank' })
+          .option('prediction-type', { choices: ['epsilon', 'v_prediction'] as const, describe: "override the scheduler config's (v_prediction for a v-prediction single-file model)" })
           .option('prompt', { type: 'string', array: true, demandOption: true, describe: 'prompt (repeat for several)' })
           .option('negative-prompt', { type: 'string', describe: 'one negative prompt for every image' })
           .option('num-images', { type: 'number', default: 1, describe: 'images per prompt' })
@@ -329,6 +330,7 @@ export async function main(argv: string[]): Promise<void> {
           lora: a.lora,
           loraScale: a['lora-scale'],
           loraAlpha: a['lora-alpha'],
+          predictionType: a['prediction-type'],
           prompt: a.prompt.map(String),
           negativePrompt: a['negative-prompt'],
           numImages: a['num-images'],

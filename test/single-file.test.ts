@@ -199,9 +199,15 @@ describe('training from a single file', () => {
 
     const images = await runGenerateCommand({
       model: FILE, lora: path.join(fromFile, 'pytorch_lora_weights.safetensors'), prompt: ['a red square'], width: 32, height: 32,
-      numInferenceSteps: 2, out: path.join(tmp, 'gen'), stream: undefined,
+      numInferenceSteps: 2, out: path.join(tmp, 'gen'),
     });
     expect(images).toEqual([path.join(tmp, 'gen', '0_0.png')]);
     expect(fs.statSync(images[0]).size).toBeGreaterThan(0);
+    // A v-prediction file says nothing about it: --prediction-type v_prediction changes the sampling.
+    const v = await runGenerateCommand({
+      model: FILE, lora: path.join(fromFile, 'pytorch_lora_weights.safetensors'), prompt: ['a red square'], width: 32, height: 32,
+      numInferenceSteps: 2, out: path.join(tmp, 'gen-v'), predictionType: 'v_prediction',
+    });
+    expect(fs.readFileSync(v[0]).equals(fs.readFileSync(images[0]))).toBe(false);
   });
 });

@@ -20,6 +20,8 @@ export interface GenerateArgs {
   loraScale?: number;
   /** --lora-alpha: the alpha of a LoRA file that does not carry it. */
   loraAlpha?: number;
+  /** Overrides the scheduler config's prediction_type (a v-prediction single file: its config is SD 1.5's, epsilon). */
+  predictionType?: 'epsilon' | 'v_prediction';
   prompt: string[];
   negativePrompt?: string;
   numImages?: number;
@@ -78,7 +80,7 @@ export async function runGenerateCommand(args: GenerateArgs): Promise<string[]> 
   const scheduler = args.scheduler ?? 'pndm';
   if (!SCHEDULER_NAMES.includes(scheduler)) throw new Error(`--scheduler ${scheduler}: choose one of ${SCHEDULER_NAMES.join(', ')}`);
   const schedulerFile = modelSchedulerConfig(args.model);
-  const schedulerConfig = fs.existsSync(schedulerFile) ? readJson(schedulerFile) : {};
+  const schedulerConfig = { ...(fs.existsSync(schedulerFile) ? readJson(schedulerFile) : {}), ...(args.predictionType ? { prediction_type: args.predictionType } : {}) };
   const tokenizer = CLIPTokenizer.fromFolder(modelTokenizerDir(args.model));
 
   const n = native();

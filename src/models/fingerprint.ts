@@ -38,7 +38,7 @@ function hashFileSamples(h: crypto.Hash, file: string): void {
 export async function modelFingerprint(dir: string): Promise<string> {
   const h = crypto.createHash('sha256');
   // A single-file checkpoint: its header (names, dtypes, shapes) and samples of its bytes, as for a component's file.
-  if (fs.statSync(dir).isFile()) {
+  if (fs.existsSync(dir) && fs.statSync(dir).isFile()) {
     h.update('[single-file]\n');
     hashFileSamples(h, dir);
     return h.digest('hex').slice(0, 16);

@@ -18,7 +18,11 @@ import { validationDir, validationGridName, validationImageName, validationPromp
 export function makeImageRenderer(cfg: TrainConfig, pipe: PipelineHandle, tokenizer: CLIPTokenizer, modelDir: string, outputDir: string): ImageRenderer | undefined {
   const prompts = validationPrompts(cfg);
   if (!prompts.length || cfg.num_validation_images === 0) return undefined;
-  const schedulerConfig: unknown = JSON.parse(fs.readFileSync(modelSchedulerConfig(modelDir), 'utf8'));
+  // --prediction-type overrides the scheduler config's (a v-prediction model, e.g. a single file, whose config says epsilon).
+  const schedulerConfig: unknown = {
+    ...(JSON.parse(fs.readFileSync(modelSchedulerConfig(modelDir), 'utf8')) as Record<string, unknown>),
+    ...(cfg.prediction_type ? { prediction_type: cfg.prediction_type } : {}),
+  };
   const size = cfg.validation_resolution ?? cfg.resolution;
   const seed = cfg.validation_seed ?? cfg.seed;
   const dir = validationDir(outputDir);
