@@ -9,6 +9,7 @@ import { z } from 'zod';
 
 import { SCHEDULER_NAMES } from './inference/schedulers';
 import { LR_SCHEDULE_KINDS } from './train/schedules/lr';
+import type { DatasetOptions } from './data/dataset';
 
 const positiveInt = z.number().int().positive();
 const nonNegInt = z.number().int().nonnegative();
@@ -187,3 +188,20 @@ export function readConfigFile(file: string): Record<string, unknown> {
 export function loraAlpha(c: TrainConfig): number {
   return c.lora_alpha ?? c.rank;
 }
+
+/**
+ * The dataset options a configuration means: training, test-setup and `checkpoints export` (kohya tag frequency)
+ * must read the same images the same way.
+ */
+export function datasetOptions(cfg: TrainConfig): DatasetOptions {
+  return {
+    captionColumn: cfg.caption_column,
+    imageColumn: cfg.image_column,
+    skipBadImages: cfg.skip_bad_images,
+    skipUncaptioned: cfg.skip_uncaptioned,
+    layout: cfg.dataset_layout,
+    maxTrainSamples: cfg.max_train_samples,
+    seed: cfg.seed,
+  };
+}
+

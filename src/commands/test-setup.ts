@@ -8,7 +8,7 @@ import * as path from 'node:path';
 
 import { CheckpointManager, verifyCheckpoint } from '../checkpoint/manager';
 import { formatBytes } from '../checkpoint/fsutil';
-import { loraAlpha, type TrainConfig } from '../config';
+import { datasetOptions, loraAlpha, type TrainConfig } from '../config';
 import { describeDataset, loadDataset, type Dataset } from '../data/dataset';
 import { checkModel, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
 import { native, type PipelineHandle, type TrainerHandle } from '../native';
@@ -40,7 +40,7 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
 
   let dataset: Dataset | undefined;
   try {
-    dataset = await loadDataset(cfg.train_data_dir, { captionColumn: cfg.caption_column, imageColumn: cfg.image_column, skipBadImages: cfg.skip_bad_images, skipUncaptioned: cfg.skip_uncaptioned, layout: cfg.dataset_layout, maxTrainSamples: cfg.max_train_samples, seed: cfg.seed });
+    dataset = await loadDataset(cfg.train_data_dir, datasetOptions(cfg));
     report({ name: 'dataset loads', ok: true, detail: describeDataset(dataset) });
   } catch (e) {
     const err = e as Error & { fix?: string };

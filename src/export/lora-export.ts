@@ -20,7 +20,11 @@
  *   OUT/final_pipeline/                        with `merge`: a complete diffusers pipeline folder whose UNet (and
  *                                              text encoder when it has adapters) has W + alpha/r·B·A folded in,
  *                                              in the base file's dtype; the other components are hard-linked
- *                                              (copied when linking fails).
+ *                                              (copied when linking fails). With a --variant base (e.g. fp16:
+ *                                              unet/diffusion_pytorch_model.fp16.safetensors) the merged file keeps
+ *                                              the variant name and the links theirs, so
+ *                                              `from_pretrained(final_pipeline, variant="fp16")` loads it as the
+ *                                              base loads.
  *
  * Every file is written atomically (temporary file, fsync, rename). Every tensor file has `train_lora.*` metadata
  * (rank, alpha, steps, base model fingerprint).
@@ -30,10 +34,12 @@ import * as path from 'node:path';
 
 import { fsyncPath, renameDirReplacing, writeJsonDurable } from '../checkpoint/fsutil';
 import { mtimeOf, verifyCheckpoint, writerGone } from '../checkpoint/manager';
-import type { TrainConfig } from '../config';
+import { datasetOptions, type TrainConfig } from '../config';
+import { datasetFingerprint, loadDataset } from '../data/dataset';
 import { ASSETS, checkModel, isSingleFile, modelConfig, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
 import { native, type LoraComponent, type LoraComponentSummary, type LoraFileFormat, type LoraSource, type LoraSummary } from '../native';
-import { addKohyaHashes, kohyaMetadata } from './kohya';
+import { splitDataset } from '../train/validation-loss';
+import { addKohyaHashes, baseModelHashes, kohyaMetadata, modelSpecMetadata } from './kohya';
 
 export const LORA_FORMATS: readonly LoraFileFormat[] = ['diffusers', 'peft', 'kohya'];
 /** File names inside the output folder. */
@@ -69,8 +75,13 @@ export interface ExportSpec {
   /** The run's configuration. */
   config: TrainConfig;
   steps: number;
+  /** The 0-based epoch of the last step (the data loader's); the kohya file's ss_epoch is this + 1, as sd-scripts counts. */
   epoch: number;
   numTrainImages: number;
+  /** Held-out images for val_loss (kohya ss_num_validation_images). */
+  numValidationImages?: number;
+  /** Each training image's first caption variant (kohya ss_tag_frequency); unknown when absent. */
+  captions?: readonly string[];
   mixedPrecision: 'no' | 'fp16' | 'bf16';
   baseModelFingerprint?: string;
   /** ms since the epoch. */
@@ -186,15 +197,69 @@ async function writePeft(spec: ExportSpec, summary: LoraSummary, dir: string, fi
   return files;
 }
 
+/**
+ * The base model file sd-scripts' ss_sd_model_hash / ss_new_sd_model_hash describe: a single-file checkpoint itself,
+ * else the folder's UNet weights (the --variant file when there is one); the unet folder when its weights are sharded
+ * (hashed as sd-scripts hashes a folder: "IsADirectory").
+ */
+export function baseModelHashFile(baseModel: string, variant?: string): string {
+  const base = path.resolve(baseModel);
+  if (isSingleFile(base)) return base;
+  const dir = path.join(base, 'unet');
+  const names = [
+    ...(variant ? [`diffusion_pytorch_model.${variant}.safetensors`, `diffusion_pytorch_model.${variant}.bin`] : []),
+    'diffusion_pytorch_model.safetensors',
+    'diffusion_pytorch_model.bin',
+  ];
+  for (const n of names) if (fs.existsSync(path.join(dir, n))) return path.join(dir, n);
+  return dir;
+}
+
+/** modelspec.prediction_type's source: the run's --prediction-type, else the base model's scheduler config. */
+function predictionTypeOf(spec: ExportSpec): string {
+  if (spec.config.prediction_type) return spec.config.prediction_type;
+  try {
+    const c = JSON.parse(fs.readFileSync(modelSchedulerConfig(path.resolve(spec.baseModel)), 'utf8')) as { prediction_type?: string };
+    return c.prediction_type ?? 'epsilon';
+  } catch {
+    return 'epsilon';
+  }
+}
+
+let packageVersion: string | undefined;
+function trainLoraVersion(): string {
+  if (packageVersion === undefined) {
+    try {
+      packageVersion = String((JSON.parse(fs.readFileSync(path.resolve(__dirname, '..', '..', 'package.json'), 'utf8')) as { version?: string }).version ?? 'unknown');
+    } catch {
+      packageVersion = 'unknown';
+    }
+  }
+  return packageVersion;
+}
+
 async function writeKohya(spec: ExportSpec, summary: LoraSummary, file: string): Promise<string[]> {
   const u = summary.unet ?? summary.text_encoder!;
   const cfg = spec.config;
+  const hashFile = baseModelHashFile(spec.baseModel, spec.variant);
+  const outputName = path.basename(file, '.safetensors');
+  const finishedAt = (spec.trainingFinishedAt ?? Date.now()) / 1000;
   const ss = kohyaMetadata({
     rank: u.rank,
     alpha: u.alpha,
     dropout: cfg.lora_dropout,
     steps: spec.steps,
-    epoch: spec.epoch,
+    epoch: spec.epoch + 1,
+    numValidationImages: spec.numValidationImages,
+    numProcesses: cfg.num_processes * cfg.nnodes,
+    captionDropoutRate: cfg.caption_dropout_rate,
+    randomFlip: cfg.random_flip,
+    centerCrop: cfg.center_crop,
+    resizeInterpolation: cfg.image_interpolation_mode,
+    validationSplit: cfg.validation_split,
+    trainDataDir: cfg.train_data_dir,
+    captions: spec.captions,
+    baseModelHashes: fs.existsSync(hashFile) ? await baseModelHashes(hashFile) : undefined,
     resolution: cfg.resolution,
     numTrainImages: spec.numTrainImages,
     learningRate: cfg.learning_rate,
@@ -212,12 +277,13 @@ async function writeKohya(spec: ExportSpec, summary: LoraSummary, file: string):
     snrGamma: cfg.snr_gamma,
     adam: { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, weightDecay: cfg.adam_weight_decay, epsilon: cfg.adam_epsilon },
     trainingStartedAt: spec.trainingStartedAt / 1000,
-    trainingFinishedAt: (spec.trainingFinishedAt ?? Date.now()) / 1000,
-    outputName: path.basename(file, '.safetensors'),
+    trainingFinishedAt: finishedAt,
+    outputName,
     baseModel: spec.baseModel,
     textEncoderTrained: summary.text_encoder !== undefined,
   });
-  await native().loraExport(spec.source, file, 'kohya', { metadata: { ...baseMetadata(spec, summary), ...ss } });
+  const modelspec = modelSpecMetadata({ outputName, resolution: cfg.resolution, trainingFinishedAt: finishedAt, predictionType: predictionTypeOf(spec), version: trainLoraVersion() });
+  await native().loraExport(spec.source, file, 'kohya', { metadata: { ...baseMetadata(spec, summary), ...ss, ...modelspec } });
   addKohyaHashes(file);
   return [file];
 }
@@ -237,6 +303,16 @@ function linkTree(src: string, dst: string): void {
       }
     }
   }
+}
+
+/** A merged component's file name with a --variant base: diffusers' variant naming, `<stem>.<variant>.safetensors`. */
+export function mergedFileName(file: string, variant?: string): string {
+  return variant ? file.replace(/\.safetensors$/, `.${variant}.safetensors`) : file;
+}
+
+/** Whether a component folder holds weights of `variant` (`<stem>.<variant>.safetensors`, sharded or not). */
+function hasVariantFiles(dir: string, variant: string): boolean {
+  return fs.readdirSync(dir).some((f) => f.includes(`.${variant}.`) || f.includes(`.${variant}-`));
 }
 
 const WEIGHT_FILE = /\.(safetensors|bin|ckpt|pt|pth|msgpack|h5|onnx)$|\.safetensors\.index\.json$|\.bin\.index\.json$/;
@@ -301,7 +377,15 @@ async function writeMergedPipeline(spec: ExportSpec, summary: LoraSummary): Prom
         for (const f of fs.readdirSync(src))
           if (!WEIGHT_FILE.test(f) && fs.statSync(path.join(src, f)).isFile()) fs.copyFileSync(path.join(src, f), path.join(dst, f));
         const r = await native().loraMergeComponent(spec.source, comp, src, dst, { variant: spec.variant });
-        files.push(path.join(final, name, path.basename(r.file)));
+        // The merged weights keep the base file's dtype; when the base component has --variant files they also keep
+        // the variant name (<stem>.<variant>.safetensors), so from_pretrained(final_pipeline, variant=...) loads them as
+        // it loads the base (a component without variant files was read from, and stays under, the plain name).
+        let written = r.file;
+        if (spec.variant && hasVariantFiles(src, spec.variant)) {
+          written = path.join(dst, mergedFileName(path.basename(r.file), spec.variant));
+          fs.renameSync(r.file, written);
+        }
+        files.push(path.join(final, name, path.basename(written)));
         merged.push(`${comp}: ${r.merged} weights (${r.dtype})`);
       } else {
         linkTree(src, dst);
@@ -420,7 +504,7 @@ interface CheckpointState {
   global_step: number;
   epoch: number;
   base_model: { path: string; fingerprint: string };
-  dataset: { size: number };
+  dataset: { size: number; path?: string; fingerprint?: string };
   config: TrainConfig;
   mixed_precision?: 'no' | 'fp16' | 'bf16';
   time: string;
@@ -433,6 +517,26 @@ export interface CheckpointExportOptions {
   merge?: boolean;
   /** The base model folder, when it moved since training (default: the path recorded in trainer_state.json). */
   model?: string;
+}
+
+/**
+ * The training images' captions of a checkpoint's run (first variant each), for the kohya file's ss_tag_frequency: the
+ * data folder read again (image headers only) and used only when it is still the one trained on (same dataset
+ * fingerprint as trainer_state.json records); the --validation-split images left out as in training. Else undefined.
+ */
+async function checkpointCaptions(st: CheckpointState): Promise<{ captions: string[]; held: number } | undefined> {
+  const cfg = st.config;
+  const dir = st.dataset.path ?? cfg.train_data_dir;
+  if (!st.dataset.fingerprint || !dir || !fs.existsSync(dir)) return undefined;
+  try {
+    const full = await loadDataset(dir, { ...datasetOptions(cfg), validateImages: 'header' });
+    if (datasetFingerprint(full) !== st.dataset.fingerprint) return undefined;
+    const { train, val } = cfg.validation_split !== undefined ? splitDataset(full, cfg.validation_split, cfg.seed) : { train: full, val: undefined };
+    if (train.items.length !== st.dataset.size) return undefined;
+    return { captions: train.items.map((i) => i.captions[0] ?? ''), held: val?.items.length ?? 0 };
+  } catch {
+    return undefined;
+  }
 }
 
 /** `train-lora checkpoints export`: the LoRA of a checkpoint folder in the requested formats. */
@@ -462,6 +566,7 @@ export async function exportCheckpoint(checkpoint: string, opts: CheckpointExpor
   const outDir = opts.out ? (isFile ? path.dirname(path.resolve(opts.out)) : path.resolve(opts.out)) : defaultOut;
   // The precision the run resolved (recorded since 0.2); older checkpoints: what they asked for, 'auto' read as fp32.
   const mixed = st.mixed_precision ?? (cfg.mixed_precision === 'auto' ? 'no' : cfg.mixed_precision);
+  const data = opts.formats.includes('kohya') ? await checkpointCaptions(st) : undefined;
   return exportLora(
     {
       source: { checkpoint: modelFile, alpha: cfg.lora_alpha ?? cfg.rank },
@@ -475,6 +580,8 @@ export async function exportCheckpoint(checkpoint: string, opts: CheckpointExpor
       steps: st.global_step,
       epoch: st.epoch,
       numTrainImages: st.dataset.size,
+      captions: data?.captions,
+      numValidationImages: data?.held,
       mixedPrecision: mixed,
       baseModelFingerprint: st.base_model.fingerprint,
       // trainer_state.json records when the checkpoint was saved, not when training started.

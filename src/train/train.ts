@@ -21,7 +21,7 @@ import { z } from 'zod';
 
 import { type CheckpointEntry, CheckpointError, CheckpointManager, MANIFEST, RunLock, verifyCheckpoint } from '../checkpoint/manager';
 import { dirSize, formatBytes, fsyncPath, renameDirReplacing, writeJsonDurable } from '../checkpoint/fsutil';
-import { flagName, loraAlpha, TrainConfigSchema, type TrainConfig } from '../config';
+import { datasetOptions, flagName, loraAlpha, TrainConfigSchema, type TrainConfig } from '../config';
 import { readStateFile } from '../checkpoint/schema';
 import { cleanStaleExports, exportLora, LORA_FILES } from '../export/lora-export';
 import { datasetFingerprint, describeDataset, loadDataset, type Dataset } from '../data/dataset';
@@ -599,15 +599,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     const tokenizer = CLIPTokenizer.fromFolder(modelTokenizerDir(modelDir));
     const noise = NoiseSchedule.fromFile(modelSchedulerConfig(modelDir), cfg.prediction_type ? { predictionType: cfg.prediction_type } : {});
     if (noise.predictionType === 'sample') throw new Error('prediction_type "sample" is not supported for training; use epsilon or v_prediction');
-    const fullDataset: Dataset = await loadDataset(cfg.train_data_dir, {
-      captionColumn: cfg.caption_column,
-      imageColumn: cfg.image_column,
-      skipBadImages: cfg.skip_bad_images,
-      skipUncaptioned: cfg.skip_uncaptioned,
-      layout: cfg.dataset_layout,
-      maxTrainSamples: cfg.max_train_samples,
-      seed: cfg.seed,
-    });
+    const fullDataset: Dataset = await loadDataset(cfg.train_data_dir, datasetOptions(cfg));
     report.info(describeDataset(fullDataset));
     for (const s of fullDataset.skipped) report.warn(`skipped ${s.file}: ${s.reason}`);
     const modelFp = await modelFingerprint(modelDir);
@@ -619,7 +611,8 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       ({ train: dataset, val: heldOut } = splitDataset(fullDataset, cfg.validation_split, cfg.seed));
       report.info(`--validation-split ${cfg.validation_split}: ${heldOut.items.length} images held out for val_loss, ${dataset.items.length} train`);
     } else if (cfg.validation_data_dir) {
-      heldOut = await loadDataset(cfg.validation_data_dir, { captionColumn: cfg.caption_column, imageColumn: cfg.image_column, skipBadImages: cfg.skip_bad_images, skipUncaptioned: cfg.skip_uncaptioned, seed: cfg.seed });
+      // Its own folder: any layout, every image (no --max-train-samples subset).
+      heldOut = await loadDataset(cfg.validation_data_dir, { ...datasetOptions(cfg), layout: undefined, maxTrainSamples: undefined });
       report.info(`--validation-data-dir: ${heldOut.items.length} held-out images for val_loss`);
     }
     const stage = cfg.stage ?? `${cfg.train_mode}-${dataFp.slice(0, 12)}`;
@@ -1171,6 +1164,8 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
           steps: globalStep,
           epoch: loader.state().epoch,
           numTrainImages: dataset.items.length,
+          numValidationImages: heldOut?.items.length ?? 0,
+          captions: dataset.items.map((i) => i.captions[0] ?? ''),
           mixedPrecision: mixed,
           baseModelFingerprint: modelFp,
           trainingStartedAt: startedAt,
