@@ -142,12 +142,39 @@ std::vector<LoraTarget> find_lora_targets(torch::nn::Module& model, const std::v
 
 std::vector<LoraTarget> inject_lora(torch::nn::Module& model, const std::vector<std::string>& targets,
                                     const nn::LoraOptions& opts, torch::Device device) {
-  auto found = find_lora_targets(model, targets);
-  if (found.empty()) {
-    std::string list;
-    for (const auto& t : targets) list += (list.empty() ? "" : ", ") + t;
-    throw UserError("ELORATARGET", "no Linear module matches the LoRA targets [" + list + "]");
+  // Every requested target must select at least one Linear: a target that matches nothing, or only modules LoRA
+  // cannot adapt here (SD 1.x's proj_in/proj_out are 1x1 convolutions), is an error that names it, never a silent skip
+  // (which would also list it in adapter_config.json without weights).
+  std::vector<std::string> problems;
+  for (const auto& t : targets) {
+    int64_t linears = 0;
+    std::set<std::string> others;
+    std::string example;
+    for (const auto& item : model.named_modules("", false)) {
+      if (!lora_target_matches(item.key(), {t})) continue;
+      if (dynamic_cast<nn::Linear*>(item.value().get())) ++linears;
+      else {
+        others.insert(dynamic_cast<nn::Conv2d*>(item.value().get()) ? "Conv2d" : item.value()->name());
+        if (example.empty()) example = item.key();
+      }
+    }
+    if (linears > 0) continue;
+    if (others.empty()) {
+      problems.push_back("\"" + t + "\" matches no module of this model");
+    } else {
+      std::string kinds;
+      for (const auto& k : others) kinds += (kinds.empty() ? "" : ", ") + k;
+      problems.push_back("\"" + t + "\" matches only " + kinds + " modules (e.g. " + example +
+                         "); LoRA here adapts Linear layers only (conv LoRA is not supported yet)");
+    }
   }
+  if (!problems.empty()) {
+    std::string msg = "--lora-target-modules: ";
+    for (size_t i = 0; i < problems.size(); ++i) msg += (i ? "; " : "") + problems[i];
+    throw UserError("ELORATARGET", msg + ". Linear modules of an SD 1.x UNet: to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2, "
+                                         "time_emb_proj (proj_in/proj_out are Linear only with use_linear_projection, as in SD 2.x)");
+  }
+  auto found = find_lora_targets(model, targets);
   for (auto& t : found) t.linear->add_lora(opts, device);
   return found;
 }

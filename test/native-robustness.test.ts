@@ -211,3 +211,24 @@ describe('native objects are released when the work is done, not when the GC get
     expectNoneAdded(before);
   }, 120000);
 });
+
+describe('--lora-target-modules', () => {
+  async function targetError(targets: string[]): Promise<string> {
+    const noise = NoiseSchedule.fromFile(path.join(TINY_MODEL, 'scheduler', 'scheduler_config.json'));
+    const pipe = await native().loadPipeline(TINY_MODEL, { components: ['unet'] });
+    try {
+      const r = await native().createTrainer(pipe, { rank: 2, targets, alphasCumprod: Array.from(noise.alphasCumprod) });
+      native().dispose(r.trainer);
+      return 'created';
+    } catch (e) {
+      return (e as Error).message;
+    } finally {
+      native().dispose(pipe);
+    }
+  }
+  test('a target that matches nothing, or only convolutions (SD 1.x proj_in/proj_out), is an error naming it, never a silent skip', async () => {
+    expect(await targetError(['to_q', 'proj_in'])).toMatch(/"proj_in" matches only Conv2d modules \(e\.g\. [a-z_.0-9]+proj_in\); LoRA here adapts Linear layers only/);
+    expect(await targetError(['to_q', 'to_qq'])).toMatch(/"to_qq" matches no module of this model/);
+    expect(await targetError(['to_q', 'ff.net.2'])).toBe('created');
+  });
+});
