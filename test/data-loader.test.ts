@@ -38,6 +38,33 @@ async function take(loader: BatchLoader, n: number): Promise<Batch[]> {
 }
 
 describe('BatchLoader', () => {
+  test('decoded images are kept with center crop and no flip (imageCacheMb): bit-identical batches, the second epoch decodes nothing', async () => {
+    const opts = { ...OPTS, randomFlip: false, centerCrop: true };
+    const plain = new BatchLoader(ds, opts);
+    const cached = new BatchLoader(ds, { ...opts, imageCacheMb: 64 });
+    const [a, b] = [await take(plain, 8), await take(cached, 8)]; // two epochs
+    await Promise.all([plain.close(), cached.close()]);
+    a.forEach((x, i) => {
+      expect(b[i].indices).toEqual(x.indices);
+      expect(Buffer.from(b[i].pixelValues.buffer).equals(Buffer.from(x.pixelValues.buffer))).toBe(true);
+      expect(b[i].geometry).toEqual(x.geometry);
+    });
+    expect(cached.cacheStats.misses).toBeLessThanOrEqual(13 + 2 * 4); // first epoch (+ prefetch racing it)
+    expect(cached.cacheStats.hits).toBeGreaterThanOrEqual(13 - 4);
+    expect(cached.cachedBytes).toBe(13 * 3 * 32 * 32 * 4);
+  });
+
+  test('the image cache is off with random flips or crops, and stays within its limit', async () => {
+    const flips = new BatchLoader(ds, { ...OPTS, imageCacheMb: 64 });
+    await take(flips, 8);
+    await flips.close();
+    expect(flips.cacheStats).toEqual({ hits: 0, misses: 0 });
+    const small = new BatchLoader(ds, { ...OPTS, randomFlip: false, centerCrop: true, imageCacheMb: (5 * 3 * 32 * 32 * 4) / (1024 * 1024) });
+    await take(small, 8);
+    await small.close();
+    expect(small.cachedBytes).toBe(5 * 3 * 32 * 32 * 4);
+  });
+
   test('yields batches in exactly the SampleOrder order, across epochs', async () => {
     const loader = new BatchLoader(ds, OPTS);
     const batches = await take(loader, 9); // 13 items, batch 4: 4,4,4,1 per epoch

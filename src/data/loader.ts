@@ -36,6 +36,12 @@ export interface LoaderOptions extends ImageTransformOptions, ShardOptions {
   cursor?: SampleCursor;
   /** Probability that a sample's caption is replaced by "" (default 0; see pickCaption). */
   captionDropoutRate?: number;
+  /**
+   * Keep decoded, resized and cropped images in memory (up to this many MiB, least recently used out) when the
+   * augmentation is deterministic (center crop, no flip): an epoch after the first then decodes nothing. The cached
+   * pixels are the decoded ones, so batches are bit-identical with or without it. Default 0 (off).
+   */
+  imageCacheMb?: number;
 }
 
 /** Per-sample geometry, for SDXL-style micro-conditioning or debugging. */
@@ -65,6 +71,10 @@ export class BatchLoader implements AsyncIterable<Batch> {
   private readonly prefetch: number;
   private consumed: SampleOrderState;
   private closed = false;
+  /** Dataset index -> processed image (see imageCacheMb); Map order is the LRU order. */
+  private readonly cache = new Map<number, ProcessedImage>();
+  private cacheBytes = 0;
+  private readonly cacheLimit: number;
 
   constructor(dataset: Dataset, options: LoaderOptions) {
     const n = dataset.items.length;
@@ -77,6 +87,44 @@ export class BatchLoader implements AsyncIterable<Batch> {
     if (!Number.isInteger(this.prefetch) || this.prefetch < 0) throw new RangeError(`prefetchBatches must be an integer >= 0, got ${this.prefetch}`);
     this.sem = new Semaphore(options.concurrency ?? 4);
     this.consumed = this.order.state();
+    const deterministic = options.centerCrop === true && options.randomFlip !== true;
+    this.cacheLimit = deterministic ? Math.max(0, options.imageCacheMb ?? 0) * 1024 * 1024 : 0;
+  }
+
+  /** Images served from memory so far, and the bytes the cache holds (for logs and tests). */
+  readonly cacheStats = { hits: 0, misses: 0 };
+  get cachedBytes(): number {
+    return this.cacheBytes;
+  }
+
+  /** processImage into `out`, through the cache when it is on. */
+  private async processed(index: number, imageOptions: ImageTransformOptions, rng: ReturnType<typeof derive>, out: Float32Array): Promise<ProcessedImage> {
+    const item = this.dataset.items[index];
+    if (this.cacheLimit > 0) {
+      const hit = this.cache.get(index);
+      if (hit) {
+        this.cache.delete(index);
+        this.cache.set(index, hit);
+        out.set(hit.pixels);
+        this.cacheStats.hits++;
+        return { ...hit, pixels: out };
+      }
+    }
+    const img = await this.sem.run(() => withFile(item.path, processImage(item.path, imageOptions, rng, out)));
+    if (this.cacheLimit > 0) {
+      this.cacheStats.misses++;
+      const bytes = img.pixels.byteLength;
+      if (bytes <= this.cacheLimit && !this.cache.has(index)) {
+        for (const [k, v] of this.cache) {
+          if (this.cacheBytes + bytes <= this.cacheLimit) break;
+          this.cache.delete(k);
+          this.cacheBytes -= v.pixels.byteLength;
+        }
+        this.cache.set(index, { ...img, pixels: Float32Array.from(img.pixels) });
+        this.cacheBytes += bytes;
+      }
+    }
+    return img;
   }
 
   /** Optimizer steps per epoch on this rank. */
@@ -139,13 +187,7 @@ export class BatchLoader implements AsyncIterable<Batch> {
     const imageOptions = this.imageOptions();
     const seed = this.options.seed;
     const work = Promise.all(
-      s.indices.map((index, k) =>
-        this.sem.run(() => {
-          const item = this.dataset.items[index];
-          const rng = derive(seed, AUGMENT_KEY, s.epoch, index);
-          return withFile(item.path, processImage(item.path, imageOptions, rng, pixelValues.subarray(k * per, (k + 1) * per)));
-        }),
-      ),
+      s.indices.map((index, k) => this.processed(index, imageOptions, derive(seed, AUGMENT_KEY, s.epoch, index), pixelValues.subarray(k * per, (k + 1) * per))),
     ).then(
       (images): Batch => ({
         indices: s.indices,

@@ -43,6 +43,8 @@ import { makeImageRenderer } from './validation-images';
 import { splitDataset, ValidationLoss, vaeScalingFactor } from './validation-loss';
 
 export const TRAINER_STATE_VERSION = 1;
+/** Memory for decoded training images when the augmentation is deterministic (see LoaderOptions.imageCacheMb). */
+const IMAGE_CACHE_MB = 1024;
 
 /** Where training reports to (logger + progress bar + metrics files). */
 export interface TrainReporter {
@@ -805,6 +807,8 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
       worldSize: world,
       prefetchBatches: 2,
       concurrency: Math.max(4, cfg.dataloader_num_workers * 2),
+      // Deterministic augmentation (center crop, no flip): each image is decoded once and kept (exact; bounded).
+      imageCacheMb: IMAGE_CACHE_MB,
       captionDropoutRate: cfg.caption_dropout_rate,
     };
     if (cfg.cache_latents) {
