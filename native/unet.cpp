@@ -97,28 +97,6 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const Json& j, const std:
 
 // ---------------- blocks ----------------
 
-ResnetBlock2D::ResnetBlock2D(int64_t in, int64_t out, int64_t temb_channels, int64_t groups, double eps, double osf)
-    : output_scale_factor(osf) {
-  norm1 = register_module("norm1", std::make_shared<nn::GroupNorm>(groups, in, eps));
-  conv1 = register_module("conv1", std::make_shared<nn::Conv2d>(in, out, 3, 1, 1));
-  if (temb_channels > 0) time_emb_proj = register_module("time_emb_proj", std::make_shared<nn::Linear>(temb_channels, out));
-  norm2 = register_module("norm2", std::make_shared<nn::GroupNorm>(groups, out, eps));
-  conv2 = register_module("conv2", std::make_shared<nn::Conv2d>(out, out, 3, 1, 1));
-  if (in != out) conv_shortcut = register_module("conv_shortcut", std::make_shared<nn::Conv2d>(in, out, 1, 1, 0));
-}
-
-torch::Tensor ResnetBlock2D::forward(const torch::Tensor& x, const torch::Tensor& temb) const {
-  torch::Tensor h = conv1->forward(at::silu(norm1->forward(x)));
-  if (time_emb_proj && temb.defined()) {
-    torch::Tensor t = time_emb_proj->forward(at::silu(temb));
-    h = h + t.unsqueeze(-1).unsqueeze(-1);
-  }
-  h = conv2->forward(at::silu(norm2->forward(h)));
-  torch::Tensor skip = conv_shortcut ? conv_shortcut->forward(x) : x;
-  torch::Tensor out = skip + h;
-  return output_scale_factor == 1.0 ? out : out / output_scale_factor;
-}
-
 BasicTransformerBlock::BasicTransformerBlock(int64_t dim, int64_t heads, int64_t head_dim, int64_t cross_dim, bool only_cross)
     : only_cross_attention(only_cross) {
   norm1 = register_module("norm1", std::make_shared<nn::LayerNorm>(dim, 1e-5));
@@ -192,21 +170,6 @@ torch::Tensor Transformer2DModel::forward(const torch::Tensor& x, const torch::T
   return h + x;
 }
 
-Sampler2D::Sampler2D(int64_t channels, bool down_, int64_t padding_) : down(down_), padding(padding_) {
-  conv = register_module("conv", std::make_shared<nn::Conv2d>(channels, channels, 3, down ? 2 : 1, down ? padding : 1));
-}
-
-torch::Tensor Sampler2D::forward(const torch::Tensor& x, std::optional<std::vector<int64_t>> size) const {
-  if (down) {
-    if (padding == 0) return conv->forward(at::constant_pad_nd(x, {0, 1, 0, 1}, 0));
-    return conv->forward(x);
-  }
-  torch::Tensor h = x.size(0) >= 64 ? x.contiguous() : x;
-  if (size) h = at::upsample_nearest2d(h, *size);
-  else h = at::upsample_nearest2d(h, {x.size(2) * 2, x.size(3) * 2});
-  return conv->forward(h);
-}
-
 torch::Tensor timestep_embedding(const torch::Tensor& timesteps, int64_t dim, bool flip_sin_to_cos, double freq_shift) {
   const int64_t half = dim / 2;
   auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(timesteps.device());
@@ -240,7 +203,7 @@ UNet2DConditionModel::UNet2DConditionModel(const UNet2DConditionConfig& cfg) : c
     const bool cross = cfg.down_block_types[i] == "CrossAttnDownBlock2D";
     auto block = std::make_shared<UNetBlock>();
     for (int64_t l = 0; l < cfg.layers_per_block[i]; ++l) {
-      block->resnets.push(std::make_shared<ResnetBlock2D>(l == 0 ? in_ch : out_ch, out_ch, temb_dim, G, eps, cfg.resnet_out_scale_factor));
+      block->resnets.push(std::make_shared<ResnetBlock2D>(l == 0 ? in_ch : out_ch, out_ch, temb_dim, G, eps, Activation::SiLU, cfg.resnet_out_scale_factor));
       if (cross)
         block->attentions.push(std::make_shared<Transformer2DModel>(out_ch, cfg.num_attention_heads[i], cfg.transformer_layers_per_block[i],
                                                                     cfg.cross_attention_dim[i], G, cfg.use_linear_projection,
@@ -259,10 +222,10 @@ UNet2DConditionModel::UNet2DConditionModel(const UNet2DConditionConfig& cfg) : c
   if (cfg.has_mid_block) {
     mid_block = std::make_shared<UNetBlock>();
     const int64_t ch = boc.back();
-    mid_block->resnets.push(std::make_shared<ResnetBlock2D>(ch, ch, temb_dim, G, eps, cfg.mid_block_scale_factor));
+    mid_block->resnets.push(std::make_shared<ResnetBlock2D>(ch, ch, temb_dim, G, eps, Activation::SiLU, cfg.mid_block_scale_factor));
     mid_block->attentions.push(std::make_shared<Transformer2DModel>(ch, cfg.num_attention_heads.back(), cfg.transformer_layers_per_block.back(),
                                                                     cfg.cross_attention_dim.back(), G, cfg.use_linear_projection, false));
-    mid_block->resnets.push(std::make_shared<ResnetBlock2D>(ch, ch, temb_dim, G, eps, cfg.mid_block_scale_factor));
+    mid_block->resnets.push(std::make_shared<ResnetBlock2D>(ch, ch, temb_dim, G, eps, Activation::SiLU, cfg.mid_block_scale_factor));
     mid_block->register_module("attentions", mid_block->attentions.holder);
     mid_block->register_module("resnets", mid_block->resnets.holder);
     register_module("mid_block", mid_block);
@@ -286,7 +249,7 @@ UNet2DConditionModel::UNet2DConditionModel(const UNet2DConditionConfig& cfg) : c
     for (int64_t l = 0; l < num_layers; ++l) {
       const int64_t skip = l == num_layers - 1 ? in_ch : out_ch;
       const int64_t res_in = l == 0 ? prev_out : out_ch;
-      block->resnets.push(std::make_shared<ResnetBlock2D>(res_in + skip, out_ch, temb_dim, G, eps, cfg.resnet_out_scale_factor));
+      block->resnets.push(std::make_shared<ResnetBlock2D>(res_in + skip, out_ch, temb_dim, G, eps, Activation::SiLU, cfg.resnet_out_scale_factor));
       if (cross)
         block->attentions.push(std::make_shared<Transformer2DModel>(out_ch, rheads[i], rtlayers[i], rcross[i], G, cfg.use_linear_projection, ronly[i]));
     }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "json.h"
+#include "blocks.h"
 #include "nn.h"
 #include "weights.h"
 
@@ -40,15 +41,6 @@ struct UNet2DConditionConfig {
   static UNet2DConditionConfig from_json(const Json& j, const std::string& path);
 };
 
-struct ResnetBlock2D : torch::nn::Module {
-  std::shared_ptr<nn::GroupNorm> norm1, norm2;
-  std::shared_ptr<nn::Conv2d> conv1, conv2, conv_shortcut;
-  std::shared_ptr<nn::Linear> time_emb_proj;  // absent in the VAE
-  double output_scale_factor;
-  ResnetBlock2D(int64_t in, int64_t out, int64_t temb_channels, int64_t groups, double eps, double output_scale_factor = 1.0);
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& temb) const;
-};
-
 struct BasicTransformerBlock : torch::nn::Module {
   std::shared_ptr<nn::LayerNorm> norm1, norm2, norm3;
   std::shared_ptr<nn::Attention> attn1, attn2;
@@ -66,14 +58,6 @@ struct Transformer2DModel : torch::nn::Module {
   bool use_linear_projection;
   Transformer2DModel(int64_t channels, int64_t heads, int64_t layers, int64_t cross_dim, int64_t groups, bool linear, bool only_cross);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context, bool checkpointing) const;
-};
-
-struct Sampler2D : torch::nn::Module {  // Downsample2D / Upsample2D with a conv
-  std::shared_ptr<nn::Conv2d> conv;
-  bool down;
-  int64_t padding;
-  Sampler2D(int64_t channels, bool down, int64_t padding);
-  torch::Tensor forward(const torch::Tensor& x, std::optional<std::vector<int64_t>> size = std::nullopt) const;
 };
 
 struct UNetBlock : torch::nn::Module {  // Down/Up blocks with or without cross-attention, and the mid block

@@ -89,16 +89,7 @@ std::vector<std::string> read_choices(const Json& j, const std::string& key, con
 
 const std::vector<std::string> kDownBlocks = {"DownEncoderBlock2D", "AttnDownEncoderBlock2D"};
 const std::vector<std::string> kUpBlocks = {"UpDecoderBlock2D", "AttnUpDecoderBlock2D"};
-const std::vector<std::string> kActs = {"silu", "swish", "mish", "gelu", "relu"};  // diffusers' get_activation
 
-// diffusers.models.activations.get_activation
-Tensor activation(const std::string& act, const Tensor& x) {
-  if (act == "silu" || act == "swish") return at::silu(x);
-  if (act == "mish") return at::mish(x);
-  if (act == "gelu") return at::gelu(x);
-  if (act == "relu") return at::relu(x);
-  throw std::invalid_argument("unknown act_fn " + act);
-}
 
 }  // namespace
 
@@ -121,8 +112,8 @@ AutoencoderKLConfig AutoencoderKLConfig::from_json(const Json& j, const std::str
     if (!j["act_fn"].is_string()) config_error(path, "act_fn", "must be a string, got " + json_brief(j["act_fn"]));
     std::string a = j["act_fn"].as_string();
     std::transform(a.begin(), a.end(), a.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
-    if (std::find(kActs.begin(), kActs.end(), a) == kActs.end())
-      config_error(path, "act_fn", "\"" + j["act_fn"].as_string() + "\" is not supported (supported: " + join(kActs) + ")");
+    if (std::find(kActivationNames.begin(), kActivationNames.end(), a) == kActivationNames.end())
+      config_error(path, "act_fn", "\"" + j["act_fn"].as_string() + "\" is not supported (supported: " + join(kActivationNames) + ")");
     c.act_fn = a;
   }
   if (present(j, "sample_size")) {
@@ -158,34 +149,6 @@ AutoencoderKLConfig AutoencoderKLConfig::from_json(const Json& j, const std::str
 
 namespace vae {
 
-ResnetBlock2D::ResnetBlock2D(int64_t in, int64_t out, int64_t groups, double eps, const std::string& act_) : act(act_) {
-  norm1 = register_module("norm1", std::make_shared<nn::GroupNorm>(groups, in, eps));
-  conv1 = register_module("conv1", std::make_shared<nn::Conv2d>(in, out, 3, 1, 1));
-  norm2 = register_module("norm2", std::make_shared<nn::GroupNorm>(groups, out, eps));
-  conv2 = register_module("conv2", std::make_shared<nn::Conv2d>(out, out, 3, 1, 1));
-  if (in != out) conv_shortcut = register_module("conv_shortcut", std::make_shared<nn::Conv2d>(in, out, 1, 1, 0));
-}
-
-Tensor ResnetBlock2D::forward(const Tensor& x) const {
-  Tensor h = conv1->forward(activation(act, norm1->forward(x)));
-  h = conv2->forward(activation(act, norm2->forward(h)));  // dropout is 0 in the VAE
-  return (conv_shortcut ? conv_shortcut->forward(x) : x) + h;
-}
-
-Downsample2D::Downsample2D(int64_t channels) {
-  conv = register_module("conv", std::make_shared<nn::Conv2d>(channels, channels, 3, 2, 0));
-}
-
-Tensor Downsample2D::forward(const Tensor& x) const { return conv->forward(at::constant_pad_nd(x, {0, 1, 0, 1}, 0)); }
-
-Upsample2D::Upsample2D(int64_t channels) { conv = register_module("conv", std::make_shared<nn::Conv2d>(channels, channels, 3, 1, 1)); }
-
-Tensor Upsample2D::forward(const Tensor& x) const {
-  // F.interpolate(scale_factor=2.0, mode="nearest")
-  Tensor h = at::upsample_nearest2d(x, {x.size(2) * 2, x.size(3) * 2}, 2.0, 2.0);
-  return conv->forward(h);
-}
-
 namespace {
 // The VAE's single-head spatial attention: heads = C / attention_head_dim = 1, dim_head = C, GroupNorm on the
 // input, bias everywhere, residual connection, rescale 1.
@@ -195,19 +158,19 @@ std::shared_ptr<nn::Attention> vae_attention(int64_t channels, int64_t groups) {
 }  // namespace
 
 SampleBlock::SampleBlock(int64_t in, int64_t out, int64_t num_layers, bool attention, bool down, bool up, int64_t groups,
-                         const std::string& act) {
+                         Activation act) {
   for (int64_t i = 0; i < num_layers; ++i) {
-    resnets.push(std::make_shared<ResnetBlock2D>(i == 0 ? in : out, out, groups, kEps, act));
+    resnets.push(std::make_shared<ResnetBlock2D>(i == 0 ? in : out, out, 0, groups, kEps, act));
     if (attention) attentions.push(vae_attention(out, groups));
   }
   if (attention) register_module("attentions", attentions.holder);
   register_module("resnets", resnets.holder);
   if (down) {
-    downsamplers.push(std::make_shared<Downsample2D>(out));
+    downsamplers.push(std::make_shared<Sampler2D>(out, true, 0));
     register_module("downsamplers", downsamplers.holder);
   }
   if (up) {
-    upsamplers.push(std::make_shared<Upsample2D>(out));
+    upsamplers.push(std::make_shared<Sampler2D>(out, false, 1));
     register_module("upsamplers", upsamplers.holder);
   }
 }
@@ -223,10 +186,10 @@ Tensor SampleBlock::forward(const Tensor& x) const {
   return h;
 }
 
-MidBlock2D::MidBlock2D(int64_t channels, int64_t groups, const std::string& act, bool add_attention) {
-  resnets.push(std::make_shared<ResnetBlock2D>(channels, channels, groups, kEps, act));
+MidBlock2D::MidBlock2D(int64_t channels, int64_t groups, Activation act, bool add_attention) {
+  resnets.push(std::make_shared<ResnetBlock2D>(channels, channels, 0, groups, kEps, act));
   if (add_attention) attentions.push(vae_attention(channels, groups));
-  resnets.push(std::make_shared<ResnetBlock2D>(channels, channels, groups, kEps, act));
+  resnets.push(std::make_shared<ResnetBlock2D>(channels, channels, 0, groups, kEps, act));
   if (add_attention) register_module("attentions", attentions.holder);
   register_module("resnets", resnets.holder);
 }
@@ -248,10 +211,10 @@ Encoder::Encoder(const AutoencoderKLConfig& cfg) {
     const bool is_final = i == boc.size() - 1;
     const bool attn = cfg.down_block_types[i] == "AttnDownEncoderBlock2D";
     down_blocks.push(std::make_shared<SampleBlock>(input_channel, output_channel, cfg.layers_per_block, attn, !is_final, false, g,
-                                                   cfg.act_fn));
+                                                   activation_from_name(cfg.act_fn)));
   }
   register_module("down_blocks", down_blocks.holder);
-  mid_block = register_module("mid_block", std::make_shared<MidBlock2D>(boc.back(), g, cfg.act_fn, cfg.mid_block_add_attention));
+  mid_block = register_module("mid_block", std::make_shared<MidBlock2D>(boc.back(), g, activation_from_name(cfg.act_fn), cfg.mid_block_add_attention));
   conv_norm_out = register_module("conv_norm_out", std::make_shared<nn::GroupNorm>(g, boc.back(), kEps));
   conv_out = register_module("conv_out", std::make_shared<nn::Conv2d>(boc.back(), 2 * cfg.latent_channels, 3, 1, 1));
 }
@@ -267,7 +230,7 @@ Decoder::Decoder(const AutoencoderKLConfig& cfg) {
   const auto& boc = cfg.block_out_channels;
   const int64_t g = cfg.norm_num_groups;
   conv_in = register_module("conv_in", std::make_shared<nn::Conv2d>(cfg.latent_channels, boc.back(), 3, 1, 1));
-  mid_block = register_module("mid_block", std::make_shared<MidBlock2D>(boc.back(), g, cfg.act_fn, cfg.mid_block_add_attention));
+  mid_block = register_module("mid_block", std::make_shared<MidBlock2D>(boc.back(), g, activation_from_name(cfg.act_fn), cfg.mid_block_add_attention));
   std::vector<int64_t> rev(boc.rbegin(), boc.rend());
   int64_t output_channel = rev[0];
   for (size_t i = 0; i < cfg.up_block_types.size(); ++i) {
@@ -276,7 +239,7 @@ Decoder::Decoder(const AutoencoderKLConfig& cfg) {
     const bool is_final = i == boc.size() - 1;
     const bool attn = cfg.up_block_types[i] == "AttnUpDecoderBlock2D";
     up_blocks.push(std::make_shared<SampleBlock>(prev_output_channel, output_channel, cfg.layers_per_block + 1, attn, false,
-                                                 !is_final, g, cfg.act_fn));
+                                                 !is_final, g, activation_from_name(cfg.act_fn)));
   }
   register_module("up_blocks", up_blocks.holder);
   conv_norm_out = register_module("conv_norm_out", std::make_shared<nn::GroupNorm>(g, boc[0], kEps));

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "json.h"
+#include "blocks.h"
 #include "nn.h"
 #include "weights.h"
 
@@ -47,42 +48,23 @@ struct AutoencoderKLConfig {
 // Building blocks (own namespace: the UNet has blocks with the same generic names).
 namespace vae {
 
-struct ResnetBlock2D : torch::nn::Module {  // diffusers ResnetBlock2D with temb None, output_scale_factor 1
-  std::string act;
-  std::shared_ptr<nn::GroupNorm> norm1, norm2;
-  std::shared_ptr<nn::Conv2d> conv1, conv2, conv_shortcut;  // conv_shortcut when in != out channels
-  ResnetBlock2D(int64_t in, int64_t out, int64_t groups, double eps, const std::string& act);
-  torch::Tensor forward(const torch::Tensor& x) const;
-};
-
-struct Downsample2D : torch::nn::Module {  // padding 0: F.pad (0, 1, 0, 1), then a 3x3 stride-2 conv
-  std::shared_ptr<nn::Conv2d> conv;
-  explicit Downsample2D(int64_t channels);
-  torch::Tensor forward(const torch::Tensor& x) const;
-};
-
-struct Upsample2D : torch::nn::Module {  // nearest x2, then a 3x3 conv
-  std::shared_ptr<nn::Conv2d> conv;
-  explicit Upsample2D(int64_t channels);
-  torch::Tensor forward(const torch::Tensor& x) const;
-};
+// ResnetBlock2D (without a time embedding) and Sampler2D (Downsample2D with padding 0, Upsample2D) are blocks.h's.
 
 // DownEncoderBlock2D / AttnDownEncoderBlock2D / UpDecoderBlock2D / AttnUpDecoderBlock2D: resnets (each followed
 // by an attention in the Attn forms), then downsamplers.0 or upsamplers.0.
 struct SampleBlock : torch::nn::Module {
   nn::Children<ResnetBlock2D> resnets;
   nn::Children<nn::Attention> attentions;  // empty unless an Attn* block
-  nn::Children<Downsample2D> downsamplers;
-  nn::Children<Upsample2D> upsamplers;
-  SampleBlock(int64_t in, int64_t out, int64_t num_layers, bool attention, bool down, bool up, int64_t groups,
-              const std::string& act);
+  nn::Children<Sampler2D> downsamplers;
+  nn::Children<Sampler2D> upsamplers;
+  SampleBlock(int64_t in, int64_t out, int64_t num_layers, bool attention, bool down, bool up, int64_t groups, Activation act);
   torch::Tensor forward(const torch::Tensor& x) const;
 };
 
 struct MidBlock2D : torch::nn::Module {  // UNetMidBlock2D: resnet, (attention, resnet)
   nn::Children<ResnetBlock2D> resnets;
   nn::Children<nn::Attention> attentions;  // empty when mid_block_add_attention is false
-  MidBlock2D(int64_t channels, int64_t groups, const std::string& act, bool add_attention);
+  MidBlock2D(int64_t channels, int64_t groups, Activation act, bool add_attention);
   torch::Tensor forward(const torch::Tensor& x) const;
 };
 
