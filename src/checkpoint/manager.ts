@@ -8,7 +8,7 @@
  * writes manifest.json (size + sha256 of every file) and fsyncs it, then renames the folder into place and fsyncs
  * the parent. Old checkpoints are pruned only after the new one is in place. A folder without a valid manifest is
  * not a checkpoint: `latest` skips it (with the reason), `verify` reports it. Full verification also checks every state
- * file's content against its schema (src/checkpoint/schema.ts), so a complete-looking folder with a damaged state file
+ * file's content against its schema (src/checkpoint/state.ts, schema.ts), so a complete-looking folder with a damaged state file
  * is not a checkpoint either.
  */
 import { spawnSync } from 'node:child_process';
@@ -18,9 +18,11 @@ import * as path from 'node:path';
 
 import { native } from '../native';
 import { dirSize, formatBytes, freeBytes, fsyncPath, renameDirReplacing, sha256File, writeJsonDurable } from './fsutil';
-import { crossFileProblem, describeIssues, ManifestSchema, stateFileProblem } from './schema';
+import { describeIssues, ManifestSchema } from './schema';
+import { crossFileProblem, MANIFEST_FILE as MANIFEST, stateFileProblem, TRAINER_STATE_FILE } from './state';
 
-export const MANIFEST = 'manifest.json';
+/** manifest.json (its name is defined with every other state file's in state.ts). */
+export { MANIFEST };
 export const KEEP_MARKER = 'KEEP';
 const CKPT_RE = /^checkpoint-(\d+)$/;
 const TMP_PREFIX = '.tmp-';
@@ -255,7 +257,7 @@ export class CheckpointManager {
     for (const e of entries) {
       let stage: unknown;
       try {
-        stage = (JSON.parse(fs.readFileSync(path.join(e.path, 'trainer_state.json'), 'utf8')) as { stage?: unknown }).stage;
+        stage = (JSON.parse(fs.readFileSync(path.join(e.path, TRAINER_STATE_FILE), 'utf8')) as { stage?: unknown }).stage;
       } catch {
         continue;
       }

@@ -7,9 +7,6 @@
  * The schemas name what train-lora reads back; unknown extra keys are allowed (newer versions add fields), missing or
  * mistyped ones are not.
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
-
 import { z } from 'zod';
 
 import { lrScheduleFromJSON } from '../train/schedules/lr';
@@ -117,22 +114,6 @@ export const TrainerStateSchema = z.object({
   host: z.string(),
 });
 
-const RANDOM_STATES_RE = /^random_states_(\d+)\.json$/;
-
-/** The schema of a state file by its name in a checkpoint folder (undefined: not a JSON state file we know). */
-export function stateSchemaFor(name: string): z.ZodTypeAny | undefined {
-  if (RANDOM_STATES_RE.test(name)) return RandomStatesSchema;
-  return (
-    {
-      'trainer_state.json': TrainerStateSchema,
-      'optimizer.json': OptimizerJsonSchema,
-      'scheduler.json': SchedulerJsonSchema,
-      'scaler.json': ScalerJsonSchema,
-      'manifest.json': ManifestSchema,
-    } as Record<string, z.ZodTypeAny>
-  )[name];
-}
-
 /** zod's issues as one line: `data.sampler.position: Required; torch: has no "cpu" generator state`. */
 export function describeIssues(err: z.ZodError): string {
   return err.issues
@@ -142,50 +123,7 @@ export function describeIssues(err: z.ZodError): string {
     .join('; ');
 }
 
-/** Why `value` (the parsed content of `name`) is not a valid state file, or undefined when it is (or is not one we know). */
-export function stateFileProblem(name: string, value: unknown): string | undefined {
-  const schema = stateSchemaFor(name);
-  if (!schema) return undefined;
-  const r = schema.safeParse(value);
-  return r.success ? undefined : `${name} has invalid content: ${describeIssues(r.error)}`;
-}
-
-/** Files every checkpoint must have (a run of N processes adds random_states_1..N-1.json). */
-export const REQUIRED_FILES = ['model.safetensors', 'optimizer.safetensors', 'optimizer.json', 'scheduler.json', 'scaler.json', 'random_states_0.json', 'trainer_state.json'];
-
-/**
- * Checks between the files of one checkpoint (each already valid on its own): the step of the folder, every rank's
- * random states, the data cursor that trainer_state.json and random_states_0.json both record, the device's stream.
- */
-export function crossFileProblem(step: number, files: readonly string[], read: (name: string) => unknown): string | undefined {
-  for (const f of REQUIRED_FILES) if (!files.includes(f)) return `${f} is not in the manifest (a checkpoint needs it to resume)`;
-  const st = read('trainer_state.json') as z.infer<typeof TrainerStateSchema>;
-  if (st.global_step !== step) return `trainer_state.json says step ${st.global_step}, the manifest says ${step}`;
-  for (let r = 1; r < (st.world_size ?? 1); r++)
-    if (!files.includes(`random_states_${r}.json`)) return `random_states_${r}.json is not in the manifest (trained by ${st.world_size} processes)`;
-  const rng = read('random_states_0.json') as z.infer<typeof RandomStatesSchema>;
-  const cur = rng.data.sampler;
-  if (cur.epoch !== st.epoch || cur.position !== st.position)
-    return `random_states_0.json's data cursor (epoch ${cur.epoch}, sample ${cur.position}) differs from trainer_state.json's (epoch ${st.epoch}, sample ${st.position})`;
-  const devType = st.device?.split(':')[0];
-  if ((devType === 'cuda' || devType === 'mps') && !Object.keys(rng.torch).some((k) => k.split(':')[0] === devType))
-    return `random_states_0.json has no ${devType} generator state, but the run trained on ${st.device}`;
-  return undefined;
-}
-
-/**
- * Reads a checkpoint's JSON state file and checks it against its schema: what resume uses instead of a bare
- * JSON.parse. Throws an Error naming the file and what is wrong.
- */
-export function readStateFile<T>(dir: string, name: string): T {
-  const file = path.join(dir, name);
-  let value: unknown;
-  try {
-    value = JSON.parse(fs.readFileSync(file, 'utf8'));
-  } catch (e) {
-    throw new Error(`${file}: cannot be read as JSON (${(e as Error).message})`);
-  }
-  const problem = stateFileProblem(name, value);
-  if (problem) throw new Error(`${dir}: ${problem}. Pick another checkpoint (\`train-lora checkpoints list\` shows them).`);
-  return value as T;
-}
+// The state files by name (which schema checks which file, the files every checkpoint needs, readStateFile) live in
+// state.ts, the one place for a checkpoint's files; re-exported here for existing imports. Kept last: state.ts reads
+// the schemas above when it loads.
+export { crossFileProblem, readStateFile, REQUIRED_FILES, stateFileProblem, stateSchemaFor } from './state';

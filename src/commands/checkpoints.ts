@@ -4,13 +4,14 @@ import * as path from 'node:path';
 
 import { CheckpointManager, inspectLock, markKeep, verifyCheckpoint, type CheckpointEntry } from '../checkpoint/manager';
 import { formatBytes } from '../checkpoint/fsutil';
+import { MODEL_FILE, TRAINER_STATE_FILE } from '../checkpoint/state';
 import { exportCheckpoint, type CheckpointExportOptions } from '../export/lora-export';
 import { native } from '../native';
 import type { TrainerStateFile } from '../train/train';
 
 function readState(dir: string): TrainerStateFile | undefined {
   try {
-    return JSON.parse(fs.readFileSync(path.join(dir, 'trainer_state.json'), 'utf8')) as TrainerStateFile;
+    return JSON.parse(fs.readFileSync(path.join(dir, TRAINER_STATE_FILE), 'utf8')) as TrainerStateFile;
   } catch {
     return undefined;
   }
@@ -60,11 +61,11 @@ export async function verifyCommand(p: string): Promise<{ ok: boolean; text: str
   if (!e.valid) return { ok: false, text: `${e.path}: INVALID — ${e.problem}` };
   // Shapes match the run's configuration: every LoRA pair has the recorded rank.
   const st = readState(e.path);
-  const h = await native().safetensorsHeader(path.join(e.path, 'model.safetensors'));
+  const h = await native().safetensorsHeader(path.join(e.path, MODEL_FILE));
   if (st && st.config.train_mode === 'lora') {
     for (const t of h.tensors) {
       const r = t.name.endsWith('lora_A.weight') ? t.shape[0] : t.name.endsWith('lora_B.weight') ? t.shape[1] : st.config.rank;
-      if (r !== st.config.rank) return { ok: false, text: `${e.path}: INVALID — ${t.name} has rank ${r}, trainer_state.json says ${st.config.rank}` };
+      if (r !== st.config.rank) return { ok: false, text: `${e.path}: INVALID — ${t.name} has rank ${r}, ${TRAINER_STATE_FILE} says ${st.config.rank}` };
     }
   }
   return { ok: true, text: `${e.path}: ok (step ${e.step}, ${Object.keys(e.manifest!.files).length} files verified by sha256 and their content checked, ${h.tensors.length} tensors)` };

@@ -7,6 +7,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 
 import { CheckpointManager, verifyCheckpoint } from '../checkpoint/manager';
+import { OPTIMIZER_FILE, RANDOM_STATES_FILE, SCALER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE } from '../checkpoint/state';
 import { formatBytes } from '../checkpoint/fsutil';
 import { datasetOptions, loraAlpha, type TrainConfig } from '../config';
 import { describeDataset, loadDataset, type Dataset } from '../data/dataset';
@@ -126,15 +127,15 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
       const t0 = Date.now();
       const mgr = new CheckpointManager(dir);
       const saved = await mgr.save(1, async (tmp) => {
-        // Every file a training checkpoint has, with the content verify checks (src/checkpoint/schema.ts).
+        // Every file a training checkpoint has, with the content verify checks (src/checkpoint/state.ts).
         const s = await native().trainerSaveState(trainer!, tmp);
         const n = dataset?.items.length ?? 1;
         const put = (f: string, v: unknown) => fs.writeFileSync(path.join(tmp, f), JSON.stringify(v));
-        put('optimizer.json', { kind: 'AdamW', betas: [cfg.adam_beta1, cfg.adam_beta2], eps: cfg.adam_epsilon, weight_decay: cfg.adam_weight_decay, per_parameter_steps: s.optimizerSteps });
-        put('scheduler.json', { spec: { kind: 'constant', baseLr: cfg.learning_rate, warmupSteps: 0, totalSteps: 1, numCycles: 1, power: 1, lrEnd: 0, stepRules: null }, scheduler_steps: 1 });
-        put('scaler.json', s.scaler);
-        put('random_states_0.json', { torch: s.rng, data: { sampler: { version: 1, seed: cfg.seed, numSamples: n, epoch: 0, position: 0 }, seed: cfg.seed } });
-        put('trainer_state.json', {
+        put(OPTIMIZER_FILE, { kind: 'AdamW', betas: [cfg.adam_beta1, cfg.adam_beta2], eps: cfg.adam_epsilon, weight_decay: cfg.adam_weight_decay, per_parameter_steps: s.optimizerSteps });
+        put(SCHEDULER_FILE, { spec: { kind: 'constant', baseLr: cfg.learning_rate, warmupSteps: 0, totalSteps: 1, numCycles: 1, power: 1, lrEnd: 0, stepRules: null }, scheduler_steps: 1 });
+        put(SCALER_FILE, s.scaler);
+        put(RANDOM_STATES_FILE, { torch: s.rng, data: { sampler: { version: 1, seed: cfg.seed, numSamples: n, epoch: 0, position: 0 }, seed: cfg.seed } });
+        put(TRAINER_STATE_FILE, {
           version: 1, global_step: 1, scheduler_steps: 1, epoch: 0, position: 0, samples_seen: 0, max_train_steps: 1, train_loss: null, best_metric: null,
           base_model: { path: modelDir, fingerprint: 'test-setup' }, dataset: { path: cfg.train_data_dir, fingerprint: 'test-setup', size: n },
           config: cfg, device, resumed_from: null, versions: {}, time: new Date().toISOString(), host: os.hostname(),
@@ -142,7 +143,7 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
       });
       const v = await verifyCheckpoint(saved.path);
       if (!v.valid) throw new Error(`verify failed: ${v.problem}`);
-      const steps = JSON.parse(fs.readFileSync(path.join(saved.path, 'optimizer.json'), 'utf8')).per_parameter_steps as Record<string, number>;
+      const steps = JSON.parse(fs.readFileSync(path.join(saved.path, OPTIMIZER_FILE), 'utf8')).per_parameter_steps as Record<string, number>;
       await native().trainerLoadState(trainer, saved.path, { optimizerSteps: steps });
       report({ name: 'checkpoint round trip', ok: true, detail: `write + verify + load of ${formatBytes(saved.size)} in ${Date.now() - t0} ms (${dir})` });
     } catch (e) {

@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 import { writeJsonDurable } from '../checkpoint/fsutil';
+import { randomStatesFile } from '../checkpoint/state';
 import { native, type ProcessGroupHandle, type TrainerHandle } from '../native';
 import type { DistEnv } from './env';
 
@@ -104,7 +105,7 @@ export function writeRankPart(checkpointsDir: string, step: number, rank: number
   const dir = path.join(checkpointsDir, `.tmp-rank${rank}-checkpoint-${step}-${process.pid}`);
   fs.rmSync(dir, { recursive: true, force: true });
   fs.mkdirSync(dir);
-  writeJsonDurable(path.join(dir, `random_states_${rank}.json`), content);
+  writeJsonDurable(path.join(dir, randomStatesFile(rank)), content);
 }
 
 /** Moves ranks 1..worldSize-1's parts of checkpoint `step` into `tmpDir`; throws naming the missing ranks. */
@@ -116,9 +117,9 @@ export function collectRankParts(checkpointsDir: string, step: number, worldSize
   }
   const missing: number[] = [];
   for (let r = 1; r < worldSize; r++) {
-    const f = found.has(r) ? path.join(found.get(r)!, `random_states_${r}.json`) : undefined;
+    const f = found.has(r) ? path.join(found.get(r)!, randomStatesFile(r)) : undefined;
     if (!f || !fs.existsSync(f)) missing.push(r);
-    else fs.copyFileSync(f, path.join(tmpDir, `random_states_${r}.json`));
+    else fs.copyFileSync(f, path.join(tmpDir, randomStatesFile(r)));
   }
   if (missing.length)
     throw new Error(`checkpoint-${step}: the random state of rank(s) ${missing.join(', ')} is missing (a rank failed during the save); the checkpoint is not sealed`);

@@ -34,6 +34,7 @@ import * as path from 'node:path';
 
 import { fsyncPath, renameDirReplacing, writeJsonDurable } from '../checkpoint/fsutil';
 import { mtimeOf, verifyCheckpoint, writerGone } from '../checkpoint/manager';
+import { MODEL_FILE, TRAINER_STATE_FILE } from '../checkpoint/state';
 import { datasetOptions, type TrainConfig } from '../config';
 import { datasetFingerprint, loadDataset } from '../data/dataset';
 import { ASSETS, checkModel, isSingleFile, modelConfig, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
@@ -543,23 +544,23 @@ async function checkpointCaptions(st: CheckpointState): Promise<{ captions: stri
 export async function exportCheckpoint(checkpoint: string, opts: CheckpointExportOptions, log?: (msg: string) => void): Promise<ExportResult> {
   const dir = path.resolve(checkpoint);
   if (!fs.existsSync(dir)) throw new ExportError(`${dir}: no such checkpoint folder`, 'ENOENT');
-  const modelFile = path.join(dir, 'model.safetensors');
+  const modelFile = path.join(dir, MODEL_FILE);
   if (!fs.existsSync(modelFile))
-    throw new ExportError(`${dir}: has no model.safetensors, so there are no weights to export (is this a checkpoint-<step> folder of a train-lora run?)`, 'ENOENT');
-  const stateFile = path.join(dir, 'trainer_state.json');
-  if (!fs.existsSync(stateFile)) throw new ExportError(`${dir}: has no trainer_state.json (LoRA rank/alpha and the base model are recorded there)`, 'ENOENT');
+    throw new ExportError(`${dir}: has no ${MODEL_FILE}, so there are no weights to export (is this a checkpoint-<step> folder of a train-lora run?)`, 'ENOENT');
+  const stateFile = path.join(dir, TRAINER_STATE_FILE);
+  if (!fs.existsSync(stateFile)) throw new ExportError(`${dir}: has no ${TRAINER_STATE_FILE} (LoRA rank/alpha and the base model are recorded there)`, 'ENOENT');
   const v = await verifyCheckpoint(dir);
   if (!v.valid) throw new ExportError(`${dir}: not a valid checkpoint (${v.problem}); pick another with \`train-lora checkpoints list\``, 'EBADCKPT');
   const st = JSON.parse(fs.readFileSync(stateFile, 'utf8')) as CheckpointState;
   const cfg = st.config;
   if (cfg.train_mode !== 'lora')
     throw new ExportError(
-      `${dir}: is a --train-mode ${cfg.train_mode} checkpoint: its model.safetensors holds the whole UNet, not a LoRA, so it cannot be exported as a LoRA file`,
+      `${dir}: is a --train-mode ${cfg.train_mode} checkpoint: its ${MODEL_FILE} holds the whole UNet, not a LoRA, so it cannot be exported as a LoRA file`,
       'ECKPTLORA',
     );
   const baseModel = path.resolve(opts.model ?? st.base_model.path);
   if (opts.merge && !fs.existsSync(baseModel))
-    throw new ExportError(`--merge: the base model ${baseModel} (recorded in trainer_state.json) does not exist; pass its folder with --model`, 'ENOENT');
+    throw new ExportError(`--merge: the base model ${baseModel} (recorded in ${TRAINER_STATE_FILE}) does not exist; pass its folder with --model`, 'ENOENT');
   const isFile = opts.out?.endsWith('.safetensors') ?? false;
   const parent = path.dirname(dir);
   const defaultOut = path.basename(parent) === 'checkpoints' ? path.join(path.dirname(parent), 'exports', path.basename(dir)) : `${dir}-export`;
