@@ -326,12 +326,9 @@ const WEIGHT_FILE = /\.(safetensors|bin|ckpt|pt|pth|msgpack|h5|onnx)$|\.safetens
 async function writeMergedPipelineFromFile(spec: ExportSpec, summary: LoraSummary, base: string): Promise<{ dir: string; files: string[]; merged: string[] }> {
   await checkModel(base, ['unet', 'vae', 'text_encoder']);
   const final = path.join(spec.outDir, MERGED_PIPELINE_DIR);
-  const tmp = `${final}.tmp-${process.pid}`;
-  fs.rmSync(tmp, { recursive: true, force: true });
-  fs.mkdirSync(tmp, { recursive: true });
   const files: string[] = [];
   const merged: string[] = [];
-  try {
+  await writeFolderAtomically(final, async (tmp) => {
     fs.copyFileSync(path.join(ASSETS, 'sd15-model', 'model_index.json'), path.join(tmp, 'model_index.json'));
     for (const comp of ['unet', 'vae', 'text_encoder'] as const) {
       const dst = path.join(tmp, comp);
@@ -344,13 +341,26 @@ async function writeMergedPipelineFromFile(spec: ExportSpec, summary: LoraSummar
     fs.cpSync(modelTokenizerDir(base), path.join(tmp, 'tokenizer'), { recursive: true });
     fs.mkdirSync(path.join(tmp, 'scheduler'));
     fs.copyFileSync(modelSchedulerConfig(base), path.join(tmp, 'scheduler', 'scheduler_config.json'));
+  });
+  return { dir: final, files, merged };
+}
+
+/**
+ * Fills `<final>.tmp-<pid>` with `fill`, fsyncs it and its sub-folders, then swaps it in for `final` (an earlier one
+ * is replaced only once the new one is complete); a failure removes the temporary folder.
+ */
+async function writeFolderAtomically(final: string, fill: (tmp: string) => Promise<void>): Promise<void> {
+  const tmp = `${final}.tmp-${process.pid}`;
+  fs.rmSync(tmp, { recursive: true, force: true });
+  fs.mkdirSync(tmp, { recursive: true });
+  try {
+    await fill(tmp);
     for (const d of [tmp, ...fs.readdirSync(tmp).map((n) => path.join(tmp, n)).filter((p) => fs.statSync(p).isDirectory())]) fsyncPath(d);
     renameDirReplacing(tmp, final, `${final}.old-${process.pid}`);
   } catch (e) {
     fs.rmSync(tmp, { recursive: true, force: true });
     throw e;
   }
-  return { dir: final, files, merged };
 }
 
 async function writeMergedPipeline(spec: ExportSpec, summary: LoraSummary): Promise<{ dir: string; files: string[]; merged: string[] }> {
@@ -361,12 +371,9 @@ async function writeMergedPipeline(spec: ExportSpec, summary: LoraSummary): Prom
     throw new ExportError(`--merge: ${indexFile} not found: the base model must be a diffusers pipeline folder (pass it with --model)`, 'ENOENT');
   const index = JSON.parse(fs.readFileSync(indexFile, 'utf8')) as Record<string, unknown>;
   const final = path.join(spec.outDir, MERGED_PIPELINE_DIR);
-  const tmp = `${final}.tmp-${process.pid}`;
-  fs.rmSync(tmp, { recursive: true, force: true });
-  fs.mkdirSync(tmp, { recursive: true });
   const files: string[] = [];
   const merged: string[] = [];
-  try {
+  await writeFolderAtomically(final, async (tmp) => {
     fs.copyFileSync(indexFile, path.join(tmp, 'model_index.json'));
     for (const [name, v] of Object.entries(index)) {
       if (!Array.isArray(v) || v[0] === null || !fs.existsSync(path.join(base, name))) continue;
@@ -392,13 +399,7 @@ async function writeMergedPipeline(spec: ExportSpec, summary: LoraSummary): Prom
         linkTree(src, dst);
       }
     }
-    for (const d of [tmp, ...fs.readdirSync(tmp).map((n) => path.join(tmp, n)).filter((p) => fs.statSync(p).isDirectory())]) fsyncPath(d);
-    // Replace an earlier final_pipeline only once the new one is complete.
-    renameDirReplacing(tmp, final, `${final}.old-${process.pid}`);
-  } catch (e) {
-    fs.rmSync(tmp, { recursive: true, force: true });
-    throw e;
-  }
+  });
   return { dir: final, files, merged };
 }
 
