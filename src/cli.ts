@@ -373,7 +373,8 @@ export async function main(argv: string[]): Promise<void> {
 if (require.main === module) {
   main(hideBin(process.argv)).catch((e: unknown) => {
     const err = e as Error & { code?: string };
-    console.error(`train-lora: ${err.message}`);
+    // Some messages (the addon loader's) already name the program.
+    console.error(err.message.startsWith('train-lora: ') ? err.message : `train-lora: ${err.message}`);
     process.exitCode = 1;
   });
 }
