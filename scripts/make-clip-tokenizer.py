@@ -29,19 +29,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "assets" / "clip-tokenizer"
 
+# CLIP's byte -> unicode table: the one in make_tiny_vocab.py (the tiny test tokenizer is built the same way).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_tiny_vocab import bytes_to_unicode  # noqa: E402
+
 SPECIAL = {"content": "", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
 
 
 def main() -> None:

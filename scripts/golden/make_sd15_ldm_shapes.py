@@ -14,13 +14,14 @@ Usage:  DIFFUSERS=/path/to/diffusers python3 scripts/golden/make_sd15_ldm_shapes
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_single_file_fixture import diffusers_converters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = REPO / "test" / "fixtures" / "sd15"
@@ -28,15 +29,7 @@ CONFIGS = REPO / "assets" / "sd15-model"
 
 
 def main() -> None:
-    root = Path(os.environ.get("DIFFUSERS", ""))
-    script = root / "scripts" / "convert_diffusers_to_original_stable_diffusion.py"
-    if not script.is_file():
-        sys.exit("set DIFFUSERS to a diffusers source tree")
-    sys.path.insert(0, str(root / "src"))
-    spec = importlib.util.spec_from_file_location("convert_to_original", script)
-    conv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conv)
-    from diffusers.loaders import single_file_utils as sfu
+    conv, sfu = diffusers_converters()
 
     meta = {}
     for c in ["unet", "vae", "text_encoder"]:

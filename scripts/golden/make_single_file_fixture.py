@@ -42,7 +42,9 @@ TINY = REPO / "test" / "fixtures" / "models" / "tiny"
 OUT = REPO / "test" / "fixtures" / "models" / "tiny-single-file.safetensors"
 
 
-def main() -> None:
+def diffusers_converters():
+    """diffusers' reverse converter script (diffusers -> original names) and its single_file_utils (original ->
+    diffusers), from the source tree named by $DIFFUSERS."""
     diffusers_root = Path(os.environ.get("DIFFUSERS", ""))
     script = diffusers_root / "scripts" / "convert_diffusers_to_original_stable_diffusion.py"
     if not script.is_file():
@@ -52,6 +54,12 @@ def main() -> None:
     conv = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(conv)
     from diffusers.loaders import single_file_utils as sfu
+
+    return conv, sfu
+
+
+def main() -> None:
+    conv, sfu = diffusers_converters()
 
     unet = load_file(str(TINY / "unet" / "diffusion_pytorch_model.safetensors"))
     vae = load_file(str(TINY / "vae" / "diffusion_pytorch_model.safetensors"))
