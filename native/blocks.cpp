@@ -1,16 +1,17 @@
 #include "blocks.h"
 
+#include <cmath>
+
 namespace tl {
 
-const std::vector<std::string> kActivationNames = {"silu", "swish", "mish", "gelu", "relu"};
+const std::vector<std::pair<std::string, Activation>> kActivations = {
+    {"silu", Activation::SiLU}, {"swish", Activation::SiLU}, {"mish", Activation::Mish}, {"gelu", Activation::GELU}, {"relu", Activation::ReLU}};
 
-Activation activation_from_name(const std::string& name) {
-  if (name == "silu" || name == "swish") return Activation::SiLU;
-  if (name == "mish") return Activation::Mish;
-  if (name == "gelu") return Activation::GELU;
-  if (name == "relu") return Activation::ReLU;
-  throw std::invalid_argument("unknown activation \"" + name + "\"");
-}
+const std::vector<std::pair<std::string, Activation>> kTransformersActivations = {
+    {"quick_gelu", Activation::QuickGELU},     {"gelu", Activation::GELU},          {"gelu_python", Activation::GELU},
+    {"gelu_new", Activation::GELUNew},         {"gelu_fast", Activation::GELUFast}, {"gelu_pytorch_tanh", Activation::GELUTanh},
+    {"gelu_python_tanh", Activation::GELUNew}, {"relu", Activation::ReLU},          {"silu", Activation::SiLU},
+    {"swish", Activation::SiLU}};
 
 torch::Tensor activate(Activation act, const torch::Tensor& x) {
   switch (act) {
@@ -18,6 +19,10 @@ torch::Tensor activate(Activation act, const torch::Tensor& x) {
     case Activation::Mish: return at::mish(x);
     case Activation::GELU: return at::gelu(x);
     case Activation::ReLU: return at::relu(x);
+    case Activation::GELUTanh: return at::gelu(x, "tanh");
+    case Activation::GELUNew: return 0.5 * x * (1.0 + at::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * at::pow(x, 3.0))));
+    case Activation::GELUFast: return 0.5 * x * (1.0 + at::tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)));
+    case Activation::QuickGELU: return x * at::sigmoid(1.702 * x);
   }
   return x;
 }

@@ -5,16 +5,19 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "nn.h"
 
 namespace tl {
 
-// diffusers.models.activations.get_activation: "silu"/"swish", "mish", "gelu", "relu".
-enum class Activation { SiLU, Mish, GELU, ReLU };
-extern const std::vector<std::string> kActivationNames;
-Activation activation_from_name(const std::string& name);  // throws std::invalid_argument for other names
+// Every non-linearity a supported config names. The two name tables are the libraries' own spellings:
+// diffusers.models.activations.get_activation (UNet/VAE act_fn, compared lower-cased) and transformers' ACT2FN
+// (CLIP hidden_act), each computed as that library computes it.
+enum class Activation { SiLU, Mish, GELU, GELUTanh, GELUNew, GELUFast, QuickGELU, ReLU };
+extern const std::vector<std::pair<std::string, Activation>> kActivations;              // diffusers' names
+extern const std::vector<std::pair<std::string, Activation>> kTransformersActivations;  // transformers' names
 torch::Tensor activate(Activation act, const torch::Tensor& x);
 
 // ResnetBlock2D: norm1 -> act -> conv1 (+ time_emb_proj(act(temb)) when the block has a time embedding, as in the

@@ -11,73 +11,34 @@ namespace {
 
 using torch::Tensor;
 
-// ---- config.json reading (config_error, json_brief, present: config.h) ----
-
-int64_t read_int(const Json& j, const std::string& key, int64_t def, const std::string& path, int64_t min_value) {
-  if (!present(j, key)) return def;
-  const Json& v = j[key];
-  if (!v.is_number() || v.as_number() != std::floor(v.as_number()) || std::fabs(v.as_number()) > 9.0e15)
-    config_error(path, key, "must be an integer, got " + json_brief(v));
-  int64_t x = v.as_int();
-  if (x < min_value) config_error(path, key, "must be at least " + std::to_string(min_value) + ", got " + std::to_string(x));
-  return x;
-}
-
-double read_number(const Json& j, const std::string& key, double def, const std::string& path) {
-  if (!present(j, key)) return def;
-  const Json& v = j[key];
-  if (!v.is_number() || !std::isfinite(v.as_number())) config_error(path, key, "must be a number, got " + json_brief(v));
-  return v.as_number();
-}
-
-std::string read_choice(const Json& j, const std::string& key, const std::string& def, const std::vector<std::string>& accepted,
-                        const std::string& path) {
-  std::string v = def;
-  if (present(j, key)) {
-    if (!j[key].is_string()) config_error(path, key, "must be a string, got " + json_brief(j[key]));
-    v = j[key].as_string();
-  }
-  for (const auto& a : accepted)
-    if (a == v) return v;
-  std::string list;
-  for (const auto& a : accepted) list += (list.empty() ? "" : ", ") + a;
-  config_error(path, key, "\"" + v + "\" is not supported (supported: " + list + ")");
-}
-
-const std::vector<std::string> kActivations = {"quick_gelu", "gelu", "gelu_python", "gelu_new", "gelu_fast",
-                                                "gelu_pytorch_tanh", "gelu_python_tanh", "relu", "silu", "swish"};
-
 bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 
 }  // namespace
 
 CLIPTextConfig CLIPTextConfig::from_json(const Json& root, const std::string& path) {
-  if (!root.is_object()) config_error(path, "", "the file must hold a JSON object");
+  ConfigReader top(root, path);
   // A CLIPModel config carries the text encoder's settings in "text_config".
   const bool nested = root["text_config"].is_object();
-  const Json& j = nested ? root["text_config"] : root;
-  const std::string where = nested ? path + " (text_config)" : path;
-  if (present(root, "model_type")) {
-    if (!root["model_type"].is_string()) config_error(path, "model_type", "must be a string");
-    const std::string& mt = root["model_type"].as_string();
+  if (top.present("model_type")) {
+    const std::string mt = top.string("model_type", "");
     if (mt != "clip_text_model" && !(nested && mt == "clip"))
-      config_error(path, "model_type", "\"" + mt + "\" is not supported (supported: clip_text_model, a CLIPTextModel text encoder)");
+      top.fail("model_type", "\"" + mt + "\" is not supported (supported: clip_text_model, a CLIPTextModel text encoder)");
   }
+  ConfigReader r(nested ? root["text_config"] : root, nested ? path + " (text_config)" : path);
   CLIPTextConfig c;
-  c.vocab_size = read_int(j, "vocab_size", c.vocab_size, where, 1);
-  c.hidden_size = read_int(j, "hidden_size", c.hidden_size, where, 1);
-  c.intermediate_size = read_int(j, "intermediate_size", c.intermediate_size, where, 1);
-  c.num_hidden_layers = read_int(j, "num_hidden_layers", c.num_hidden_layers, where, 0);
-  c.num_attention_heads = read_int(j, "num_attention_heads", c.num_attention_heads, where, 1);
-  c.max_position_embeddings = read_int(j, "max_position_embeddings", c.max_position_embeddings, where, 1);
-  c.layer_norm_eps = read_number(j, "layer_norm_eps", c.layer_norm_eps, where);
-  if (!(c.layer_norm_eps > 0)) config_error(where, "layer_norm_eps", "must be positive");
-  c.attention_dropout = read_number(j, "attention_dropout", c.attention_dropout, where);
-  if (c.attention_dropout < 0 || c.attention_dropout >= 1) config_error(where, "attention_dropout", "must be in [0, 1)");
-  c.hidden_act = read_choice(j, "hidden_act", c.hidden_act, kActivations, where);
+  c.vocab_size = r.integer("vocab_size", c.vocab_size, 1);
+  c.hidden_size = r.integer("hidden_size", c.hidden_size, 1);
+  c.intermediate_size = r.integer("intermediate_size", c.intermediate_size, 1);
+  c.num_hidden_layers = r.integer("num_hidden_layers", c.num_hidden_layers, 0);
+  c.num_attention_heads = r.integer("num_attention_heads", c.num_attention_heads, 1);
+  c.max_position_embeddings = r.integer("max_position_embeddings", c.max_position_embeddings, 1);
+  c.layer_norm_eps = r.positive("layer_norm_eps", c.layer_norm_eps);
+  c.attention_dropout = r.number("attention_dropout", c.attention_dropout);
+  if (c.attention_dropout < 0 || c.attention_dropout >= 1) r.fail("attention_dropout", "must be in [0, 1)");
+  c.hidden_act = r.enumerated("hidden_act", c.hidden_act, kTransformersActivations);
   if (c.hidden_size % c.num_attention_heads != 0)
-    config_error(where, "num_attention_heads",
-                 std::to_string(c.num_attention_heads) + " does not divide hidden_size " + std::to_string(c.hidden_size));
+    r.fail("num_attention_heads",
+           std::to_string(c.num_attention_heads) + " does not divide hidden_size " + std::to_string(c.hidden_size));
   return c;
 }
 
@@ -110,22 +71,7 @@ CLIPMLP::CLIPMLP(const CLIPTextConfig& cfg) : act(cfg.hidden_act) {
   fc2 = register_module("fc2", std::make_shared<nn::Linear>(cfg.intermediate_size, cfg.hidden_size));
 }
 
-namespace {
-// transformers' ACT2FN, written as each reference computes it.
-Tensor activation(const std::string& act, const Tensor& x) {
-  if (act == "quick_gelu") return x * at::sigmoid(1.702 * x);
-  if (act == "gelu" || act == "gelu_python") return at::gelu(x);
-  if (act == "gelu_new" || act == "gelu_python_tanh")
-    return 0.5 * x * (1.0 + at::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * at::pow(x, 3.0))));
-  if (act == "gelu_fast") return 0.5 * x * (1.0 + at::tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)));
-  if (act == "gelu_pytorch_tanh") return at::gelu(x, "tanh");
-  if (act == "relu") return at::relu(x);
-  if (act == "silu" || act == "swish") return at::silu(x);
-  throw std::invalid_argument("unknown hidden_act " + act);
-}
-}  // namespace
-
-Tensor CLIPMLP::forward(const Tensor& x) const { return fc2->forward(activation(act, fc1->forward(x))); }
+Tensor CLIPMLP::forward(const Tensor& x) const { return fc2->forward(activate(act, fc1->forward(x))); }
 
 CLIPEncoderLayer::CLIPEncoderLayer(const CLIPTextConfig& cfg) {
   self_attn = register_module("self_attn", std::make_shared<CLIPAttention>(cfg));

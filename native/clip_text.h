@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 
+#include "blocks.h"
 #include "json.h"
 #include "nn.h"
 #include "weights.h"
@@ -28,8 +29,8 @@ struct CLIPTextConfig {
   int64_t max_position_embeddings = 77;
   double layer_norm_eps = 1e-5;
   double attention_dropout = 0.0;  // applied only in training mode, as transformers does
-  // quick_gelu | gelu | gelu_python | gelu_new | gelu_fast | gelu_pytorch_tanh | gelu_python_tanh | relu | silu | swish
-  std::string hidden_act = "quick_gelu";
+  // transformers' ACT2FN names (kTransformersActivations): quick_gelu | gelu | gelu_new | gelu_pytorch_tanh | relu | silu ...
+  Activation hidden_act = Activation::QuickGELU;
 
   // Ignores unknown keys, fills missing (or null) keys with the defaults, and throws UserError("EBADCONFIG")
   // naming `path`, the key and the accepted values for anything unsupported. A full CLIPModel config (with a
@@ -49,7 +50,7 @@ struct CLIPAttention : torch::nn::Module {
 };
 
 struct CLIPMLP : torch::nn::Module {
-  std::string act;
+  Activation act;
   std::shared_ptr<nn::Linear> fc1, fc2;
   explicit CLIPMLP(const CLIPTextConfig& cfg);
   torch::Tensor forward(const torch::Tensor& x) const;

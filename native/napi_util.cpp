@@ -203,4 +203,31 @@ std::string base64(const std::vector<uint8_t>& in) {
   return out;
 }
 
+// Its inverse; anything else than base64 is an error.
+std::vector<uint8_t> unbase64(Napi::Env env, const std::string& s) {
+  auto val = [&](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+  };
+  std::vector<uint8_t> out;
+  uint32_t buf = 0;
+  int bits = 0;
+  for (char c : s) {
+    if (c == '=') break;
+    int v = val(c);
+    if (v < 0) throw Napi::Error::New(env, "invalid base64 in an RNG state");
+    buf = (buf << 6) | static_cast<uint32_t>(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push_back(static_cast<uint8_t>((buf >> bits) & 0xFF));
+    }
+  }
+  return out;
+}
+
 }  // namespace tl

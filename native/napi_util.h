@@ -36,6 +36,8 @@ std::vector<HostTensor> hosts_from_js(Napi::Env env, const Napi::Value& v, const
 Napi::Value hosts_to_js(Napi::Env env, const std::vector<HostTensor>& hs);
 double num_opt(const Napi::Object& o, const char* key, double def);
 bool bool_opt(const Napi::Object& o, const char* key, bool def);
+// Standard base64, both ways (RNG states travel to JSON this way).
 std::string base64(const std::vector<uint8_t>& in);
+std::vector<uint8_t> unbase64(Napi::Env env, const std::string& s);
 
 }  // namespace tl

@@ -12,52 +12,46 @@ namespace tl {
 UNet2DConditionConfig UNet2DConditionConfig::from_json(const Json& j, const std::string& path) {
   ConfigReader r(j, path);
   UNet2DConditionConfig c;
-  c.in_channels = r.integer("in_channels", 4);
-  c.out_channels = r.integer("out_channels", 4);
-  c.sample_size = r.integer("sample_size", 64);
+  c.in_channels = r.integer("in_channels", 4, 1);
+  c.out_channels = r.integer("out_channels", 4, 1);
+  c.sample_size = r.integer("sample_size", 64, 1);
   c.center_input_sample = r.boolean("center_input_sample", false);
   c.flip_sin_to_cos = r.boolean("flip_sin_to_cos", true);
   c.freq_shift = r.number("freq_shift", 0);
-  c.down_block_types = r.strings("down_block_types", {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"});
-  c.up_block_types = r.strings("up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"});
+  c.down_block_types = r.choices("down_block_types", {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"},
+                                 {"CrossAttnDownBlock2D", "DownBlock2D"});
+  c.up_block_types = r.choices("up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"},
+                               {"CrossAttnUpBlock2D", "UpBlock2D"});
   const size_t n = c.down_block_types.size();
   if (n == 0) r.fail("down_block_types", "must not be empty");
   if (c.up_block_types.size() != n)
     r.fail("up_block_types", "must have as many entries as down_block_types (" + std::to_string(n) + ")");
-  for (const auto& t : c.down_block_types)
-    if (t != "CrossAttnDownBlock2D" && t != "DownBlock2D")
-      r.fail("down_block_types", "\"" + t + "\" is not supported (supported: CrossAttnDownBlock2D, DownBlock2D)");
-  for (const auto& t : c.up_block_types)
-    if (t != "CrossAttnUpBlock2D" && t != "UpBlock2D")
-      r.fail("up_block_types", "\"" + t + "\" is not supported (supported: CrossAttnUpBlock2D, UpBlock2D)");
-  c.block_out_channels = r.ints("block_out_channels", {320, 640, 1280, 1280}, 0);
+  c.block_out_channels = r.ints("block_out_channels", {320, 640, 1280, 1280}, 0, 1);
   if (c.block_out_channels.size() != n)
     r.fail("block_out_channels", "must have one entry per down block (" + std::to_string(n) + ")");
-  c.layers_per_block = r.ints("layers_per_block", {2}, n);
-  c.transformer_layers_per_block = r.ints("transformer_layers_per_block", {1}, n);
-  c.downsample_padding = r.integer("downsample_padding", 1);
+  c.layers_per_block = r.ints("layers_per_block", {2}, n, 1);
+  c.transformer_layers_per_block = r.ints("transformer_layers_per_block", {1}, n, 1);
+  c.downsample_padding = r.integer("downsample_padding", 1, 0);
   c.mid_block_scale_factor = r.number("mid_block_scale_factor", 1);
   if (!r.present("norm_num_groups")) {
     if (r.raw("norm_num_groups").is_null() && j.has("norm_num_groups"))
       r.fail("norm_num_groups", "null (no group norm) is not supported");
   }
-  c.norm_num_groups = r.integer("norm_num_groups", 32);
-  c.norm_eps = r.number("norm_eps", 1e-5);
-  c.cross_attention_dim = r.ints("cross_attention_dim", {1280}, n);
+  c.norm_num_groups = r.integer("norm_num_groups", 32, 1);
+  c.norm_eps = r.positive("norm_eps", 1e-5);
+  c.cross_attention_dim = r.ints("cross_attention_dim", {1280}, n, 1);
   // diffusers' naming quirk: attention_head_dim is the NUMBER of heads when num_attention_heads is null.
-  if (r.present("num_attention_heads")) c.num_attention_heads = r.ints("num_attention_heads", {8}, n);
-  else c.num_attention_heads = r.ints("attention_head_dim", {8}, n);
+  if (r.present("num_attention_heads")) c.num_attention_heads = r.ints("num_attention_heads", {8}, n, 1);
+  else c.num_attention_heads = r.ints("attention_head_dim", {8}, n, 1);
   c.only_cross_attention = r.bools("only_cross_attention", false, n);
   c.use_linear_projection = r.boolean("use_linear_projection", false);
   c.upcast_attention = r.boolean("upcast_attention", false);
-  c.conv_in_kernel = r.integer("conv_in_kernel", 3);
-  c.conv_out_kernel = r.integer("conv_out_kernel", 3);
+  c.conv_in_kernel = r.integer("conv_in_kernel", 3, 1);
+  c.conv_out_kernel = r.integer("conv_out_kernel", 3, 1);
   if (c.conv_in_kernel % 2 == 0) r.fail("conv_in_kernel", "must be odd");
   if (c.conv_out_kernel % 2 == 0) r.fail("conv_out_kernel", "must be odd");
   c.resnet_out_scale_factor = r.number("resnet_out_scale_factor", 1.0);
-  std::string mid = r.string("mid_block_type", "UNetMidBlock2DCrossAttn");
-  if (r.present("mid_block_type") && mid != "UNetMidBlock2DCrossAttn")
-    r.fail("mid_block_type", "\"" + mid + "\" is not supported (supported: UNetMidBlock2DCrossAttn, null)");
+  r.choice("mid_block_type", "UNetMidBlock2DCrossAttn", {"UNetMidBlock2DCrossAttn"});  // or null: no mid block
   // An explicit null means no mid block (diffusers builds none); a missing key means the default block.
   c.has_mid_block = !(j.has("mid_block_type") && j["mid_block_type"].is_null());
   // Features of other model families (SDXL, class-conditioned, LCM, ...) that this UNet does not implement.
@@ -73,19 +67,7 @@ UNet2DConditionConfig UNet2DConditionConfig::from_json(const Json& j, const std:
                         "timestep_post_act", "time_embedding_dim", "projection_class_embeddings_input_dim",
                         "cross_attention_norm", "reverse_transformer_layers_per_block"})
     r.require_null(k, "an SD 1.x/2.x UNet has none");
-  // Sizes that divide others must be positive: a 0 here used to reach an integer division (SIGFPE).
-  auto at_least_one = [&](const std::string& key, const std::vector<int64_t>& v) {
-    for (int64_t x : v)
-      if (x < 1) r.fail(key, "must be at least 1, got " + std::to_string(x));
-  };
-  at_least_one("norm_num_groups", {c.norm_num_groups});
-  at_least_one(r.present("num_attention_heads") ? "num_attention_heads" : "attention_head_dim", c.num_attention_heads);
-  at_least_one("block_out_channels", c.block_out_channels);
-  at_least_one("layers_per_block", c.layers_per_block);
-  at_least_one("transformer_layers_per_block", c.transformer_layers_per_block);
-  at_least_one("cross_attention_dim", c.cross_attention_dim);
-  if (c.in_channels < 1 || c.out_channels < 1) r.fail(c.in_channels < 1 ? "in_channels" : "out_channels", "must be at least 1");
-  if (!(c.norm_eps > 0)) r.fail("norm_eps", "must be positive");
+  // Sizes that divide others are at least 1 (read above): a 0 here used to reach an integer division (SIGFPE).
   for (size_t i = 0; i < n; ++i) {
     if (c.block_out_channels[i] % c.norm_num_groups != 0)
       r.fail("block_out_channels", std::to_string(c.block_out_channels[i]) + " is not divisible by norm_num_groups " + std::to_string(c.norm_num_groups));

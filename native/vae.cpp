@@ -16,77 +16,6 @@ using torch::Tensor;
 
 constexpr double kEps = 1e-6;  // resnet_eps / GroupNorm eps everywhere in diffusers' Encoder and Decoder
 
-// ---- config.json reading (config_error, json_brief, present: config.h) ----
-
-bool is_integer(const Json& v) {
-  return v.is_number() && v.as_number() == std::floor(v.as_number()) && std::fabs(v.as_number()) < 9.0e15;
-}
-
-int64_t read_int(const Json& j, const std::string& key, int64_t def, const std::string& path, int64_t min_value) {
-  if (!present(j, key)) return def;
-  if (!is_integer(j[key])) config_error(path, key, "must be an integer, got " + json_brief(j[key]));
-  int64_t x = j[key].as_int();
-  if (x < min_value) config_error(path, key, "must be at least " + std::to_string(min_value) + ", got " + std::to_string(x));
-  return x;
-}
-
-double read_number(const Json& j, const std::string& key, double def, const std::string& path) {
-  if (!present(j, key)) return def;
-  if (!j[key].is_number() || !std::isfinite(j[key].as_number())) config_error(path, key, "must be a number, got " + json_brief(j[key]));
-  return j[key].as_number();
-}
-
-bool read_bool(const Json& j, const std::string& key, bool def, const std::string& path) {
-  if (!present(j, key)) return def;
-  if (!j[key].is_bool()) config_error(path, key, "must be true or false, got " + json_brief(j[key]));
-  return j[key].as_bool();
-}
-
-std::vector<int64_t> read_ints(const Json& j, const std::string& key, const std::vector<int64_t>& def, const std::string& path,
-                               int64_t min_value) {
-  if (!present(j, key)) return def;
-  if (!j[key].is_array()) config_error(path, key, "must be a list of integers, got " + json_brief(j[key]));
-  std::vector<int64_t> out;
-  for (const auto& v : j[key].as_array()) {
-    if (!is_integer(v)) config_error(path, key, "must be a list of integers, got " + json_brief(j[key]));
-    if (v.as_int() < min_value)
-      config_error(path, key, "entries must be at least " + std::to_string(min_value) + ", got " + json_brief(j[key]));
-    out.push_back(v.as_int());
-  }
-  return out;
-}
-
-std::optional<std::vector<double>> read_numbers_opt(const Json& j, const std::string& key, const std::string& path) {
-  if (!present(j, key)) return std::nullopt;
-  if (!j[key].is_array()) config_error(path, key, "must be null or a list of numbers, got " + json_brief(j[key]));
-  std::vector<double> out;
-  for (const auto& v : j[key].as_array()) {
-    if (!v.is_number()) config_error(path, key, "must be null or a list of numbers, got " + json_brief(j[key]));
-    out.push_back(v.as_number());
-  }
-  return out;
-}
-
-std::string join(const std::vector<std::string>& v) {
-  std::string s;
-  for (const auto& a : v) s += (s.empty() ? "" : ", ") + a;
-  return s;
-}
-
-std::vector<std::string> read_choices(const Json& j, const std::string& key, const std::vector<std::string>& def,
-                                      const std::vector<std::string>& accepted, const std::string& path) {
-  if (!present(j, key)) return def;
-  if (!j[key].is_array()) config_error(path, key, "must be a list of block type names, got " + json_brief(j[key]));
-  std::vector<std::string> out;
-  for (const auto& v : j[key].as_array()) {
-    if (!v.is_string()) config_error(path, key, "must be a list of block type names, got " + json_brief(j[key]));
-    if (std::find(accepted.begin(), accepted.end(), v.as_string()) == accepted.end())
-      config_error(path, key, "\"" + v.as_string() + "\" is not supported (supported: " + join(accepted) + ")");
-    out.push_back(v.as_string());
-  }
-  return out;
-}
-
 const std::vector<std::string> kDownBlocks = {"DownEncoderBlock2D", "AttnDownEncoderBlock2D"};
 const std::vector<std::string> kUpBlocks = {"UpDecoderBlock2D", "AttnUpDecoderBlock2D"};
 
@@ -94,55 +23,43 @@ const std::vector<std::string> kUpBlocks = {"UpDecoderBlock2D", "AttnUpDecoderBl
 }  // namespace
 
 AutoencoderKLConfig AutoencoderKLConfig::from_json(const Json& j, const std::string& path) {
-  if (!j.is_object()) config_error(path, "", "the file must hold a JSON object");
-  if (present(j, "_class_name")) {
-    if (!j["_class_name"].is_string()) config_error(path, "_class_name", "must be a string");
-    if (j["_class_name"].as_string() != "AutoencoderKL")
-      config_error(path, "_class_name", "\"" + j["_class_name"].as_string() + "\" is not supported (supported: AutoencoderKL)");
-  }
+  ConfigReader r(j, path);
+  r.require_class("AutoencoderKL");
   AutoencoderKLConfig c;
-  c.in_channels = read_int(j, "in_channels", c.in_channels, path, 1);
-  c.out_channels = read_int(j, "out_channels", c.out_channels, path, 1);
-  c.latent_channels = read_int(j, "latent_channels", c.latent_channels, path, 1);
-  c.block_out_channels = read_ints(j, "block_out_channels", c.block_out_channels, path, 1);
-  if (c.block_out_channels.empty()) config_error(path, "block_out_channels", "must not be empty");
-  c.layers_per_block = read_int(j, "layers_per_block", c.layers_per_block, path, 1);
-  c.norm_num_groups = read_int(j, "norm_num_groups", c.norm_num_groups, path, 1);
-  if (present(j, "act_fn")) {
-    if (!j["act_fn"].is_string()) config_error(path, "act_fn", "must be a string, got " + json_brief(j["act_fn"]));
-    std::string a = j["act_fn"].as_string();
-    std::transform(a.begin(), a.end(), a.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
-    if (std::find(kActivationNames.begin(), kActivationNames.end(), a) == kActivationNames.end())
-      config_error(path, "act_fn", "\"" + j["act_fn"].as_string() + "\" is not supported (supported: " + join(kActivationNames) + ")");
-    c.act_fn = a;
-  }
-  if (present(j, "sample_size")) {
-    const Json& s = j["sample_size"];
-    if (s.is_array() && !s.as_array().empty() && is_integer(s.as_array()[0])) c.sample_size = s.as_array()[0].as_int();
-    else c.sample_size = read_int(j, "sample_size", c.sample_size, path, 1);
-  }
-  c.scaling_factor = read_number(j, "scaling_factor", c.scaling_factor, path);
-  if (!(c.scaling_factor > 0)) config_error(path, "scaling_factor", "must be positive");
-  if (present(j, "shift_factor")) c.shift_factor = read_number(j, "shift_factor", 0.0, path);
-  c.latents_mean = read_numbers_opt(j, "latents_mean", path);
-  c.latents_std = read_numbers_opt(j, "latents_std", path);
-  c.force_upcast = read_bool(j, "force_upcast", c.force_upcast, path);
-  c.use_quant_conv = read_bool(j, "use_quant_conv", c.use_quant_conv, path);
-  c.use_post_quant_conv = read_bool(j, "use_post_quant_conv", c.use_post_quant_conv, path);
-  c.mid_block_add_attention = read_bool(j, "mid_block_add_attention", c.mid_block_add_attention, path);
-  c.down_block_types = read_choices(j, "down_block_types", c.down_block_types, kDownBlocks, path);
-  c.up_block_types = read_choices(j, "up_block_types", c.up_block_types, kUpBlocks, path);
+  c.in_channels = r.integer("in_channels", c.in_channels, 1);
+  c.out_channels = r.integer("out_channels", c.out_channels, 1);
+  c.latent_channels = r.integer("latent_channels", c.latent_channels, 1);
+  c.block_out_channels = r.int_list("block_out_channels", c.block_out_channels, 1);
+  if (c.block_out_channels.empty()) r.fail("block_out_channels", "must not be empty");
+  c.layers_per_block = r.integer("layers_per_block", c.layers_per_block, 1);
+  c.norm_num_groups = r.integer("norm_num_groups", c.norm_num_groups, 1);
+  c.act_fn = r.enumerated("act_fn", c.act_fn, kActivations, /*fold_case=*/true);
+  if (r.present("sample_size") && r.raw("sample_size").is_array() && !r.raw("sample_size").as_array().empty() &&
+      ConfigReader::is_integer(r.raw("sample_size").as_array()[0]))
+    c.sample_size = r.raw("sample_size").as_array()[0].as_int();
+  else
+    c.sample_size = r.integer("sample_size", c.sample_size, 1);
+  c.scaling_factor = r.positive("scaling_factor", c.scaling_factor);
+  if (r.present("shift_factor")) c.shift_factor = r.number("shift_factor", 0.0);
+  c.latents_mean = r.numbers_opt("latents_mean");
+  c.latents_std = r.numbers_opt("latents_std");
+  c.force_upcast = r.boolean("force_upcast", c.force_upcast);
+  c.use_quant_conv = r.boolean("use_quant_conv", c.use_quant_conv);
+  c.use_post_quant_conv = r.boolean("use_post_quant_conv", c.use_post_quant_conv);
+  c.mid_block_add_attention = r.boolean("mid_block_add_attention", c.mid_block_add_attention);
+  c.down_block_types = r.choices("down_block_types", c.down_block_types, kDownBlocks);
+  c.up_block_types = r.choices("up_block_types", c.up_block_types, kUpBlocks);
 
   const size_t n = c.block_out_channels.size();
   for (const char* key : {"down_block_types", "up_block_types"}) {
     size_t m = std::string(key) == "down_block_types" ? c.down_block_types.size() : c.up_block_types.size();
     if (m != n)
-      config_error(path, key, "has " + std::to_string(m) + " entries but block_out_channels has " + std::to_string(n) +
+      r.fail(key, "has " + std::to_string(m) + " entries but block_out_channels has " + std::to_string(n) +
                                   " (one block per entry)");
   }
   for (int64_t ch : c.block_out_channels)
     if (ch % c.norm_num_groups != 0)
-      config_error(path, "norm_num_groups",
+      r.fail("norm_num_groups",
                    std::to_string(c.norm_num_groups) + " does not divide block_out_channels entry " + std::to_string(ch));
   return c;
 }
@@ -211,10 +128,10 @@ Encoder::Encoder(const AutoencoderKLConfig& cfg) {
     const bool is_final = i == boc.size() - 1;
     const bool attn = cfg.down_block_types[i] == "AttnDownEncoderBlock2D";
     down_blocks.push(std::make_shared<SampleBlock>(input_channel, output_channel, cfg.layers_per_block, attn, !is_final, false, g,
-                                                   activation_from_name(cfg.act_fn)));
+                                                   cfg.act_fn));
   }
   register_module("down_blocks", down_blocks.holder);
-  mid_block = register_module("mid_block", std::make_shared<MidBlock2D>(boc.back(), g, activation_from_name(cfg.act_fn), cfg.mid_block_add_attention));
+  mid_block = register_module("mid_block", std::make_shared<MidBlock2D>(boc.back(), g, cfg.act_fn, cfg.mid_block_add_attention));
   conv_norm_out = register_module("conv_norm_out", std::make_shared<nn::GroupNorm>(g, boc.back(), kEps));
   conv_out = register_module("conv_out", std::make_shared<nn::Conv2d>(boc.back(), 2 * cfg.latent_channels, 3, 1, 1));
 }
@@ -230,7 +147,7 @@ Decoder::Decoder(const AutoencoderKLConfig& cfg) {
   const auto& boc = cfg.block_out_channels;
   const int64_t g = cfg.norm_num_groups;
   conv_in = register_module("conv_in", std::make_shared<nn::Conv2d>(cfg.latent_channels, boc.back(), 3, 1, 1));
-  mid_block = register_module("mid_block", std::make_shared<MidBlock2D>(boc.back(), g, activation_from_name(cfg.act_fn), cfg.mid_block_add_attention));
+  mid_block = register_module("mid_block", std::make_shared<MidBlock2D>(boc.back(), g, cfg.act_fn, cfg.mid_block_add_attention));
   std::vector<int64_t> rev(boc.rbegin(), boc.rend());
   int64_t output_channel = rev[0];
   for (size_t i = 0; i < cfg.up_block_types.size(); ++i) {
@@ -239,7 +156,7 @@ Decoder::Decoder(const AutoencoderKLConfig& cfg) {
     const bool is_final = i == boc.size() - 1;
     const bool attn = cfg.up_block_types[i] == "AttnUpDecoderBlock2D";
     up_blocks.push(std::make_shared<SampleBlock>(prev_output_channel, output_channel, cfg.layers_per_block + 1, attn, false,
-                                                 !is_final, g, activation_from_name(cfg.act_fn)));
+                                                 !is_final, g, cfg.act_fn));
   }
   register_module("up_blocks", up_blocks.holder);
   conv_norm_out = register_module("conv_norm_out", std::make_shared<nn::GroupNorm>(g, boc[0], kEps));

@@ -28,7 +28,7 @@ struct AutoencoderKLConfig {
   std::vector<int64_t> block_out_channels{64};
   int64_t layers_per_block = 1;
   int64_t norm_num_groups = 32;
-  std::string act_fn = "silu";  // resnet non-linearity: silu | swish | mish | gelu | relu (case-insensitive, stored lower-case)
+  Activation act_fn = Activation::SiLU;  // resnet non-linearity: silu | swish | mish | gelu | relu (case-insensitive)
   int64_t sample_size = 32;     // first entry when the file has a list
   double scaling_factor = 0.18215;
   std::optional<double> shift_factor;

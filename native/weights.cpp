@@ -129,16 +129,15 @@ void load_module(torch::nn::Module& m, const WeightSource& src, const LoadOption
   auto params = m.named_parameters(true);
   std::map<std::string, torch::Tensor> wanted;
   for (auto& p : params) {
-    if (opts.skip_lora && is_lora_param(p.key())) continue;
-    wanted[opts.prefix + p.key()] = p.value();
+    if (is_lora_param(p.key())) continue;  // LoRA parameters are not part of the base checkpoint
+    wanted[p.key()] = p.value();
   }
-  std::set<std::string> ignore(opts.ignore.begin(), opts.ignore.end());
   std::vector<std::string> unexpected, mismatched;
   std::set<std::string> found;
   std::map<std::string, std::string> key_for;  // module name -> file key
   for (const auto& key : src.keys()) {
     std::string name = opts.rename ? opts.rename(key) : key;
-    if (name.empty() || ignore.count(key)) continue;
+    if (name.empty()) continue;
     auto it = wanted.find(name);
     if (it == wanted.end()) {
       unexpected.push_back(key);
@@ -174,15 +173,6 @@ void load_module(torch::nn::Module& m, const WeightSource& src, const LoadOption
     torch::Tensor t = src.get(key_for[name], opts.dtype, opts.device);
     if (!t.is_floating_point() && param.is_floating_point()) t = t.to(param.scalar_type());
     param.set_data(t);
-  }
-}
-
-void cast_module(torch::nn::Module& m, std::optional<torch::ScalarType> dtype, torch::Device device) {
-  torch::NoGradGuard ng;
-  for (auto& p : m.named_parameters(true)) {
-    torch::Tensor t = p.value();
-    auto target = is_lora_param(p.key()) || !dtype ? t.scalar_type() : *dtype;
-    if (t.scalar_type() != target || t.device() != device) t.set_data(t.to(device, target));
   }
 }
 

@@ -37,20 +37,14 @@ class WeightSource {
 Json read_json_file(const std::string& path);
 
 struct LoadOptions {
-  std::string prefix;                                  // prepended to module names, e.g. "text_model."
-  std::optional<torch::ScalarType> dtype;              // convert floating weights
+  std::optional<torch::ScalarType> dtype;                 // convert floating weights
   torch::Device device = torch::kCPU;
   std::function<std::string(const std::string&)> rename;  // maps a file key to a module name ("" = ignore)
-  std::vector<std::string> ignore;                     // file keys that may be present without a parameter
-  bool skip_lora = true;                               // LoRA parameters are not part of the base checkpoint
 };
 
 // Copies every parameter of `m` from `src` by name. Missing keys, unexpected keys and shape mismatches are
 // errors naming the full key path (and both shapes), listed all at once.
 void load_module(torch::nn::Module& m, const WeightSource& src, const LoadOptions& opts, const std::string& component);
-
-// Moves/converts every parameter of m (except LoRA, which stays fp32) to the given dtype/device.
-void cast_module(torch::nn::Module& m, std::optional<torch::ScalarType> dtype, torch::Device device);
 
 // Parameter names and shapes of a module (to compare with a checkpoint or param_shapes.json).
 std::vector<std::pair<std::string, std::vector<int64_t>>> param_shapes(const torch::nn::Module& m);

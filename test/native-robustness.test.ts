@@ -10,7 +10,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 
 import { native, type HostTensor, type Precision } from '../src/native';
-import { byName, fromFloat32, relativeError, toNumbers } from '../src/tensors';
+import { byName, fromFloat32, fromInt64, relativeError, toNumbers } from '../src/tensors';
 import { NoiseSchedule } from '../src/train/schedules/noise';
 import { TINY_MODEL } from './helpers/tiny-run';
 
@@ -55,6 +55,59 @@ describe('UNet config values that divide others', () => {
     const msg = await native().loadPipeline(dir, { components: ['unet'] }).then(() => 'loaded', (e: Error) => e.message);
     expect(msg).toContain(path.join(dir, 'unet', 'config.json'));
     expect(msg).toMatch(pattern);
+  });
+});
+
+describe('one config reader for the UNet, the VAE and the text encoder (native/config.h)', () => {
+  // Each row: a component, the raw JSON text of one value (so NaN, which JSON.stringify cannot write, reaches the
+  // parser as Python's json.dump writes it), and the error. The same reader gives every model the same checks.
+  test.each([
+    ['unet', 'freq_shift', 'NaN', /"freq_shift": must be a number, got NaN/],
+    ['unet', 'norm_eps', '0', /"norm_eps": must be positive, got 0/],
+    ['unet', 'sample_size', '2.5', /"sample_size": must be an integer, got 2.5/],
+    ['unet', 'down_block_types', '["CrossAttnDownBlock2D", "SimpleDownBlock"]', /"down_block_types": "SimpleDownBlock" is not supported \(supported: CrossAttnDownBlock2D, DownBlock2D\)/],
+    ['unet', 'cross_attention_dim', '0', /"cross_attention_dim": must be at least 1, got 0/],
+    ['vae', 'scaling_factor', 'Infinity', /"scaling_factor": must be a number, got Infinity/],
+    ['vae', 'act_fn', '"tanh"', /"act_fn": "tanh" is not supported \(supported: silu, swish, mish, gelu, relu\)/],
+    ['vae', 'block_out_channels', '[32, 0]', /"block_out_channels": must be at least 1, got 0/],
+    ['vae', '_class_name', '"VQModel"', /"_class_name": "VQModel" is not supported \(supported: AutoencoderKL\)/],
+    ['text_encoder', 'hidden_act', '"gelu_10"', /"hidden_act": "gelu_10" is not supported \(supported: quick_gelu, gelu, /],
+    ['text_encoder', 'layer_norm_eps', '-1', /"layer_norm_eps": must be positive, got -1/],
+    ['text_encoder', 'num_hidden_layers', '"2"', /"num_hidden_layers": must be an integer, got "2"/],
+  ] as const)('%s %s = %s is refused naming the file and the key', async (component, key, raw, pattern) => {
+    const dir = path.join(tmp, `reader-${component}-${key}`);
+    fs.cpSync(TINY_MODEL, dir, { recursive: true });
+    const file = path.join(dir, component, 'config.json');
+    const cfg = JSON.parse(fs.readFileSync(file, 'utf8')) as Record<string, unknown>;
+    cfg[key] = '@VALUE@';
+    fs.writeFileSync(file, JSON.stringify(cfg).replace('"@VALUE@"', raw));
+    const msg = await native().loadPipeline(dir, { components: [component] }).then(() => 'loaded', (e: Error) => e.message);
+    expect(msg).toContain(file);
+    expect(msg).toMatch(pattern);
+  });
+
+  test('activation names: the VAE reads diffusers\' names in any case, the text encoder transformers\' names', async () => {
+    // act_fn "SiLU" is diffusers' default spelled as older configs spell it; gelu_pytorch_tanh differs from quick_gelu,
+    // so the encoder's output must change when only hidden_act changes (the name reaches the computation).
+    const vae = path.join(tmp, 'reader-vae-case');
+    fs.cpSync(TINY_MODEL, vae, { recursive: true });
+    const vf = path.join(vae, 'vae', 'config.json');
+    fs.writeFileSync(vf, JSON.stringify({ ...JSON.parse(fs.readFileSync(vf, 'utf8')), act_fn: 'SiLU' }));
+    native().dispose(await native().loadPipeline(vae, { components: ['vae'] }));
+    const encode = async (dir: string): Promise<HostTensor> => {
+      const p = await native().loadPipeline(dir, { components: ['text_encoder'] });
+      try {
+        const ids = fromInt64('input_ids', [1, 8], [998, 5, 17, 300, 2, 999, 999, 999]);
+        return byName(await native().forward(p, [ids])).get('text_embeddings')!;
+      } finally {
+        native().dispose(p);
+      }
+    };
+    const te = path.join(tmp, 'reader-te-act');
+    fs.cpSync(TINY_MODEL, te, { recursive: true });
+    const tf = path.join(te, 'text_encoder', 'config.json');
+    fs.writeFileSync(tf, JSON.stringify({ ...JSON.parse(fs.readFileSync(tf, 'utf8')), hidden_act: 'gelu_pytorch_tanh' }));
+    expect(relativeError(await encode(te), await encode(TINY_MODEL))).toBeGreaterThan(1e-4);
   });
 });
 
