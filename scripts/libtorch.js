@@ -162,7 +162,7 @@ function binaryProblem(dir, platform, arch) {
 // ---------------------------------------------------------------- CUDA
 
 /**
- * What native/distributed.cpp needs to compile ProcessGroupNCCL.hpp, found with `g++ -M` on torch 2.14.1 (cu13):
+ * What native/runtime/distributed.cpp needs to compile ProcessGroupNCCL.hpp, found with `g++ -M` on torch 2.14.1 (cu13):
  * NCCLUtils.hpp -> ATen/cuda/CUDAEvent.h -> cuda_runtime_api.h, cuda_fp16.h (-> nv/target, crt/host_config.h), and
  * ATen/cuda/CUDAContextLight.h -> cublas_v2.h, cublasLt.h, cusparse.h, cusolverDn.h. `pip` names the wheel that ships
  * each header (cu13 / cu12). torch depends on neither nvidia-cuda-crt nor nvidia-cuda-cccl, so a plain pip install

@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import { z } from 'zod';
 
 import { SCHEDULER_NAMES } from './inference/schedulers';
-import { LR_SCHEDULE_KINDS } from './train/schedules/lr';
+import { LR_SCHEDULE_KINDS } from './schedules/lr';
 import type { DatasetOptions } from './data/dataset';
 
 const positiveInt = z.number().int().positive();

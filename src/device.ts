@@ -6,7 +6,7 @@
  *
  * Mixed precision: which one a run uses on which device.
  *
- * What each mode does (native/trainer.cpp): the UNet's forward runs under autocast in the chosen dtype, as
+ * What each mode does (native/train/trainer.cpp): the UNet's forward runs under autocast in the chosen dtype, as
  * accelerate wraps the prepared model; trainable weights (LoRA adapters, or the whole UNet in full mode) stay fp32
  * master weights with fp32 gradients and AdamW state. In LoRA mode the frozen weights (UNet, VAE, text encoder) are
  * loaded in the low dtype, as diffusers' script casts them to weight_dtype; in full mode everything stays fp32.

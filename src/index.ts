@@ -36,14 +36,14 @@ export { CLIPTokenizer } from './tokenizer';
 export { loadDataset, datasetFingerprint } from './data/dataset';
 export { makeDemoData } from './data/demo-data';
 export { makeTinyModel, checkModelFolder } from './models/model-folder';
-export { NoiseSchedule } from './train/schedules/noise';
+export { NoiseSchedule } from './schedules/noise';
 export { makeSchedule, SCHEDULER_NAMES } from './inference/schedulers';
 export type { SamplingSchedule, SchedulerName, SchedulerStep, SamplerOp, SchedulerOverrides } from './inference/schedulers';
 export { textToImage, writePng, makeGrid, pngBuffer, toRgbBytes } from './inference/text-to-image';
 export type { TextToImageOptions, GeneratedImage, RgbImage } from './inference/text-to-image';
 export { runGenerateCommand } from './commands/generate';
 export type { GenerateArgs } from './commands/generate';
-export { createLrSchedule, lrAt } from './train/schedules/lr';
+export { createLrSchedule, lrAt } from './schedules/lr';
 /** Resolves with the devices libtorch can use (cpu, cuda with name and memory, mps with the reason it is missing). */
 export function devices(): ReturnType<import('./native').NativeBinding['devices']> {
   // eslint-disable-next-line @typescript-eslint/no-require-imports

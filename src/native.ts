@@ -1,5 +1,5 @@
 /**
- * The one typed declaration of the native addon (native/addon.cpp). The addon runs every libtorch call on
+ * The one typed declaration of the native addon (native/bindings/addon.cpp). The addon runs every libtorch call on
  * one native thread it owns; each function here returns a Promise settled from that thread. JS holds only
  * opaque handles; tensors cross the boundary only as {@link HostTensor}s at the edges (inputs in, results out).
  */
@@ -68,7 +68,7 @@ export interface LoadPipelineOptions {
 
 export interface ForwardOptions {
   /** A LoRA file (diffusers, peft or kohya keys; autodetected), PEFT adapter folder or checkpoint folder, applied to
-   * the UNet / text encoder at its own alpha (see read_lora_file in native/lora.h). */
+   * the UNet / text encoder at its own alpha (see read_lora_file in native/lora/lora.h). */
   lora?: string;
   loraScale?: number;
   /** --lora-alpha: the alpha of a LoRA that does not carry it (otherwise such a file is an ELORAALPHA error). */
@@ -118,7 +118,7 @@ export interface NativeBinding {
   vaeEncode(pipeline: PipelineHandle, pixelValues: HostTensor): Promise<[HostTensor, HostTensor]>;
   trainerExportLora(trainer: TrainerHandle, path: string, format: LoraFileFormat, metadata?: Record<string, string>, prefix?: string): Promise<void>;
 
-  // ---- data parallelism (native/addon_distributed.cpp); every rank must issue the collectives in the same order ----
+  // ---- data parallelism (native/bindings/addon_distributed.cpp); every rank must issue the collectives in the same order ----
   /** Backends this build can create: 'gloo' always, 'nccl' in CUDA builds compiled with nccl.h. */
   distBackends(): Array<'gloo' | 'nccl'>;
   /** Rendezvous at masterAddr:masterPort (rank 0 hosts the TCPStore) and create the backend; rejects (code EDIST) after timeoutMs. */

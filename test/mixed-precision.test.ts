@@ -10,7 +10,7 @@ import { makeDemoData } from '../src/data/demo-data';
 import { planPrecision, resolveDevice } from '../src/device';
 import { native, type DeviceInfo, type HostTensor, type TrainBatch } from '../src/native';
 import { byName, relativeErrorOf, toNumbers } from '../src/tensors';
-import { NoiseSchedule } from '../src/train/schedules/noise';
+import { NoiseSchedule } from '../src/schedules/noise';
 import { crossDeviceNotes, train } from '../src/train/train';
 import { Quiet } from './helpers/quiet-reporter';
 import { TINY_MODEL, tinyRunConfig } from './helpers/tiny-run';

@@ -11,7 +11,7 @@ import * as path from 'node:path';
 
 import { native, type HostTensor, type Precision } from '../src/native';
 import { byName, fromFloat32, fromInt64, relativeError, toNumbers } from '../src/tensors';
-import { NoiseSchedule } from '../src/train/schedules/noise';
+import { NoiseSchedule } from '../src/schedules/noise';
 import { TINY_MODEL } from './helpers/tiny-run';
 
 const fixtures = path.join(__dirname, 'fixtures');
@@ -58,7 +58,7 @@ describe('UNet config values that divide others', () => {
   });
 });
 
-describe('one config reader for the UNet, the VAE and the text encoder (native/config.h)', () => {
+describe('one config reader for the UNet, the VAE and the text encoder (native/models/config.h)', () => {
   // Each row: a component, the raw JSON text of one value (so NaN, which JSON.stringify cannot write, reaches the
   // parser as Python's json.dump writes it), and the error. The same reader gives every model the same checks.
   test.each([

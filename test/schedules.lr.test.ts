@@ -11,7 +11,7 @@ import {
   resolveLrSchedule,
   scaleLearningRate,
   trainingLrSchedule,
-} from '../src/train/schedules/lr';
+} from '../src/schedules/lr';
 
 // Golden lrs from diffusers' get_scheduler: scripts/golden/make_schedule_goldens.py.
 interface GoldenCase {

@@ -11,7 +11,7 @@ import {
   PredictionType,
   roundToBfloat16,
   roundToFloat16,
-} from '../src/train/schedules/noise';
+} from '../src/schedules/noise';
 
 // Goldens from diffusers' DDPMScheduler / compute_snr / the LoRA script's min-SNR lines:
 // scripts/golden/make_schedule_goldens.py (see there for the "ieee" vs "cpu_sqrt" runs).

@@ -13,7 +13,7 @@ import sharp from 'sharp';
 import { labelStrip, makeGrid, textToImage, writePng, type GeneratedImage } from '../src/inference/text-to-image';
 import { native, type HostTensor, type PipelineHandle } from '../src/native';
 import { CLIPTokenizer } from '../src/tokenizer';
-import { NoiseSchedule } from '../src/train/schedules/noise';
+import { NoiseSchedule } from '../src/schedules/noise';
 import { byName, fromFloat32, fromInt64, relativeErrorOf, toNumbers } from '../src/tensors';
 import type { SchedulerName } from '../src/inference/schedulers';
 

@@ -9,8 +9,8 @@ import * as path from 'node:path';
 
 import { native, type HostTensor } from '../src/native';
 import { byName, relativeError, toNumbers } from '../src/tensors';
-import { lrAt, resolveLrSchedule } from '../src/train/schedules/lr';
-import { NoiseSchedule } from '../src/train/schedules/noise';
+import { lrAt, resolveLrSchedule } from '../src/schedules/lr';
+import { NoiseSchedule } from '../src/schedules/noise';
 
 const fixtures = path.join(__dirname, 'fixtures');
 const model = path.join(fixtures, 'models', 'tiny');

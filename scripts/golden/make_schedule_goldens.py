@@ -1,4 +1,4 @@
-"""Golden values for src/train/schedules (lr.ts, noise.ts), computed by diffusers itself.
+"""Golden values for src/schedules (lr.ts, noise.ts), computed by diffusers itself.
 
 Run:  PYTHONPATH=/path/to/diffusers/src python3 scripts/golden/make_schedule_goldens.py
 Needs torch and diffusers (imported, never copied). Writes

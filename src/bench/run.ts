@@ -26,7 +26,7 @@ import * as path from 'node:path';
 import { makeTinyModel, type ModelPreset } from '../models/model-folder';
 import { native, type TrainBatch } from '../native';
 import { fromFloat32, fromInt64 } from '../tensors';
-import { NoiseSchedule } from '../train/schedules/noise';
+import { NoiseSchedule } from '../schedules/noise';
 import { childError, findPython, fmt, lastJson, markdownTable, num, runChild, stopChildrenOnSignal, type Python } from './proc';
 
 const WARMUP = 2;

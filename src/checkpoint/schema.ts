@@ -9,7 +9,7 @@
  */
 import { z } from 'zod';
 
-import { lrScheduleFromJSON } from '../train/schedules/lr';
+import { lrScheduleFromJSON } from '../schedules/lr';
 
 const int = z.number().int();
 const nonNegInt = int.nonnegative();

@@ -26,7 +26,7 @@ import { loraAlpha, type TrainConfig } from '../config';
 import type { SampleOrderState } from '../data/sampler';
 import { collectRankParts } from '../distributed/context';
 import { native, type TrainerHandle, type TrainerStateJson } from '../native';
-import { lrForOptimizerStep, type LrScheduleSpec } from '../train/schedules/lr';
+import { lrForOptimizerStep, type LrScheduleSpec } from '../schedules/lr';
 import { writeJsonDurable } from './fsutil';
 import { CheckpointError } from './manager';
 import { describeIssues, ManifestSchema, OptimizerJsonSchema, RandomStatesSchema, ScalerJsonSchema, SchedulerJsonSchema, TrainerStateSchema } from './schema';

@@ -15,7 +15,7 @@ import { checkModel, modelSchedulerConfig, modelTokenizerDir } from '../models/m
 import { native, type PipelineHandle, type TrainerHandle } from '../native';
 import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
-import { NoiseSchedule } from '../train/schedules/noise';
+import { NoiseSchedule } from '../schedules/noise';
 import { ImageSource } from '../train/sources';
 import { planPrecision, resolveDevice } from '../device';
 

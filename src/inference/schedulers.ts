@@ -1,5 +1,5 @@
 /**
- * Inference schedulers of diffusers, as op programs for the native sampler session (native/sampling.h).
+ * Inference schedulers of diffusers, as op programs for the native sampler session (native/pipeline/sampling.h).
  *
  * Each scheduler is built from a scheduler_config.json the way `<Class>.from_config(config)` builds it (keys
  * the class knows are taken from the file, the class's own defaults fill the rest), then `set_timesteps(n)`:
@@ -15,7 +15,7 @@
  * optionally N(0, 1) noise. The coefficients are computed here in float64 from the float32 values diffusers
  * keeps (alphas_cumprod, sigmas), so the native side only runs `target = Σ coef · slot` per op.
  */
-import { NoiseSchedule, parseSchedulerConfig, roundHalfEven, type NoiseScheduleConfig } from '../train/schedules/noise';
+import { NoiseSchedule, parseSchedulerConfig, roundHalfEven, type NoiseScheduleConfig } from '../schedules/noise';
 
 export const SCHEDULER_NAMES = ['pndm', 'ddim', 'euler', 'euler_a', 'dpmpp_2m'] as const;
 export type SchedulerName = (typeof SCHEDULER_NAMES)[number];

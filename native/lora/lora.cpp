@@ -1,0 +1,457 @@
+#include "lora/lora.h"
+
+#include <sys/stat.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <set>
+
+#include "runtime/engine.h"
+#include "io/json.h"
+#include "io/safetensors.h"
+#include "io/weights.h"
+
+namespace tl {
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suf) {
+  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
+}
+bool starts_with(const std::string& s, const std::string& pre) { return s.rfind(pre, 0) == 0; }
+
+std::string kohya_prefix(const std::string& component) { return component == "unet" ? "lora_unet" : "lora_te"; }
+
+std::string underscored(const std::string& path) {
+  std::string s = path;
+  for (auto& c : s)
+    if (c == '.') c = '_';
+  return s;
+}
+
+bool is_file(const std::string& p) {
+  struct stat sb;
+  return ::stat(p.c_str(), &sb) == 0 && S_ISREG(sb.st_mode);
+}
+bool is_directory(const std::string& p) {
+  struct stat sb;
+  return ::stat(p.c_str(), &sb) == 0 && S_ISDIR(sb.st_mode);
+}
+std::string dir_of(const std::string& p) {
+  auto s = p.find_last_of('/');
+  return s == std::string::npos ? "." : (s == 0 ? "/" : p.substr(0, s));
+}
+std::string base_of(const std::string& p) {
+  auto s = p.find_last_of('/');
+  return s == std::string::npos ? p : p.substr(s + 1);
+}
+
+// Where a LoRA's weights and its rank/alpha live: the safetensors file, and the PEFT adapter_config.json or
+// train-lora trainer_state.json that describes it ("" when none).
+struct LoraLocation {
+  std::string file, adapter_config, trainer_state;
+};
+
+LoraLocation locate_lora(const std::string& p) {
+  LoraLocation loc;
+  std::string dir;
+  if (is_directory(p)) {
+    dir = p;
+    while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+    for (const char* name : {"adapter_model.safetensors", "model.safetensors", "pytorch_lora_weights.safetensors"})
+      if (is_file(dir + "/" + name)) {
+        loc.file = dir + "/" + name;
+        break;
+      }
+    if (loc.file.empty()) {
+      for (const char* name : {"adapter_model.bin", "pytorch_lora_weights.bin"})
+        if (is_file(dir + "/" + name))
+          throw UserError("EPICKLE", dir + "/" + name + ": pickle files are never loaded (they can run arbitrary code); convert it "
+                                                        "to safetensors first, e.g. PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True)");
+      throw UserError("ENOENT", p + ": a folder without a LoRA: expected a PEFT adapter folder (adapter_config.json + "
+                                    "adapter_model.safetensors), a train-lora checkpoint folder (model.safetensors + trainer_state.json) "
+                                    "or a folder with pytorch_lora_weights.safetensors");
+    }
+  } else {
+    loc.file = p;
+    dir = dir_of(p);
+  }
+  const std::string base = base_of(loc.file);
+  if (base == "adapter_model.safetensors" && is_file(dir + "/adapter_config.json")) loc.adapter_config = dir + "/adapter_config.json";
+  if (base == "model.safetensors" && is_file(dir + "/trainer_state.json")) loc.trainer_state = dir + "/trainer_state.json";
+  return loc;
+}
+
+// A component's adapter-wide alpha as one source gives it.
+struct Strength {
+  std::optional<double> alpha;
+  bool rslora = false;
+  std::string source;
+};
+
+// peft config keys (`prefix` is "" for adapter_config.json, "unet." for lora_adapter_metadata) -> Strength.
+std::optional<Strength> peft_strength(const Json& j, const std::string& prefix, const std::string& where) {
+  const Json& a = j[prefix + "lora_alpha"];
+  if (!a.is_number()) return std::nullopt;
+  const Json& type = j[prefix + "peft_type"];
+  if (type.is_string() && type.as_string() != "LORA")
+    throw UserError("ELORAFORMAT", where + ": a " + type.as_string() + " adapter; only LoRA (peft_type LORA) is supported");
+  if (j[prefix + "use_dora"].is_bool() && j[prefix + "use_dora"].as_bool())
+    throw UserError("ELORAFORMAT", where + ": a DoRA adapter (use_dora); only plain LoRA is supported");
+  const Json& pat = j[prefix + "alpha_pattern"];
+  if (pat.is_object() && !pat.as_object().empty())
+    throw UserError("ELORAFORMAT", where + ": per-module alpha_pattern is not supported (one lora_alpha for all modules is)");
+  Strength s;
+  s.alpha = a.as_number();
+  s.rslora = j[prefix + "use_rslora"].is_bool() && j[prefix + "use_rslora"].as_bool();
+  s.source = where;
+  return s;
+}
+
+}  // namespace
+
+LoraFormat lora_format_from_name(const std::string& s) {
+  if (s == "peft") return LoraFormat::Peft;
+  if (s == "diffusers") return LoraFormat::Diffusers;
+  if (s == "kohya") return LoraFormat::Kohya;
+  throw std::invalid_argument("unknown LoRA format \"" + s + "\" (diffusers, peft, kohya)");
+}
+
+std::string lora_format_name(LoraFormat f) {
+  switch (f) {
+    case LoraFormat::Peft: return "peft";
+    case LoraFormat::Diffusers: return "diffusers";
+    case LoraFormat::Kohya: return "kohya";
+  }
+  return "?";
+}
+
+bool lora_target_matches(const std::string& path, const std::vector<std::string>& targets) {
+  for (const auto& t : targets)
+    if (path == t || ends_with(path, "." + t)) return true;
+  return false;
+}
+
+std::vector<LoraTarget> find_lora_targets(torch::nn::Module& model, const std::vector<std::string>& targets) {
+  std::vector<LoraTarget> out;
+  for (const auto& item : model.named_modules("", false)) {
+    auto* lin = dynamic_cast<nn::Linear*>(item.value().get());
+    if (lin && lora_target_matches(item.key(), targets)) out.push_back({item.key(), lin});
+  }
+  return out;
+}
+
+std::vector<LoraTarget> inject_lora(torch::nn::Module& model, const std::vector<std::string>& targets,
+                                    const nn::LoraOptions& opts, torch::Device device) {
+  // Every requested target must select at least one Linear: a target that matches nothing, or only modules LoRA
+  // cannot adapt here (SD 1.x's proj_in/proj_out are 1x1 convolutions), is an error that names it, never a silent skip
+  // (which would also list it in adapter_config.json without weights).
+  std::vector<std::string> problems;
+  for (const auto& t : targets) {
+    int64_t linears = 0;
+    std::set<std::string> others;
+    std::string example;
+    for (const auto& item : model.named_modules("", false)) {
+      if (!lora_target_matches(item.key(), {t})) continue;
+      if (dynamic_cast<nn::Linear*>(item.value().get())) ++linears;
+      else {
+        others.insert(dynamic_cast<nn::Conv2d*>(item.value().get()) ? "Conv2d" : item.value()->name());
+        if (example.empty()) example = item.key();
+      }
+    }
+    if (linears > 0) continue;
+    if (others.empty()) {
+      problems.push_back("\"" + t + "\" matches no module of this model");
+    } else {
+      std::string kinds;
+      for (const auto& k : others) kinds += (kinds.empty() ? "" : ", ") + k;
+      problems.push_back("\"" + t + "\" matches only " + kinds + " modules (e.g. " + example +
+                         "); LoRA here adapts Linear layers only (conv LoRA is not supported yet)");
+    }
+  }
+  if (!problems.empty()) {
+    std::string msg = "--lora-target-modules: ";
+    for (size_t i = 0; i < problems.size(); ++i) msg += (i ? "; " : "") + problems[i];
+    throw UserError("ELORATARGET", msg + ". Linear modules of an SD 1.x UNet: to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2, "
+                                         "time_emb_proj (proj_in/proj_out are Linear only with use_linear_projection, as in SD 2.x)");
+  }
+  auto found = find_lora_targets(model, targets);
+  for (auto& t : found) t.linear->add_lora(opts, device);
+  return found;
+}
+
+std::vector<LoraTarget> lora_modules(torch::nn::Module& model) {
+  std::vector<LoraTarget> out;
+  for (const auto& item : model.named_modules("", false)) {
+    auto* lin = dynamic_cast<nn::Linear*>(item.value().get());
+    if (lin && lin->has_lora()) out.push_back({item.key(), lin});
+  }
+  return out;
+}
+
+int64_t LoraWeights::rank() const { return modules.empty() ? 0 : modules.begin()->second.down.size(0); }
+
+std::string lora_key(const std::string& component, const std::string& path, bool is_a, LoraFormat format) {
+  switch (format) {
+    case LoraFormat::Peft: return component + "." + path + (is_a ? ".lora_A.weight" : ".lora_B.weight");
+    case LoraFormat::Diffusers: return component + "." + path + (is_a ? ".lora.down.weight" : ".lora.up.weight");
+    case LoraFormat::Kohya: return kohya_prefix(component) + "_" + underscored(path) + (is_a ? ".lora_down.weight" : ".lora_up.weight");
+  }
+  return "";
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> lora_tensors(torch::nn::Module& model, const std::string& component,
+                                                                LoraFormat format) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& m : lora_modules(model)) {
+    out.emplace_back(lora_key(component, m.path, true, format), m.linear->lora_A.detach());
+    out.emplace_back(lora_key(component, m.path, false, format), m.linear->lora_B.detach());
+    if (format == LoraFormat::Kohya)
+      out.emplace_back(kohya_prefix(component) + "_" + underscored(m.path) + ".alpha",
+                       torch::tensor(static_cast<float>(m.linear->lora.alpha)));
+  }
+  return out;
+}
+
+std::string lora_adapter_metadata_json(const std::map<std::string, std::vector<LoraTarget>>& components) {
+  Json::Object o;
+  for (const auto& [comp, mods] : components) {
+    if (mods.empty()) continue;
+    const auto& l = mods.front().linear->lora;
+    std::set<std::string> names;
+    for (const auto& m : mods) {
+      auto dot = m.path.rfind('.');
+      std::string leaf = m.path.substr(dot == std::string::npos ? 0 : dot + 1);
+      // to_out.0 is targeted by its two-part name, as diffusers' scripts do.
+      if (std::isdigit(static_cast<unsigned char>(leaf[0])) && dot != std::string::npos) {
+        auto dot2 = m.path.rfind('.', dot - 1);
+        leaf = m.path.substr(dot2 == std::string::npos ? 0 : dot2 + 1);
+      }
+      names.insert(leaf);
+    }
+    Json::Array targets;
+    for (const auto& n : names) targets.emplace_back(n);
+    o[comp + ".r"] = Json(l.rank);
+    o[comp + ".lora_alpha"] = Json(l.alpha);
+    o[comp + ".lora_dropout"] = Json(l.dropout);
+    o[comp + ".target_modules"] = Json(targets);
+    o[comp + ".init_lora_weights"] = Json(l.init == "kaiming" ? Json(true) : Json(l.init));
+    o[comp + ".use_rslora"] = Json(false);
+    o[comp + ".use_dora"] = Json(false);
+    o[comp + ".rank_pattern"] = Json(Json::Object{});
+    o[comp + ".alpha_pattern"] = Json(Json::Object{});
+    o[comp + ".bias"] = Json("none");
+    o[comp + ".peft_type"] = Json("LORA");
+  }
+  return Json(o).dump();
+}
+
+LoraFile read_lora_file(const std::string& given, const std::map<std::string, std::vector<std::string>>& module_paths,
+                        std::optional<double> alpha_if_unknown) {
+  const LoraLocation loc = locate_lora(given);
+  const std::string& path = loc.file;
+  st::File f(path);
+  LoraFile out;
+  out.file = path;
+  out.metadata = f.header().metadata;
+  const auto& tensors = f.header().tensors;
+  bool any_kohya = false, any_peft = false, any_diffusers = false;
+  for (const auto& t : tensors) {
+    if (starts_with(t.name, "lora_unet_") || starts_with(t.name, "lora_te_")) any_kohya = true;
+    else if (ends_with(t.name, ".lora_A.weight") || ends_with(t.name, ".lora_B.weight")) any_peft = true;
+    else if (ends_with(t.name, ".lora.down.weight") || ends_with(t.name, ".lora.up.weight")) any_diffusers = true;
+  }
+  if (any_kohya + any_peft + any_diffusers != 1)
+    throw UserError("ELORAFORMAT", path + ": " +
+                                       (any_kohya + any_peft + any_diffusers == 0
+                                            ? "no LoRA weights found (expected keys like unet.<module>.lora_A.weight, "
+                                              "unet.<module>.lora.down.weight or lora_unet_<module>.lora_down.weight)"
+                                            : "mixes several LoRA key formats; convert it to one format first"));
+  out.format = any_kohya ? LoraFormat::Kohya : any_peft ? LoraFormat::Peft : LoraFormat::Diffusers;
+
+  // Adapter-wide alpha per component, from the first source that gives one (see read_lora_file in lora.h).
+  std::map<std::string, Strength> strength;
+  if (auto it = out.metadata.find("lora_adapter_metadata"); it != out.metadata.end()) {
+    Json m;
+    try {
+      m = Json::parse(it->second);
+    } catch (const std::exception& e) {
+      throw UserError("ELORAFORMAT", path + ": lora_adapter_metadata is not valid JSON: " + e.what());
+    }
+    for (const std::string comp : {"unet", "text_encoder"})
+      if (auto s = peft_strength(m, comp + ".", path + " (lora_adapter_metadata)")) strength.emplace(comp, *s);
+  }
+  for (const char* key : {"lora_alpha", "train_lora.alpha"}) {
+    auto it = out.metadata.find(key);
+    if (it == out.metadata.end()) continue;
+    char* end = nullptr;
+    const double a = std::strtod(it->second.c_str(), &end);
+    if (it->second.empty() || *end != '\0' || !std::isfinite(a))
+      throw UserError("ELORAFORMAT", path + ": metadata " + key + " \"" + it->second + "\" is not a number");
+    for (const std::string comp : {"unet", "text_encoder"}) strength.emplace(comp, Strength{a, false, path + " (metadata " + key + ")"});
+    break;
+  }
+  if (!loc.adapter_config.empty()) {
+    Json c = read_json_file(loc.adapter_config);
+    auto s = peft_strength(c, "", loc.adapter_config);
+    if (!s) throw UserError("EBADCONFIG", loc.adapter_config + ": has no numeric \"lora_alpha\"");
+    // A peft adapter folder is one model: its keys (base_model.model.*) are read as the UNet's below.
+    for (const std::string comp : {"unet", "text_encoder"}) strength.emplace(comp, *s);
+  }
+  if (!loc.trainer_state.empty()) {
+    Json t = read_json_file(loc.trainer_state);
+    const Json& cfg = t["config"];
+    if (cfg["train_mode"].is_string() && cfg["train_mode"].as_string() != "lora")
+      throw UserError("ECKPTLORA", loc.trainer_state + ": a --train-mode " + cfg["train_mode"].as_string() +
+                                       " checkpoint holds no LoRA (its model.safetensors is a full UNet state dict)");
+    // train-lora's config: lora_alpha, or (when it was not given) the rank.
+    const Json& a = cfg["lora_alpha"].is_number() ? cfg["lora_alpha"] : cfg["rank"];
+    if (a.is_number())
+      for (const std::string comp : {"unet", "text_encoder"})
+        strength.emplace(comp, Strength{a.as_number(), false, loc.trainer_state + (cfg["lora_alpha"].is_number() ? " (config.lora_alpha)" : " (config.rank: no lora_alpha)")});
+  }
+
+  // kohya: map underscored names back through the model's real module paths.
+  std::map<std::string, std::pair<std::string, std::string>> kohya_names;  // lora_unet_x_y -> (component, path)
+  if (out.format == LoraFormat::Kohya)
+    for (const auto& [comp, paths] : module_paths)
+      for (const auto& p : paths) kohya_names[kohya_prefix(comp) + "_" + underscored(p)] = {comp, p};
+
+  std::vector<std::string> unknown;
+  std::map<std::string, std::map<std::string, double>> kohya_alpha;
+  for (const auto& t : tensors) {
+    std::string comp, mpath;
+    bool is_a = false, is_alpha = false;
+    const std::string& k = t.name;
+    if (out.format == LoraFormat::Kohya) {
+      std::string base;
+      if (ends_with(k, ".lora_down.weight")) base = k.substr(0, k.size() - 17), is_a = true;
+      else if (ends_with(k, ".lora_up.weight")) base = k.substr(0, k.size() - 15);
+      else if (ends_with(k, ".alpha")) base = k.substr(0, k.size() - 6), is_alpha = true;
+      else {
+        unknown.push_back(k);
+        continue;
+      }
+      auto it = kohya_names.find(base);
+      if (it == kohya_names.end()) {
+        unknown.push_back(k);
+        continue;
+      }
+      comp = it->second.first;
+      mpath = it->second.second;
+    } else {
+      // PEFT's own adapter files (PeftModel.save_pretrained) prefix keys with "base_model.model.": a UNet adapter.
+      static const std::string peft_prefix = "base_model.model.";
+      std::string key = starts_with(k, peft_prefix) ? "unet." + k.substr(peft_prefix.size()) : k;
+      auto dot = key.find('.');
+      comp = dot == std::string::npos ? "" : key.substr(0, dot);
+      std::string rest = dot == std::string::npos ? key : key.substr(dot + 1);
+      const char* sa = out.format == LoraFormat::Peft ? ".lora_A.weight" : ".lora.down.weight";
+      const char* sb = out.format == LoraFormat::Peft ? ".lora_B.weight" : ".lora.up.weight";
+      if (ends_with(rest, sa)) mpath = rest.substr(0, rest.size() - std::strlen(sa)), is_a = true;
+      else if (ends_with(rest, sb)) mpath = rest.substr(0, rest.size() - std::strlen(sb));
+      else {
+        unknown.push_back(k);
+        continue;
+      }
+      if (comp != "unet" && comp != "text_encoder") {
+        unknown.push_back(k);
+        continue;
+      }
+      // Text-encoder LoRAs from transformers 5 lack the "text_model." level that real SD files have.
+      if (comp == "text_encoder" && !starts_with(mpath, "text_model.")) mpath = "text_model." + mpath;
+    }
+    auto& w = out.components[comp];
+    torch::Tensor v = f.get(k, torch::kFloat32);
+    if (is_alpha) {
+      w.modules[mpath].alpha = v.item<double>();
+      continue;
+    }
+    auto& e = w.modules[mpath];
+    (is_a ? e.down : e.up) = v;
+  }
+  if (!unknown.empty()) {
+    std::string msg = path + ": " + std::to_string(unknown.size()) + " keys do not name a LoRA module of this model:";
+    for (size_t i = 0; i < unknown.size() && i < 10; ++i) msg += "\n    " + unknown[i];
+    msg += "\n  Is this LoRA for a different base model (e.g. SDXL, SD 2.x), or a LyCORIS/LoHa file?";
+    throw UserError("ELORAKEYS", msg);
+  }
+  for (auto& [comp, w] : out.components) {
+    for (auto& [mpath, e] : w.modules) {
+      if (!e.down.defined() || !e.up.defined())
+        throw UserError("ELORAKEYS", path + ": module " + comp + "." + mpath + " has only one of its two LoRA matrices");
+      if (e.down.dim() != 2 || e.up.dim() != 2 || e.up.size(1) != e.down.size(0))
+        throw UserError("ELORAKEYS", path + ": module " + comp + "." + mpath + " has LoRA matrices of incompatible shapes");
+    }
+    auto st = strength.find(comp);
+    if (st != strength.end()) {
+      out.alpha_source = st->second.source;
+      if (!st->second.rslora) {
+        w.alpha = st->second.alpha;
+      } else {
+        // rsLoRA scales by alpha / sqrt(r): the same as alpha * sqrt(r) / r for each module's own rank.
+        for (auto& [mpath, e] : w.modules)
+          if (!e.alpha) e.alpha = *st->second.alpha * std::sqrt(static_cast<double>(e.down.size(0)));
+      }
+      continue;
+    }
+    bool all_have_alpha = true;
+    for (const auto& [mpath, e] : w.modules) all_have_alpha = all_have_alpha && e.alpha.has_value();
+    if (all_have_alpha) {
+      out.alpha_source = path + " (kohya .alpha tensors)";
+      continue;
+    }
+    // The formats' own conventions: diffusers loads a file without network alphas at scale 1 (alpha = r), and
+    // kohya's sd-scripts takes a missing .alpha as the rank.
+    if (out.format != LoraFormat::Peft) {
+      out.alpha_source = path + " (no alpha in the file: alpha = rank, the " + lora_format_name(out.format) + " convention)";
+      continue;
+    }
+    if (alpha_if_unknown) {
+      w.alpha = *alpha_if_unknown;
+      out.alpha_source = "--lora-alpha";
+      continue;
+    }
+    throw UserError("ELORAALPHA",
+                    given + ": the LoRA's strength cannot be known: a PEFT-format file (keys <module>.lora_A.weight) carries no "
+                            "alpha (no lora_adapter_metadata or lora_alpha metadata, no adapter_config.json beside an "
+                            "adapter_model.safetensors, no trainer_state.json beside a checkpoint's model.safetensors). Pass the "
+                            "adapter or checkpoint folder instead, or give the alpha with --lora-alpha (the scale is alpha / rank; "
+                            "this file's rank is " + std::to_string(w.rank()) + ").");
+  }
+  return out;
+}
+
+void apply_lora_weights(torch::nn::Module& model, const LoraWeights& w, torch::Device device, const std::string& what) {
+  std::map<std::string, nn::Linear*> linears;
+  for (const auto& item : model.named_modules("", false))
+    if (auto* lin = dynamic_cast<nn::Linear*>(item.value().get())) linears[item.key()] = lin;
+  torch::NoGradGuard ng;
+  for (const auto& [mpath, e] : w.modules) {
+    auto it = linears.find(mpath);
+    if (it == linears.end()) throw UserError("ELORAKEYS", what + ": the model has no Linear module \"" + mpath + "\"");
+    nn::Linear* lin = it->second;
+    const int64_t r = e.down.size(0);
+    if (e.down.size(1) != lin->in_features || e.up.size(0) != lin->out_features)
+      throw UserError("ELORASHAPE", what + ": LoRA for \"" + mpath + "\" is [" + std::to_string(e.up.size(0)) + "x" +
+                                        std::to_string(r) + "]·[" + std::to_string(r) + "x" + std::to_string(e.down.size(1)) +
+                                        "] but the layer is " + std::to_string(lin->out_features) + "x" + std::to_string(lin->in_features));
+    // Alpha precedence: per-module (kohya), then the file's adapter-wide value, then r (diffusers' default).
+    const double alpha = e.alpha ? *e.alpha : (w.alpha ? *w.alpha : static_cast<double>(r));
+    if (!lin->has_lora()) {
+      nn::LoraOptions o;
+      o.rank = r;
+      o.alpha = alpha;
+      o.init = "zeros";
+      lin->add_lora(o, device);
+    } else if (lin->lora.rank != r) {
+      throw UserError("ELORASHAPE", what + ": LoRA rank " + std::to_string(r) + " for \"" + mpath + "\" differs from the adapter's rank " +
+                                        std::to_string(lin->lora.rank));
+    } else {
+      lin->lora.alpha = alpha;
+    }
+    lin->lora_A.copy_(e.down.to(lin->lora_A.device(), torch::kFloat32));
+    lin->lora_B.copy_(e.up.to(lin->lora_B.device(), torch::kFloat32));
+  }
+}
+
+}  // namespace tl
