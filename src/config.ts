@@ -43,6 +43,12 @@ export const TrainConfigSchema = z
     lora_dropout: z.number().min(0).max(1).default(0),
     lora_target_modules: z.array(z.string().min(1)).min(1).default(['to_k', 'to_q', 'to_v', 'to_out.0']),
     init_lora_weights: z.string().optional(),
+    /** LoRA on the text encoder too (same --rank / --lora-alpha / --lora-dropout), in its own AdamW param group. */
+    train_text_encoder: z.boolean().default(false),
+    /** Text-encoder Linear modules that get adapters (needs --train-text-encoder); default TEXT_ENCODER_TARGETS. */
+    text_encoder_target_modules: z.array(z.string().min(1)).min(1).optional(),
+    /** The text encoder's learning rate (needs --train-text-encoder); default the (scaled) --learning-rate. */
+    text_encoder_lr: z.number().positive().optional(),
     train_batch_size: positiveInt.default(2),
     gradient_accumulation_steps: positiveInt.default(8),
     max_train_steps: positiveInt.default(3000),
@@ -118,6 +124,11 @@ export const TrainConfigSchema = z
       ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['validation_split'], message: 'use --validation-split or --validation-data-dir, not both' });
     if (c.monitor === 'val_loss' && c.validation_split === undefined && c.validation_data_dir === undefined)
       ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['monitor'], message: 'val_loss needs held-out images: add --validation-split 0.1 or --validation-data-dir DIR' });
+    if (c.train_text_encoder && c.train_mode !== 'lora')
+      ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['train_text_encoder'], message: 'trains LoRA adapters on the text encoder: it needs --train-mode lora (--train-mode full trains the UNet only)' });
+    for (const k of ['text_encoder_target_modules', 'text_encoder_lr'] as const)
+      if (c[k] !== undefined && !c.train_text_encoder)
+        ctx.addIssue({ code: z.ZodIssueCode.custom, path: [k], message: 'applies to the text encoder\'s adapters: add --train-text-encoder (or leave it out)' });
     if (c.validation_resolution !== undefined && c.validation_resolution % 8 !== 0)
       ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['validation_resolution'], message: 'must be a multiple of 8' });
   });
@@ -182,6 +193,14 @@ export function readConfigFile(file: string): Record<string, unknown> {
   }
   if (ignored.length) process.stderr.write(`train-lora: ${file}: ignoring options that do not apply here: ${ignored.join(', ')}\n`);
   return out;
+}
+
+/** The text encoder's LoRA targets by default: its attention projections (diffusers' dreambooth LoRA scripts; kohya's attention set). */
+export const TEXT_ENCODER_TARGETS: readonly string[] = ['q_proj', 'k_proj', 'v_proj', 'out_proj'];
+
+/** The text encoder's LoRA targets of a run that trains it (--text-encoder-target-modules or the default). */
+export function textEncoderTargets(c: TrainConfig): string[] {
+  return [...(c.text_encoder_target_modules ?? TEXT_ENCODER_TARGETS)];
 }
 
 /** Effective LoRA alpha: the given one, or the rank (diffusers' script uses lora_alpha = rank). */

@@ -106,7 +106,8 @@ export interface NativeBinding {
   /** Forward + backward of one micro-batch (loss divided by `lossDivisor` for accumulation); returns the loss. */
   trainerMicroStep(trainer: TrainerHandle, batch: TrainBatch, lossDivisor?: number): Promise<number>;
   trainerEvalLoss(trainer: TrainerHandle, batch: TrainBatch): Promise<number>;
-  trainerOptimizerStep(trainer: TrainerHandle, lr: number): Promise<OptimizerStepResult>;
+  /** teLr: the text encoder's param group's lr (--train-text-encoder; default lr). */
+  trainerOptimizerStep(trainer: TrainerHandle, lr: number, teLr?: number): Promise<OptimizerStepResult>;
   /** Writes dir/model.safetensors and dir/optimizer.safetensors; returns the JSON-able rest of the state. */
   trainerSaveState(trainer: TrainerHandle, dir: string, metadata?: Record<string, string>): Promise<TrainerStateJson>;
   /** Loads dir/model.safetensors, and the optimizer / scaler / RNG parts that are given. */
@@ -235,6 +236,10 @@ export interface TrainerOptions {
   init?: 'gaussian' | 'kaiming' | 'zeros';
   /** peft-style target names matched against UNet module paths. */
   targets?: string[];
+  /** LoRA on the text encoder too (its own AdamW group: trainerOptimizerStep's teLr). */
+  trainTextEncoder?: boolean;
+  /** peft-style target names matched against text-encoder module paths [default: q_proj k_proj v_proj out_proj]. */
+  textEncoderTargets?: string[];
   mixedPrecision?: 'no' | 'fp16' | 'bf16';
   gradientCheckpointing?: boolean;
   predictionType?: 'epsilon' | 'v_prediction';

@@ -274,6 +274,12 @@ Napi::Value CreateTrainer(const Napi::CallbackInfo& info) {
     Napi::Array a = o.Get("targets").As<Napi::Array>();
     for (uint32_t i = 0; i < a.Length(); ++i) c.lora_targets.push_back(a.Get(i).As<Napi::String>().Utf8Value());
   }
+  c.train_text_encoder = bool_opt(o, "trainTextEncoder", false);
+  if (o.Get("textEncoderTargets").IsArray()) {
+    c.text_encoder_targets.clear();
+    Napi::Array a = o.Get("textEncoderTargets").As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); ++i) c.text_encoder_targets.push_back(a.Get(i).As<Napi::String>().Utf8Value());
+  }
   if (auto v = opt_str(o, "mixedPrecision")) c.mixed_precision = *v;
   c.gradient_checkpointing = bool_opt(o, "gradientCheckpointing", false);
   if (auto v = opt_str(o, "predictionType")) c.prediction_type = *v;
@@ -336,8 +342,11 @@ Napi::Value TrainerOptimizerStep(const Napi::CallbackInfo& info) {
   auto t = unwrap_handle<Trainer>(info[0], "Trainer");
   if (info.Length() < 2 || !info[1].IsNumber()) throw Napi::TypeError::New(env, "lr must be a number");
   double lr = info[1].As<Napi::Number>().DoubleValue();
-  return Engine::of(env).run(env, [t, lr] {
-    StepResult r = t->optimizer_step(lr);
+  // Optional third argument: the text encoder's lr (--text-encoder-lr through the schedule); default lr.
+  std::optional<double> te_lr;
+  if (info.Length() > 2 && info[2].IsNumber()) te_lr = info[2].As<Napi::Number>().DoubleValue();
+  return Engine::of(env).run(env, [t, lr, te_lr] {
+    StepResult r = t->optimizer_step(lr, te_lr);
     return Completion([r](Napi::Env env) -> Napi::Value {
       Napi::Object o = Napi::Object::New(env);
       o.Set("gradNorm", r.grad_norm);
@@ -488,32 +497,47 @@ Napi::Value TrainerLoadLora(const Napi::CallbackInfo& info) {
   auto t = unwrap_handle<Trainer>(info[0], "Trainer");
   std::string file = str_arg(info, 1, "LoRA file");
   return Engine::of(env).run(env, [t, file] {
-    auto& unet = *t->pipeline().unet;
-    std::vector<std::string> paths;
-    for (const auto& item : unet.named_modules("", false))
-      if (dynamic_cast<nn::Linear*>(item.value().get())) paths.push_back(item.key());
+    Pipeline& p = t->pipeline();
+    auto linear_paths = [](torch::nn::Module& m) {
+      std::vector<std::string> paths;
+      for (const auto& item : m.named_modules("", false))
+        if (dynamic_cast<nn::Linear*>(item.value().get())) paths.push_back(item.key());
+      return paths;
+    };
+    std::map<std::string, std::vector<std::string>> module_paths{{"unet", linear_paths(*p.unet)}};
+    if (p.text_encoder) module_paths["text_encoder"] = linear_paths(*p.text_encoder);
     // A file that does not carry its alpha is taken at this run's --lora-alpha.
-    LoraFile lf = read_lora_file(file, {{"unet", paths}}, t->config().lora.alpha);
-    auto it = lf.components.find("unet");
-    if (it == lf.components.end()) throw UserError("ELORAKEYS", file + ": has no UNet LoRA weights");
-    const auto have = lora_modules(unet);
-    for (const auto& [mpath, e] : it->second.modules) {
-      bool found = false;
-      for (const auto& m : have) found = found || m.path == mpath;
-      if (!found)
-        throw UserError("ELORAKEYS", file + ": has an adapter for \"" + mpath + "\", which is not a LoRA target of this run (see --lora-target-modules)");
-    }
-    apply_lora_weights(unet, it->second, t->pipeline().device, file);
-    // Keep this run's alpha; fold a different alpha of the file into B so the adapter computes the same function.
-    const double run_alpha = t->config().lora.alpha;
-    torch::NoGradGuard ng;
-    for (auto& m : lora_modules(unet)) {
-      if (m.linear->lora.alpha != run_alpha) {
-        m.linear->lora_B.mul_(m.linear->lora.alpha / run_alpha);
-        m.linear->lora.alpha = run_alpha;
+    LoraFile lf = read_lora_file(file, module_paths, t->config().lora.alpha);
+    if (lf.components.empty()) throw UserError("ELORAKEYS", file + ": has no LoRA weights for the UNet or the text encoder");
+    // Text-encoder weights are never dropped: they need --train-text-encoder (which trains and saves them).
+    if (lf.components.count("text_encoder") && !t->config().train_text_encoder)
+      throw UserError("ELORAKEYS", file + ": has text-encoder LoRA weights (" + std::to_string(lf.components.at("text_encoder").modules.size()) +
+                                       " modules), which this run would ignore: add --train-text-encoder to start the text encoder's adapters from "
+                                       "them (with --text-encoder-target-modules covering them), or use a LoRA file without them");
+    size_t n = 0;
+    for (const auto& [comp, w] : lf.components) {
+      torch::nn::Module& m = comp == "unet" ? static_cast<torch::nn::Module&>(*p.unet) : *p.text_encoder;
+      const char* flag = comp == "unet" ? "--lora-target-modules" : "--text-encoder-target-modules";
+      const auto have = lora_modules(m);
+      for (const auto& [mpath, e] : w.modules) {
+        bool found = false;
+        for (const auto& h : have) found = found || h.path == mpath;
+        if (!found)
+          throw UserError("ELORAKEYS", file + ": has an adapter for " + comp + " \"" + mpath + "\", which is not a LoRA target of this run (see " + flag + ")");
       }
+      apply_lora_weights(m, w, p.device, file);
+      // Keep this run's alpha; fold a different alpha of the file into B so the adapter computes the same function.
+      const double run_alpha = t->config().lora.alpha;
+      torch::NoGradGuard ng;
+      for (auto& h : lora_modules(m)) {
+        if (h.linear->lora.alpha != run_alpha) {
+          h.linear->lora_B.mul_(h.linear->lora.alpha / run_alpha);
+          h.linear->lora.alpha = run_alpha;
+        }
+      }
+      n += w.modules.size();
     }
-    return Completion([n = it->second.modules.size()](Napi::Env env) { return Napi::Number::New(env, static_cast<double>(n)); });
+    return Completion([n](Napi::Env env) { return Napi::Number::New(env, static_cast<double>(n)); });
   });
 }
 

@@ -259,6 +259,8 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
     if (starts_with(t.name, "lora_unet_") || starts_with(t.name, "lora_te_")) any_kohya = true;
     else if (ends_with(t.name, ".lora_A.weight") || ends_with(t.name, ".lora_B.weight")) any_peft = true;
     else if (ends_with(t.name, ".lora.down.weight") || ends_with(t.name, ".lora.up.weight")) any_diffusers = true;
+    // diffusers' text-encoder spelling (convert_state_dict_to_diffusers): <module>.lora_linear_layer.down.weight
+    else if (ends_with(t.name, ".lora_linear_layer.down.weight") || ends_with(t.name, ".lora_linear_layer.up.weight")) any_diffusers = true;
   }
   if (any_kohya + any_peft + any_diffusers != 1)
     throw UserError("ELORAFORMAT", path + ": " +
@@ -341,7 +343,12 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
     } else {
       // PEFT's own adapter files (PeftModel.save_pretrained) prefix keys with "base_model.model.": a UNet adapter.
       static const std::string peft_prefix = "base_model.model.";
-      std::string key = starts_with(k, peft_prefix) ? "unet." + k.substr(peft_prefix.size()) : k;
+      // A CLIPTextModel adapter (text_model.* in transformers 4, encoder.layers.* in 5) is the text encoder's.
+      std::string key = k;
+      if (starts_with(k, peft_prefix)) {
+        const std::string rest = k.substr(peft_prefix.size());
+        key = (starts_with(rest, "text_model.") || starts_with(rest, "encoder.layers.") ? "text_encoder." : "unet.") + rest;
+      }
       auto dot = key.find('.');
       comp = dot == std::string::npos ? "" : key.substr(0, dot);
       std::string rest = dot == std::string::npos ? key : key.substr(dot + 1);
@@ -349,6 +356,10 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
       const char* sb = out.format == LoraFormat::Peft ? ".lora_B.weight" : ".lora.up.weight";
       if (ends_with(rest, sa)) mpath = rest.substr(0, rest.size() - std::strlen(sa)), is_a = true;
       else if (ends_with(rest, sb)) mpath = rest.substr(0, rest.size() - std::strlen(sb));
+      else if (out.format == LoraFormat::Diffusers && ends_with(rest, ".lora_linear_layer.down.weight"))
+        mpath = rest.substr(0, rest.size() - 30), is_a = true;
+      else if (out.format == LoraFormat::Diffusers && ends_with(rest, ".lora_linear_layer.up.weight"))
+        mpath = rest.substr(0, rest.size() - 28);
       else {
         unknown.push_back(k);
         continue;
@@ -417,6 +428,17 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
                             "adapter_model.safetensors, no trainer_state.json beside a checkpoint's model.safetensors). Pass the "
                             "adapter or checkpoint folder instead, or give the alpha with --lora-alpha (the scale is alpha / rank; "
                             "this file's rank is " + std::to_string(w.rank()) + ").");
+  }
+  // A PEFT export folder (train-lora's lora_weights/): the text encoder's adapter lives in text_encoder/ beside the
+  // UNet's; it is read too, never dropped.
+  if (base_of(path) == "adapter_model.safetensors" && !out.components.count("text_encoder")) {
+    const std::string te_dir = dir_of(path) + "/text_encoder";
+    if (is_file(te_dir + "/adapter_model.safetensors")) {
+      LoraFile te = read_lora_file(te_dir, module_paths, alpha_if_unknown);
+      if (te.format != LoraFormat::Peft || !te.components.count("text_encoder") || te.components.size() != 1)
+        throw UserError("ELORAKEYS", te_dir + "/adapter_model.safetensors: expected the text encoder's PEFT adapter (keys base_model.model.text_model.*.lora_A.weight)");
+      out.components["text_encoder"] = te.components.at("text_encoder");
+    }
   }
   return out;
 }

@@ -69,7 +69,11 @@ std::vector<std::pair<std::string, torch::Tensor>> lora_set_tensors(const LoraSe
   for (const auto& [comp, w] : set) {
     if (!components.empty() && std::find(components.begin(), components.end(), comp) == components.end()) continue;
     const std::string pre = prefix.empty() ? comp : prefix;
-    for (const auto& [path, e] : w.modules) {
+    for (const auto& [full_path, e] : w.modules) {
+      // A peft adapter folder of the text encoder holds the keys of transformers 5's CLIPTextModel, which has no
+      // "text_model." level (PeftModel.from_pretrained(CLIPTextModel...) loads nothing from keys that have it).
+      const std::string path = format == LoraFormat::Peft && comp == "text_encoder" && prefix == "base_model.model" && starts_with(full_path, "text_model.")
+                                   ? full_path.substr(11) : full_path;
       const torch::Tensor a = e.down.contiguous(), b = e.up.contiguous();
       switch (format) {
         case LoraFormat::Peft:

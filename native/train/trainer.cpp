@@ -24,6 +24,23 @@ Trainer::Trainer(std::shared_ptr<Pipeline> pipeline, TrainerConfig cfg) : pipe_(
     throw UserError("EINPUT", "mixed_precision must be no, fp16 or bf16, got " + cfg_.mixed_precision);
   if (!(cfg_.init_loss_scale > 0) || !(cfg_.growth_factor > 1) || !(cfg_.backoff_factor > 0 && cfg_.backoff_factor < 1) || cfg_.growth_interval < 1)
     throw UserError("EINPUT", "loss scaling needs init scale > 0, growth factor > 1, 0 < backoff factor < 1 and growth interval >= 1");
+  // --train-text-encoder: checked before any adapter is added (a refused run leaves the pipeline as it was).
+  if (cfg_.train_text_encoder) {
+    if (cfg_.mode != "lora")
+      throw UserError("EINPUT", "--train-text-encoder trains LoRA adapters on the text encoder: it needs --train-mode lora (full training covers the UNet only)");
+    if (!pipe_->text_encoder) throw UserError("EINPUT", "--train-text-encoder needs the text encoder loaded");
+    auto& te = *pipe_->text_encoder;
+    // Every target must select a Linear of the text encoder: an unknown or unmatched target is an error naming it.
+    std::vector<std::string> bad;
+    for (const auto& t : cfg_.text_encoder_targets)
+      if (find_lora_targets(te, {t}).empty()) bad.push_back("\"" + t + "\"");
+    if (!bad.empty() || cfg_.text_encoder_targets.empty()) {
+      std::string list;
+      for (const auto& b : bad) list += (list.empty() ? "" : ", ") + b;
+      throw UserError("ELORATARGET", "--text-encoder-target-modules: " + (bad.empty() ? std::string("no targets given") : list + " match" + (bad.size() == 1 ? "es" : "") + " no Linear module of the text encoder") +
+                                         ". Its Linear modules: q_proj, k_proj, v_proj, out_proj (self_attn), fc1, fc2 (mlp); also as self_attn.q_proj, mlp.fc1, ...");
+    }
+  }
   const auto dev = pipe_->device;
   // diffusers' set_seed(args.seed) comes before the adapters are created, so their init is seeded too.
   torch::manual_seed(cfg_.seed);
@@ -41,6 +58,16 @@ Trainer::Trainer(std::shared_ptr<Pipeline> pipeline, TrainerConfig cfg) : pipe_(
     for (const auto& p : unet.named_parameters(true)) params_.emplace_back(p.key(), p.value());
   } else {
     throw UserError("EINPUT", "train mode must be lora or full, got " + cfg_.mode);
+  }
+  if (cfg_.train_text_encoder) {
+    auto& te = *pipe_->text_encoder;
+    // After the UNet's adapters, from the same seeded stream (diffusers adds the text encoder's adapter second).
+    te_params_begin_ = params_.size();
+    for (const auto& t : inject_lora(te, cfg_.text_encoder_targets, cfg_.lora, dev)) {
+      params_.emplace_back(lora_key("text_encoder", t.path, true, LoraFormat::Peft), t.linear->lora_A);
+      params_.emplace_back(lora_key("text_encoder", t.path, false, LoraFormat::Peft), t.linear->lora_B);
+    }
+    te.train();
   }
   for (auto& [_, p] : params_) p.set_requires_grad(true);
   unet.gradient_checkpointing = cfg_.gradient_checkpointing;
@@ -134,8 +161,15 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
     ehs = b.encoder_hidden_states.to(dev, dt);
   } else {
     if (!p.text_encoder) throw UserError("EINPUT", "input ids given but the text encoder is not loaded");
-    torch::NoGradGuard ng;
-    ehs = text_embeddings(b.input_ids);
+    if (cfg_.train_text_encoder) {
+      // A trained text encoder: with grad in training, under autocast and gradient checkpointing like the UNet.
+      torch::AutoGradMode g(train);
+      nn::AutocastScope autocast(dev.type(), autocast_dtype());
+      ehs = p.text_encoder->forward(b.input_ids.to(dev), cfg_.gradient_checkpointing && train);
+    } else {
+      torch::NoGradGuard ng;
+      ehs = text_embeddings(b.input_ids);
+    }
   }
   torch::Tensor pred;
   {
@@ -201,15 +235,19 @@ double Trainer::micro_step(const MicroBatch& b) {
 
 double Trainer::eval_loss(const MicroBatch& b) {
   torch::NoGradGuard ng;
-  pipe_->unet->eval();
+  auto set_mode = [&](bool on) {
+    pipe_->unet->train(on);
+    if (cfg_.train_text_encoder) pipe_->text_encoder->train(on);
+  };
+  set_mode(false);
   double l;
   try {
     l = loss_for(b, false).item<double>();
   } catch (...) {
-    pipe_->unet->train();
+    set_mode(true);
     throw;
   }
-  pipe_->unet->train();
+  set_mode(true);
   return l;
 }
 
@@ -217,7 +255,7 @@ void Trainer::zero_grad() {
   for (auto& [_, p] : params_) p.mutable_grad() = torch::Tensor();
 }
 
-StepResult Trainer::optimizer_step(double lr) {
+StepResult Trainer::optimizer_step(double unet_lr, std::optional<double> te_lr) {
   torch::NoGradGuard ng;
   StepResult r;
   std::vector<torch::Tensor> grads;
@@ -259,11 +297,14 @@ StepResult Trainer::optimizer_step(double lr) {
   }
   // AdamW with torch.optim.AdamW's math, over all parameters at once (foreach ops: a few kernels per step instead of
   // ~8 per tensor; the CPU runs the same per-tensor kernels, so results are bit-identical to the one-tensor loop).
-  // Parameters are grouped by their step count (equal unless a checkpoint says otherwise).
+  // Parameters are grouped by their step count (equal unless a checkpoint says otherwise) and their param group
+  // (the text encoder's has its own lr, --text-encoder-lr).
   const double b1 = cfg_.adam_beta1, b2 = cfg_.adam_beta2, eps = cfg_.adam_epsilon, wd = cfg_.adam_weight_decay;
-  std::map<int64_t, std::vector<size_t>> by_step;
-  for (size_t i = 0; i < params_.size(); ++i) by_step[++steps_[params_[i].first]].push_back(i);
-  for (const auto& [step, idx] : by_step) {
+  std::map<std::pair<int64_t, int>, std::vector<size_t>> by_step;
+  for (size_t i = 0; i < params_.size(); ++i) by_step[{++steps_[params_[i].first], i >= te_params_begin_ ? 1 : 0}].push_back(i);
+  for (const auto& [key, idx] : by_step) {
+    const int64_t step = key.first;
+    const double lr = key.second == 1 ? te_lr.value_or(unet_lr) : unet_lr;
     std::vector<torch::Tensor> ps, gs, ms, vs;
     for (size_t i : idx) {
       const auto& name = params_[i].first;
@@ -308,7 +349,7 @@ void Trainer::load_trainable_state(const NamedTensors& ts, const std::string& wh
   if (!missing.empty() || m.size() != params_.size())
     throw UserError("ECKPTMISMATCH", what + ": holds " + std::to_string(m.size()) + " trainable tensors, this run has " +
                                          std::to_string(params_.size()) + (missing.empty() ? "" : " (first missing: " + missing[0] + ")") +
-                                         ": the LoRA rank/targets or train mode differ");
+                                         ": the LoRA rank/targets, --train-text-encoder or the train mode differ");
   torch::NoGradGuard ng;
   for (auto& [name, p] : params_) {
     const auto& t = m[name];

@@ -24,6 +24,12 @@ struct TrainerConfig {
   std::string mode = "lora";  // lora | full
   nn::LoraOptions lora;
   std::vector<std::string> lora_targets{"to_k", "to_q", "to_v", "to_out.0"};
+  // --train-text-encoder: LoRA (same rank/alpha/dropout/init) on the text encoder's Linear modules matching
+  // text_encoder_targets (peft's rule). Its parameters form their own AdamW group (optimizer_step's te_lr); the
+  // text encoder then runs with grad, under the UNet's autocast and gradient checkpointing (as accelerate prepares
+  // it in diffusers' dreambooth LoRA scripts), and the text-embedding cache is bypassed (valid only while frozen).
+  bool train_text_encoder = false;
+  std::vector<std::string> text_encoder_targets{"q_proj", "k_proj", "v_proj", "out_proj"};
   // no | fp16 | bf16: the UNet's forward runs under autocast in that dtype (torch.autocast, as accelerate wraps the
   // prepared model); LoRA and full-mode weights stay fp32 (master weights), frozen weights are whatever dtype the
   // pipeline was loaded in. fp16 adds dynamic loss scaling.
@@ -69,8 +75,8 @@ class Trainer {
 
   // Forward + backward of one micro-batch; gradients accumulate. Returns the loss (not divided).
   double micro_step(const MicroBatch& b);
-  // Clip, AdamW step with this learning rate, zero the gradients.
-  StepResult optimizer_step(double lr);
+  // Clip, AdamW step with this learning rate (te_lr for the text encoder's parameters; default lr), zero the gradients.
+  StepResult optimizer_step(double lr, std::optional<double> te_lr = std::nullopt);
   void zero_grad();
 
   // Validation loss without gradients (fixed noise/timesteps given by the caller).
@@ -127,6 +133,7 @@ class Trainer {
   std::shared_ptr<Pipeline> pipe_;
   TrainerConfig cfg_;
   std::vector<std::pair<std::string, torch::Tensor>> params_;  // trainable, in a fixed order
+  size_t te_params_begin_ = SIZE_MAX;  // params_[i] with i >= this are the text encoder's (--train-text-encoder)
   std::map<std::string, torch::Tensor> exp_avg_, exp_avg_sq_;
   std::map<std::string, int64_t> steps_;
   ScalerState scaler_;

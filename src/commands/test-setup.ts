@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { CheckpointManager, verifyCheckpoint } from '../checkpoint/manager';
 import { OPTIMIZER_FILE, RANDOM_STATES_FILE, SCALER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE } from '../checkpoint/state';
 import { formatBytes } from '../checkpoint/fsutil';
-import { datasetOptions, loraAlpha, type TrainConfig } from '../config';
+import { datasetOptions, loraAlpha, textEncoderTargets, type TrainConfig } from '../config';
 import { describeDataset, loadDataset, type Dataset } from '../data/dataset';
 import { checkModel, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
 import { native, type PipelineHandle, type TrainerHandle } from '../native';
@@ -92,7 +92,7 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
   if (pipe) {
     try {
       noise = NoiseSchedule.fromFile(modelSchedulerConfig(modelDir), cfg.prediction_type ? { predictionType: cfg.prediction_type } : {});
-      const r = await native().createTrainer(pipe, { mode: cfg.train_mode, rank: cfg.rank, alpha: loraAlpha(cfg), targets: cfg.lora_target_modules, mixedPrecision: mixed, gradientCheckpointing: cfg.gradient_checkpointing, predictionType: noise.predictionType as 'epsilon', alphasCumprod: Array.from(noise.alphasCumprod), seed: cfg.seed, maxGradNorm: cfg.max_grad_norm });
+      const r = await native().createTrainer(pipe, { mode: cfg.train_mode, rank: cfg.rank, alpha: loraAlpha(cfg), targets: cfg.lora_target_modules, trainTextEncoder: cfg.train_text_encoder, textEncoderTargets: cfg.train_text_encoder ? textEncoderTargets(cfg) : undefined, mixedPrecision: mixed, gradientCheckpointing: cfg.gradient_checkpointing, predictionType: noise.predictionType as 'epsilon', alphasCumprod: Array.from(noise.alphasCumprod), seed: cfg.seed, maxGradNorm: cfg.max_grad_norm });
       trainer = r.trainer;
       report({ name: 'LoRA configured', ok: true, detail: `rank ${cfg.rank}, alpha ${loraAlpha(cfg)}, targets ${cfg.lora_target_modules.join(',')}: ${r.trainableParams.toLocaleString('en-US')} trainable of ${r.totalParams.toLocaleString('en-US')} (${((100 * r.trainableParams) / r.totalParams).toFixed(3)} %)` });
     } catch (e) {
@@ -110,7 +110,7 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
         const b = await src.next();
         const ids = tok.encodeBatch(b.captions, { maxLength: tok.modelMaxLength });
         losses.push(await native().trainerMicroStep(trainer, { ...b.images, inputIds: fromInt64('input_ids', [ids.length, ids[0].length], ids.flat()) }, 1));
-        await native().trainerOptimizerStep(trainer, cfg.learning_rate);
+        await native().trainerOptimizerStep(trainer, cfg.learning_rate, cfg.train_text_encoder ? (cfg.text_encoder_lr ?? cfg.learning_rate) : undefined);
       }
       const ok = losses.every(Number.isFinite);
       report({ name: '5 training steps', ok, detail: `losses ${losses.map((l) => l.toFixed(4)).join(', ')} (${((Date.now() - t0) / 5000).toFixed(2)} s/step)`, fix: ok ? undefined : 'NaN/inf losses: try --mixed-precision no or bf16, a lower --learning-rate, or check the model weights' });

@@ -75,6 +75,8 @@ export interface KohyaTrainingInfo {
   /** sd-scripts' model_hash / calculate_sha256 of the base model's weights (see baseModelHashes). */
   baseModelHashes?: { legacy: string; sha256: string };
   textEncoderTrained: boolean;
+  /** --text-encoder-lr (ss_text_encoder_lr when the text encoder is trained; default learningRate). */
+  textEncoderLr?: number;
   /** The training data folder (its basename keys ss_dataset_dirs and ss_tag_frequency, as sd-scripts' image_dir). */
   trainDataDir?: string;
   /** The caption of each training image (sd-scripts reads the first line of a caption file: the first variant); when
@@ -153,7 +155,7 @@ export function kohyaMetadata(i: KohyaTrainingInfo): Record<string, string> {
     ss_training_started_at: pyFloat(i.trainingStartedAt),
     ss_output_name: i.outputName,
     ss_learning_rate: pyFloat(i.learningRate),
-    ss_text_encoder_lr: i.textEncoderTrained ? pyFloat(i.learningRate) : 'None',
+    ss_text_encoder_lr: i.textEncoderTrained ? pyFloat(i.textEncoderLr ?? i.learningRate) : 'None',
     ss_unet_lr: pyFloat(i.learningRate),
     ss_num_train_images: String(i.numTrainImages),
     ss_num_validation_images: String(i.numValidationImages ?? 0),

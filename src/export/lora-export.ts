@@ -11,9 +11,11 @@
  *   OUT/lora_weights/adapter_model.safetensors peft: `PeftModel.from_pretrained(unet, OUT/lora_weights)`; keys
  *       OUT/lora_weights/adapter_config.json   `base_model.model.<module>.lora_A.weight`. A peft adapter folder
  *                                              belongs to one model, so a text-encoder adapter (if any) goes to
- *                                              OUT/lora_weights/text_encoder/ (same layout, module paths with
- *                                              `text_model.` as in real SD checkpoints), as diffusers' older
- *                                              scripts saved per-model peft folders.
+ *                                              OUT/lora_weights/text_encoder/ (same layout; keys as
+ *                                              transformers 5's CLIPTextModel names its modules, without the
+ *                                              `text_model.` level: `base_model.model.encoder.layers.N...`, so
+ *                                              `PeftModel.from_pretrained(CLIPTextModel..., OUT/lora_weights/text_encoder)`
+ *                                              loads it), as diffusers' older scripts saved per-model peft folders.
  *   OUT/lora_kohya.safetensors                 kohya-ss / A1111 / ComfyUI: `lora_unet_<module_>.lora_down.weight`,
  *                                              `.lora_up.weight`, `.alpha` (+ `lora_te_` keys), sd-scripts' ss_*
  *                                              metadata and sshs_* hashes (see kohya.ts).
@@ -282,6 +284,7 @@ async function writeKohya(spec: ExportSpec, summary: LoraSummary, file: string):
     outputName,
     baseModel: spec.baseModel,
     textEncoderTrained: summary.text_encoder !== undefined,
+    textEncoderLr: cfg.text_encoder_lr,
   });
   const modelspec = modelSpecMetadata({ outputName, resolution: cfg.resolution, trainingFinishedAt: finishedAt, predictionType: predictionTypeOf(spec), version: trainLoraVersion() });
   await native().loraExport(spec.source, file, 'kohya', { metadata: { ...baseMetadata(spec, summary), ...ss, ...modelspec } });

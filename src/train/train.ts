@@ -20,7 +20,7 @@ import { z } from 'zod';
 
 import { type CheckpointEntry, CheckpointError, CheckpointManager, RunLock, verifyCheckpoint } from '../checkpoint/manager';
 import { dirSize, formatBytes, fsyncPath, renameDirReplacing } from '../checkpoint/fsutil';
-import { datasetOptions, flagName, loraAlpha, TrainConfigSchema, type TrainConfig } from '../config';
+import { datasetOptions, flagName, loraAlpha, textEncoderTargets, TrainConfigSchema, type TrainConfig } from '../config';
 import {
   loadTrainingState,
   MANIFEST_FILE as MANIFEST,
@@ -45,7 +45,7 @@ import { modelFingerprint } from '../models/fingerprint';
 import { native, type LoraFileFormat, type OptimizerStepResult, type PipelineHandle, type SafetensorsHeader, type TrainBatch, type TrainerHandle } from '../native';
 import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
-import { lrForOptimizerStep, lrScheduleFromJSON, trainingLrSchedule, type LrScheduleSpec } from '../schedules/lr';
+import { lrForOptimizerStep, lrLambda, lrScheduleFromJSON, trainingLrSchedule, type LrScheduleSpec } from '../schedules/lr';
 import { NoiseSchedule } from '../schedules/noise';
 import { planPrecision, resolveDevice, type PrecisionPlan } from '../device';
 import { buildLatentCache, CachedLatentSource, ImageSource, type MicroBatchSource } from './sources';
@@ -387,6 +387,11 @@ function compatibilityProblems(prev: TrainerStateFile, cfg: TrainConfig, modelFp
     if ((p.lora_alpha ?? p.rank) !== loraAlpha(cfg)) problems.push(`--lora-alpha was ${p.lora_alpha ?? p.rank}, now ${loraAlpha(cfg)}`);
     if (p.lora_target_modules.join(',') !== cfg.lora_target_modules.join(','))
       problems.push(`--lora-target-modules was ${p.lora_target_modules.join(',')}, now ${cfg.lora_target_modules.join(',')}`);
+    // The text encoder's adapters are part of the checkpoint's trainable state (a checkpoint before 0.3 has none).
+    if ((p.train_text_encoder ?? false) !== cfg.train_text_encoder)
+      problems.push(`--train-text-encoder was ${p.train_text_encoder ? 'on' : 'off'}, now ${cfg.train_text_encoder ? 'on' : 'off'}: the checkpoint ${p.train_text_encoder ? 'holds' : 'has no'} text-encoder adapters`);
+    else if (cfg.train_text_encoder && textEncoderTargets(p).join(',') !== textEncoderTargets(cfg).join(','))
+      problems.push(`--text-encoder-target-modules was ${textEncoderTargets(p).join(',')}, now ${textEncoderTargets(cfg).join(',')}`);
   }
   if (prev.dataset.fingerprint !== dataFp && !cfg.allow_dataset_change)
     problems.push(`the dataset changed since the checkpoint (${prev.dataset.path}); pass --allow-dataset-change to continue on the new data`);
@@ -405,6 +410,7 @@ const PER_INVOCATION: ReadonlySet<string> = new Set(['output_dir', 'resume_from_
  */
 const COMPARED_ELSEWHERE: ReadonlySet<string> = new Set([
   'pretrained_model_name_or_path', 'train_data_dir', 'max_train_samples', 'train_mode', 'rank', 'lora_alpha', 'lora_target_modules', 'seed', 'validation_split',
+  'train_text_encoder', 'text_encoder_target_modules',
   'device', 'num_processes', 'nnodes', 'node_rank', 'master_addr', 'master_port', 'dist_backend', 'dist_timeout', 'init_lora_weights',
 ]);
 /** What the LR schedule is built from. */
@@ -855,6 +861,8 @@ async function createTrainer({ cfg, report, res }: RunSetup, modelDir: string, d
     dropout: cfg.lora_dropout,
     init: 'gaussian',
     targets: cfg.lora_target_modules,
+    trainTextEncoder: cfg.train_text_encoder,
+    textEncoderTargets: cfg.train_text_encoder ? textEncoderTargets(cfg) : undefined,
     mixedPrecision: precision.mixed,
     gradientCheckpointing: cfg.gradient_checkpointing,
     predictionType: noise.predictionType as 'epsilon' | 'v_prediction',
@@ -1014,7 +1022,7 @@ async function trainLoop(run: RunState): Promise<void> {
     // One optimizer step: a full accumulation cycle, or what is left of the epoch.
     const { lossSum, micro, epoch, endOfEpoch } = await accumulate(run, atStepStart);
     const lr = lrForOptimizerStep(run.spec, run.schedulerSteps, world);
-    const r = await native().trainerOptimizerStep(run.trainer, lr);
+    const r = await native().trainerOptimizerStep(run.trainer, lr, textEncoderLr(cfg, run.spec, run.schedulerSteps * world));
     if (!r.skipped) run.schedulerSteps++;
     run.globalStep++;
     if (run.opts.stopAtStep !== undefined && run.globalStep >= run.opts.stopAtStep) run.stop.signal = 'SIGINT';
@@ -1034,6 +1042,16 @@ async function trainLoop(run: RunState): Promise<void> {
     if (run.validator.due(run.globalStep, epoch, endOfEpoch)) await validate(run, run.globalStep);
     if (due && run.globalStep < run.maxSteps) await startBackgroundSave(run, !stepDue ? 'time' : endOfEpoch && cfg.checkpoint_every_epoch ? 'epoch-end' : 'interval');
   }
+}
+
+/**
+ * The text encoder's lr at a scheduler step (--train-text-encoder): its own base lr (--text-encoder-lr, not scaled by
+ * --scale-lr, as diffusers' dreambooth LoRA scripts and kohya take it; default the UNet's resolved base lr) times the
+ * schedule's LambdaLR factor, which torch applies to every param group alike. Undefined when the text encoder is frozen.
+ */
+export function textEncoderLr(cfg: TrainConfig, spec: LrScheduleSpec, schedulerStep: number): number | undefined {
+  if (!cfg.train_text_encoder) return undefined;
+  return (cfg.text_encoder_lr ?? spec.baseLr) * lrLambda(spec, schedulerStep);
 }
 
 /** The micro-batches of one optimizer step (forward + backward each): a full accumulation cycle, or what is left of the epoch. */
