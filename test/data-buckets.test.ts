@@ -13,6 +13,8 @@ import { assignBuckets, bucketInfo, BucketOrder, type BucketSettings, bucketSett
 import { shuffleTags, trainingCaption } from '../src/data/captions';
 import { maskToLatent, processImage } from '../src/data/images';
 import { derive } from '../src/data/prng';
+import { parsePromptLine, validationPromptSpecs } from '../src/train/validation';
+import { padToSameSize } from '../src/train/validation-images';
 
 interface KohyaCase {
   size: [number, number];
@@ -265,5 +267,52 @@ describe('masks', () => {
     const mask = path.join(tmp, 'b-mask.png');
     await sharp({ create: { width: 30, height: 40, channels: 3, background: { r: 0, g: 0, b: 0 } } }).png().toFile(mask);
     await expect(processImage(file, { resolution: 32, centerCrop: true, mask })).rejects.toThrow(/b-mask.png is 30x40 but its image is 40x40/);
+  });
+});
+
+describe('validation prompts file with kohya\'s per-line options', () => {
+  test('--w --h --d --s --l --n are read; the rest falls back to the flags', () => {
+    expect(parsePromptLine('a red shoe on a table --w 640 --h 384 --d 7 --s 20 --l 5.5 --n blurry, low quality', 'x')).toEqual({
+      prompt: 'a red shoe on a table',
+      width: 640,
+      height: 384,
+      seed: 7,
+      steps: 20,
+      guidance: 5.5,
+      negative: 'blurry, low quality',
+    });
+    expect(parsePromptLine('just a prompt', 'x')).toEqual({ prompt: 'just a prompt' });
+    expect(parsePromptLine('upper case --W 64 --H 96', 'x')).toEqual({ prompt: 'upper case', width: 64, height: 96 });
+  });
+
+  test('bad options are refused naming the line', () => {
+    expect(() => parsePromptLine('a --w 500', 'prompts.txt line 3')).toThrow(/prompts.txt line 3: --w 500 is not a multiple of 8/);
+    expect(() => parsePromptLine('a --ss euler', 'prompts.txt line 4')).toThrow(/line 4: unknown option --ss/);
+    expect(() => parsePromptLine('a --s many', 'l')).toThrow(/--s needs a whole number/);
+    expect(() => parsePromptLine('a --s 0', 'l')).toThrow(/--s 0 is outside 1..1000/);
+    expect(() => parsePromptLine('a --l x', 'l')).toThrow(/--l needs a number/);
+  });
+
+  test('the file: comments and blank lines skipped, each line parsed with its number', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'prompts-'));
+    const f = path.join(dir, 'p.txt');
+    fs.writeFileSync(f, '# comment\n\na cat --w 64\na dog --h 32 --n ugly\n');
+    expect(validationPromptSpecs({ validation_prompt: ['cli prompt'], validation_prompts_file: f })).toEqual([
+      { prompt: 'cli prompt' },
+      { prompt: 'a cat', width: 64 },
+      { prompt: 'a dog', height: 32, negative: 'ugly' },
+    ]);
+    fs.writeFileSync(f, 'ok\nbad --q 1\n');
+    expect(() => validationPromptSpecs({ validation_prompt: [], validation_prompts_file: f })).toThrow(/p.txt line 2: unknown option --q/);
+    fs.rmSync(dir, { recursive: true });
+  });
+
+  test('grid cells of other sizes are centred on white', () => {
+    const a = { data: new Uint8Array(2 * 1 * 3).fill(7), width: 2, height: 1 };
+    const b = { data: new Uint8Array(1 * 3 * 3).fill(9), width: 1, height: 3 };
+    const [pa, pb] = padToSameSize([a, b]);
+    expect([pa.width, pa.height, pb.width, pb.height]).toEqual([2, 3, 2, 3]);
+    expect(Array.from(pa.data)).toEqual([255, 255, 255, 255, 255, 255, 7, 7, 7, 7, 7, 7, 255, 255, 255, 255, 255, 255]);
+    expect(Array.from(pb.data)).toEqual([9, 9, 9, 255, 255, 255, 9, 9, 9, 255, 255, 255, 9, 9, 9, 255, 255, 255]);
   });
 });

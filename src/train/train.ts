@@ -50,7 +50,7 @@ import { NoiseSchedule } from './schedules/noise';
 import { planPrecision, resolveDevice, type PrecisionPlan } from '../device';
 import { buildLatentCache, CachedLatentSource, ImageSource, type MicroBatchSource } from './sources';
 import { batchesPerEpochOnRank, BUCKET_KEYS, bucketChanges, type DataPlan, loaderExtras, planData } from './data-plan';
-import { BucketOrder } from '../data/buckets';
+import { BucketOrder, bucketInfo } from '../data/buckets';
 import { Validator, type ValidationResult } from './validation';
 import { makeImageRenderer } from './validation-images';
 import { splitDataset, ValidationLoss, vaeScalingFactor } from './validation-loss';
@@ -497,6 +497,8 @@ interface RunSetup {
  * and every save records. The loop, the saves and finish() read and update this one object.
  */
 interface RunState extends Omit<RunSetup, 'distEnv' | 'isMain'> {
+  /** Buckets and masks of the run (issue 17; src/train/data-plan.ts). */
+  dataPlan: DataPlan;
   dist: DistContext;
   device: string;
   mixed: PrecisionPlan['mixed'];
@@ -718,6 +720,7 @@ async function prepare(s: RunSetup): Promise<RunState> {
     runId,
     trainer,
     loader,
+    dataPlan,
     batchSize,
     accum,
     world,
@@ -1370,6 +1373,7 @@ async function exportFinal(run: RunState): Promise<string[]> {
         numTrainImages: run.dataset.items.length,
         numValidationImages: run.heldOut?.items.length ?? 0,
         captions: run.dataset.items.map((i) => i.captions[0] ?? ''),
+        ...(run.dataPlan.table ? { bucketInfo: bucketInfo(run.dataPlan.table) } : {}),
         mixedPrecision: run.mixed,
         baseModelFingerprint: run.modelFp,
         trainingStartedAt: run.startedAt,
