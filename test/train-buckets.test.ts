@@ -12,6 +12,11 @@ import sharp from 'sharp';
 
 import { CheckpointManager } from '../src/checkpoint/manager';
 import { makeDemoData } from '../src/data/demo-data';
+import { loadDataset } from '../src/data/dataset';
+import { findMasks } from '../src/data/masks';
+import { parseTrainConfig } from '../src/config';
+import { planData } from '../src/train/data-plan';
+import { bucketReport } from '../src/commands/test-setup';
 
 const root = path.resolve(__dirname, '..');
 const cli = path.join(root, 'dist', 'cli.js');
@@ -127,3 +132,95 @@ test('SIGKILL twice in a bucketed, masked run and resumed: final weights bit-ide
   expect(none.status).not.toBe(0);
   expect(none.stdout + none.stderr).toMatch(/--enable-bucket was true, now false/);
 }, 600000);
+
+test('--cache-latents with buckets: one encode per image at its bucket size, val_loss per bucket, kill -9 resume bit-exact', async () => {
+  const flags = [...BUCKET_FLAGS, '--cache-latents', '--center-crop', '--validation-split', '0.3', '--validation-steps', '4'];
+  const cached = (out: string, resume: boolean) => [...args(out, resume, flags)].filter((a) => a !== '--random-flip');
+  const run = (out: string, resume: boolean) => spawnSync(process.execPath, cached(out, resume), { encoding: 'utf8', timeout: 240000 });
+  const ref = run(path.join(tmp, 'cached-ref'), false);
+  expect(ref.status).toBe(0);
+  expect(ref.stdout).toMatch(/--cache-latents: encoded 5 images once/);
+  expect(ref.stdout).toMatch(/val_loss: 2 held-out images encoded/);
+  expect(ref.stdout).toMatch(/validation at step 4: val_loss \d/);
+  const out = path.join(tmp, 'cached-killed');
+  const killed = await new Promise<NodeJS.Signals | null>((resolve) => {
+    const child = spawn(process.execPath, cached(out, false), { stdio: ['ignore', 'pipe', 'ignore'] });
+    let s = '';
+    child.stdout.on('data', (d: Buffer) => {
+      s += d.toString();
+      if (/"step":5,/.test(s)) child.kill('SIGKILL');
+    });
+    child.on('exit', (_c, sig) => resolve(sig));
+  });
+  expect(killed).toBe('SIGKILL');
+  expect(run(out, true).status).toBe(0);
+  const a = fs.readFileSync(path.join(tmp, 'cached-ref', 'pytorch_lora_weights.safetensors'));
+  expect(fs.readFileSync(path.join(out, 'pytorch_lora_weights.safetensors')).equals(a)).toBe(true);
+}, 600000);
+
+describe('bad input names the file or flag', () => {
+  const base = { pretrained_model_name_or_path: model, train_data_dir: data };
+
+  test('flags that only work together', () => {
+    const bad = (o: Record<string, unknown>) => () => parseTrainConfig({ ...base, ...o });
+    expect(bad({ keep_tokens: 2 })).toThrow(/--keep-tokens: .*add --shuffle-caption/);
+    expect(bad({ keep_tokens_separator: '|||' })).toThrow(/--keep-tokens-separator: .*add --shuffle-caption/);
+    expect(bad({ min_bucket_reso: 128 })).toThrow(/--min-bucket-reso: only applies to aspect-ratio buckets: add --enable-bucket/);
+    expect(bad({ enable_bucket: true, min_bucket_reso: 512, max_bucket_reso: 256 })).toThrow(/--min-bucket-reso: 512 is larger than --max-bucket-reso 256/);
+    expect(bad({ masked_loss: true })).toThrow(/--masked-loss: needs masks: add --alpha-mask .* or --mask-dir/);
+    expect(bad({ alpha_mask: true })).toThrow(/--alpha-mask: only weights the loss with --masked-loss/);
+    expect(bad({ masked_loss: true, alpha_mask: true, mask_dir: masks })).toThrow(/use --alpha-mask or --mask-dir, not both/);
+  });
+
+  test('a bucket step the model cannot take; images too small for the smallest bucket', async () => {
+    const ds = await loadDataset(data);
+    const quiet = { info: () => undefined, warn: () => undefined };
+    const cfg = (o: Record<string, unknown>) => parseTrainConfig({ ...base, resolution: 32, enable_bucket: true, min_bucket_reso: 16, max_bucket_reso: 64, ...o });
+    await expect(planData(cfg({ bucket_reso_steps: 6 }), quiet, model, { dataset: ds })).rejects.toThrow(/--bucket-reso-steps 6 is not a multiple of 4, the pixel stride this model's VAE and UNet need/);
+    // No upscaling (larger images are scaled down to the area 32², then rounded down to the step) and a minimum side
+    // of 32: all but the two square images are too small.
+    const small = cfg({ bucket_reso_steps: 8, bucket_no_upscale: true, min_bucket_reso: 32 });
+    await expect(planData(small, quiet, model, { dataset: ds })).rejects.toThrow(
+      /5 training image\(s\) are too small for the smallest bucket:\n {2}001_\w+\.png: 64x32 would need a 32x16 bucket, under --min-bucket-reso 32 \(--bucket-no-upscale never enlarges it\)[\s\S]*--skip-bad-images/,
+    );
+    const warned: string[] = [];
+    const d = { dataset: ds };
+    const plan = await planData(parseTrainConfig({ ...base, resolution: 32, enable_bucket: true, bucket_reso_steps: 8, bucket_no_upscale: true, min_bucket_reso: 24, max_bucket_reso: 64, skip_bad_images: true }), { info: () => undefined, warn: (m) => warned.push(m) }, model, d);
+    expect(warned.length).toBe(5);
+    expect(warned.join('\n')).toMatch(/--skip-bad-images: left out 006_\w+\.png: 20x60 would need a \d+x\d+ bucket, under --min-bucket-reso 24/);
+    expect(d.dataset.items.map((i) => [i.width, i.height])).toEqual([[40, 40], [40, 40]]);
+    expect(plan.table!.buckets).toEqual([{ width: 32, height: 32, items: [0, 1] }]);
+  });
+
+  test('masks: one without an image, one of another size', async () => {
+    const ds = await loadDataset(data);
+    const dir = path.join(tmp, 'bad-masks');
+    fs.cpSync(masks, dir, { recursive: true });
+    fs.writeFileSync(path.join(dir, 'nobody.png'), fs.readFileSync(path.join(masks, fs.readdirSync(masks)[0])));
+    await expect(findMasks(dir, ds)).rejects.toThrow(/holds 1 mask\(s\) with no training image of the same name: nobody.png/);
+    fs.rmSync(path.join(dir, 'nobody.png'));
+    const first = fs.readdirSync(dir)[0];
+    await sharp({ create: { width: 9, height: 9, channels: 3, background: { r: 0, g: 0, b: 0 } } }).png().toFile(path.join(dir, first));
+    await expect(findMasks(dir, ds)).rejects.toThrow(new RegExp(`${first}: is 9x9 but its image ${first} is 40x40\nFix: make each mask the size of its image`));
+  });
+
+  test('test-setup: the bucket table and images upscaled more than 2x', async () => {
+    const ds = await loadDataset(data);
+    const cfg = parseTrainConfig({ ...base, resolution: 96, enable_bucket: true, bucket_reso_steps: 8, min_bucket_reso: 16, max_bucket_reso: 192 });
+    const r = await bucketReport(cfg, ds);
+    expect(r.result.ok).toBe(true);
+    expect(r.result.detail).toMatch(/buckets \(bucket size: images\)/);
+    expect(r.result.detail).toMatch(/upscaled more than 2x to cover their bucket/);
+    expect(r.result.detail).toMatch(/000_\w+\.png: 40x40 -> 96x96 for 96x96 \(2\.4x\)/);
+  });
+
+  test('--caption-extension reads kohya-style .caption files', async () => {
+    const dir = path.join(tmp, 'caption-ext');
+    fs.mkdirSync(dir);
+    await sharp({ create: { width: 40, height: 40, channels: 3, background: { r: 1, g: 2, b: 3 } } }).png().toFile(path.join(dir, 'a.png'));
+    fs.writeFileSync(path.join(dir, 'a.caption'), 'sks, thing');
+    const ds = await loadDataset(dir, { captionExtension: '.caption' });
+    expect(ds.items.map((i) => i.captions)).toEqual([['sks, thing']]);
+    await expect(loadDataset(dir)).rejects.toThrow(/no caption/);
+  });
+});
