@@ -48,6 +48,7 @@ function args(out: string, resume: boolean, extra: string[] = BUCKET_FLAGS): str
     '--seed', '5',
     '--masked-loss', '--mask-dir', masks,
     '--shuffle-caption', '--keep-tokens', '1',
+    '--save-format', 'diffusers', 'kohya',
     ...extra,
     ...(resume ? ['--resume-from-checkpoint', 'latest'] : []),
   ];
@@ -106,6 +107,23 @@ test('a mixed-aspect run logs its bucket table and its masks', () => {
   expect(referenceLog).toMatch(/16x48 \(aspect 0\.33\): 1 image\b/);
   expect(referenceLog).toMatch(/40x24 \(aspect 1\.67\): 2 images/);
   expect(referenceLog).toMatch(/--masked-loss: 4 of 7 training images have a mask/);
+  // The kohya file carries the table as sd-scripts writes it.
+  const buf = fs.readFileSync(path.join(tmp, 'reference', 'lora_kohya.safetensors'));
+  const meta = (JSON.parse(buf.subarray(8, 8 + Number(buf.readBigUInt64LE(0))).toString('utf8')) as { __metadata__: Record<string, string> }).__metadata__;
+  expect(meta.ss_enable_bucket).toBe('True');
+  expect(meta.ss_min_bucket_reso).toBe('16');
+  expect(meta.ss_max_bucket_reso).toBe('64');
+  expect(meta.ss_shuffle_caption).toBe('True');
+  expect(meta.ss_keep_tokens).toBe('1');
+  expect(meta.ss_resolution).toBe('(32, 32)');
+  const info = JSON.parse(meta.ss_bucket_info) as { buckets: Record<string, { resolution: number[]; count: number }>; mean_img_ar_error: number };
+  expect(Object.values(info.buckets)).toEqual([
+    { resolution: [16, 48], count: 1 },
+    { resolution: [24, 40], count: 2 },
+    { resolution: [32, 32], count: 2 },
+    { resolution: [40, 24], count: 2 },
+  ]);
+  expect(info.mean_img_ar_error).toBeGreaterThan(0);
 });
 
 test('SIGKILL twice in a bucketed, masked run and resumed: final weights bit-identical to an uninterrupted run', async () => {
