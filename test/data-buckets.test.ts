@@ -13,6 +13,7 @@ import { assignBuckets, bucketInfo, BucketOrder, type BucketSettings, bucketSett
 import { shuffleTags, trainingCaption } from '../src/data/captions';
 import { maskToLatent, processImage } from '../src/data/images';
 import { derive } from '../src/data/prng';
+import { type KohyaTrainingInfo, kohyaMetadata } from '../src/export/kohya';
 import { parsePromptLine, validationPromptSpecs } from '../src/train/validation';
 import { padToSameSize } from '../src/train/validation-images';
 
@@ -314,5 +315,26 @@ describe('validation prompts file with kohya\'s per-line options', () => {
     expect([pa.width, pa.height, pb.width, pb.height]).toEqual([2, 3, 2, 3]);
     expect(Array.from(pa.data)).toEqual([255, 255, 255, 255, 255, 255, 7, 7, 7, 7, 7, 7, 255, 255, 255, 255, 255, 255]);
     expect(Array.from(pb.data)).toEqual([9, 9, 9, 255, 255, 255, 9, 9, 9, 255, 255, 255, 9, 9, 9, 255, 255, 255]);
+  });
+});
+
+describe('kohya metadata of a bucketed run', () => {
+  const info: KohyaTrainingInfo = {
+    rank: 4, alpha: 4, dropout: 0, steps: 10, epoch: 1, resolution: 512, numTrainImages: 7, learningRate: 1e-4, lrScheduler: 'constant',
+    lrWarmupSteps: 0, maxTrainSteps: 10, seed: 1, mixedPrecision: 'no', trainBatchSize: 2, gradientAccumulationSteps: 1, gradientCheckpointing: false,
+    cacheLatents: false, maxGradNorm: 1, noiseOffset: 0, adam: { beta1: 0.9, beta2: 0.999, weightDecay: 0.01, epsilon: 1e-8 }, trainingStartedAt: 1,
+    trainingFinishedAt: 2, outputName: 'x', baseModel: '/m/sd15', textEncoderTrained: false, sessionId: 1,
+  };
+  test('bucket keys, the table, and batches per epoch counted per bucket', () => {
+    const plain = kohyaMetadata(info);
+    expect([plain.ss_enable_bucket, plain.ss_bucket_info, plain.ss_min_bucket_reso, plain.ss_num_batches_per_epoch]).toEqual(['False', 'null', 'None', '4']);
+    const table = { buckets: { '0': { resolution: [384, 640] as [number, number], count: 3 }, '1': { resolution: [512, 512] as [number, number], count: 1 }, '2': { resolution: [640, 384] as [number, number], count: 3 } }, mean_img_ar_error: 0.125 };
+    const m = kohyaMetadata({ ...info, buckets: { noUpscale: true, minReso: 256, maxReso: 1024, info: table }, shuffleCaption: true, keepTokens: 2 });
+    expect(m.ss_enable_bucket).toBe('True');
+    expect(m.ss_bucket_no_upscale).toBe('True');
+    expect([m.ss_min_bucket_reso, m.ss_max_bucket_reso, m.ss_shuffle_caption, m.ss_keep_tokens]).toEqual(['256', '1024', 'True', '2']);
+    expect(m.ss_bucket_info).toBe('{"buckets": {"0": {"resolution": [384, 640], "count": 3}, "1": {"resolution": [512, 512], "count": 1}, "2": {"resolution": [640, 384], "count": 3}}, "mean_img_ar_error": 0.125}');
+    expect(m.ss_num_batches_per_epoch).toBe('5'); // 2 + 1 + 2, not ceil(7 / 2) = 4
+    expect(m.ss_resolution).toBe('(512, 512)');
   });
 });

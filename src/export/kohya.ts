@@ -156,7 +156,11 @@ export function kohyaMetadata(i: KohyaTrainingInfo): Record<string, string> {
   const none = (v: number | undefined) => (v === undefined || v === 0 ? 'None' : pyFloat(v));
   const bool = (b: boolean | undefined) => (b ? 'True' : 'False');
   const world = i.numProcesses ?? 1;
-  const batchesPerEpoch = Math.max(1, Math.ceil(i.numTrainImages / (i.trainBatchSize * world)));
+  // Bucketed: each bucket is cut into global batches on its own (src/data/buckets.ts BucketOrder).
+  const bucketCounts = i.buckets?.info ? Object.values(i.buckets.info.buckets).map((b) => b.count) : undefined;
+  const batchesPerEpoch = bucketCounts
+    ? Math.max(1, bucketCounts.reduce((n, c) => n + Math.ceil(c / (i.trainBatchSize * world)), 0))
+    : Math.max(1, Math.ceil(i.numTrainImages / (i.trainBatchSize * world)));
   const numEpochs = Math.ceil(i.maxTrainSteps / Math.ceil(batchesPerEpoch / i.gradientAccumulationSteps));
   const dirName = i.trainDataDir ? path.basename(path.resolve(i.trainDataDir)) : 'train_data';
   const m: Record<string, string> = {
