@@ -36,6 +36,19 @@ export const TrainConfigSchema = z
     image_resampler: z.enum(['auto', 'sharp', 'pil']).default('auto'),
     cache_latents: z.boolean().default(false),
     dataloader_num_workers: nonNegInt.default(2),
+    // Aspect-ratio buckets, masked loss, caption tags (kohya's flag names; src/data/buckets.ts, captions.ts)
+    enable_bucket: z.boolean().default(false),
+    min_bucket_reso: positiveInt.default(256),
+    max_bucket_reso: positiveInt.default(1024),
+    bucket_reso_steps: positiveInt.default(64),
+    bucket_no_upscale: z.boolean().default(false),
+    masked_loss: z.boolean().default(false),
+    alpha_mask: z.boolean().default(false),
+    mask_dir: z.string().min(1).optional(),
+    shuffle_caption: z.boolean().default(false),
+    keep_tokens: nonNegInt.default(0),
+    keep_tokens_separator: z.string().min(1).optional(),
+    caption_extension: z.string().min(1).default('.txt'),
     // Training
     train_mode: z.enum(['lora', 'full']).default('lora'),
     rank: positiveInt.default(8),
@@ -131,7 +144,33 @@ export const TrainConfigSchema = z
         ctx.addIssue({ code: z.ZodIssueCode.custom, path: [k], message: 'applies to the text encoder\'s adapters: add --train-text-encoder (or leave it out)' });
     if (c.validation_resolution !== undefined && c.validation_resolution % 8 !== 0)
       ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['validation_resolution'], message: 'must be a multiple of 8' });
+    for (const issue of dataFlagProblems(c)) ctx.addIssue({ code: z.ZodIssueCode.custom, path: [issue.key], message: issue.message });
   });
+
+/** Bucket, mask and caption flags that only work together (every one of them must do what it says, or be refused). */
+function dataFlagProblems(c: {
+  enable_bucket: boolean; min_bucket_reso: number; max_bucket_reso: number; bucket_reso_steps: number; bucket_no_upscale: boolean;
+  masked_loss: boolean; alpha_mask: boolean; mask_dir?: string; shuffle_caption: boolean; keep_tokens: number; keep_tokens_separator?: string;
+}): Array<{ key: string; message: string }> {
+  const out: Array<{ key: string; message: string }> = [];
+  if (!c.enable_bucket) {
+    const set = [
+      c.min_bucket_reso !== 256 && 'min_bucket_reso', c.max_bucket_reso !== 1024 && 'max_bucket_reso', c.bucket_reso_steps !== 64 && 'bucket_reso_steps', c.bucket_no_upscale && 'bucket_no_upscale',
+    ].filter((k): k is string => typeof k === 'string');
+    for (const k of set) out.push({ key: k, message: 'only applies to aspect-ratio buckets: add --enable-bucket (or drop the flag)' });
+  }
+  if (c.min_bucket_reso > c.max_bucket_reso)
+    out.push({ key: 'min_bucket_reso', message: `${c.min_bucket_reso} is larger than --max-bucket-reso ${c.max_bucket_reso}: make the minimum <= the maximum` });
+  if (c.masked_loss && !c.alpha_mask && c.mask_dir === undefined)
+    out.push({ key: 'masked_loss', message: 'needs masks: add --alpha-mask (the images\' alpha channel) or --mask-dir DIR (same-name mask images)' });
+  if (c.alpha_mask && c.mask_dir !== undefined) out.push({ key: 'alpha_mask', message: 'use --alpha-mask or --mask-dir, not both' });
+  if (!c.masked_loss && c.alpha_mask) out.push({ key: 'alpha_mask', message: 'only weights the loss with --masked-loss: add --masked-loss (or drop the flag)' });
+  if (!c.masked_loss && c.mask_dir !== undefined) out.push({ key: 'mask_dir', message: 'only weights the loss with --masked-loss: add --masked-loss (or drop the flag)' });
+  if (!c.shuffle_caption && c.keep_tokens > 0) out.push({ key: 'keep_tokens', message: 'keeps leading tags in place while the others are shuffled: add --shuffle-caption (or drop the flag)' });
+  if (!c.shuffle_caption && c.keep_tokens_separator !== undefined)
+    out.push({ key: 'keep_tokens_separator', message: 'marks the tags kept in place while the others are shuffled: add --shuffle-caption (or drop the flag)' });
+  return out;
+}
 
 export type TrainConfig = z.infer<typeof TrainConfigSchema>;
 export type TrainConfigInput = z.input<typeof TrainConfigSchema>;
@@ -221,6 +260,7 @@ export function datasetOptions(cfg: TrainConfig): DatasetOptions {
     layout: cfg.dataset_layout,
     maxTrainSamples: cfg.max_train_samples,
     seed: cfg.seed,
+    ...(cfg.caption_extension !== '.txt' ? { captionExtension: cfg.caption_extension } : {}),
   };
 }
 

@@ -274,6 +274,8 @@ export interface TrainBatch {
   latents?: HostTensor;
   noise?: HostTensor;
   timesteps?: HostTensor;
+  /** --masked-loss: [B,1,h,w] float32 loss weights at the latent size (multiplied into the per-element loss). */
+  lossMask?: HostTensor;
 }
 
 export interface OptimizerStepResult {

@@ -255,6 +255,7 @@ MicroBatch micro_batch(const std::map<std::string, HostTensor>& m, double diviso
   b.latents = get("latents");
   b.noise = get("noise");
   b.timesteps = get("timesteps");
+  b.loss_mask = get("lossMask");
   b.loss_divisor = divisor;
   return b;
 }

@@ -177,7 +177,14 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
     nn::AutocastScope autocast(dev.type(), autocast_dtype());
     pred = p.unet->forward(noisy, timesteps, ehs);
   }
-  if (!cfg_.snr_gamma) return torch::mse_loss(pred.to(torch::kFloat32), target.to(torch::kFloat32));
+  torch::Tensor mask;
+  if (b.loss_mask.defined()) {
+    mask = b.loss_mask.to(dev, torch::kFloat32);
+    if (mask.dim() != 4 || mask.size(0) != B || mask.size(1) != 1 || mask.size(2) != pred.size(2) || mask.size(3) != pred.size(3))
+      throw UserError("EINPUT", "lossMask must be [B,1,h,w] at the latent size");
+  }
+  if (!cfg_.snr_gamma && !mask.defined()) return torch::mse_loss(pred.to(torch::kFloat32), target.to(torch::kFloat32));
+  if (!cfg_.snr_gamma) return (torch::mse_loss(pred.to(torch::kFloat32), target.to(torch::kFloat32), at::Reduction::None) * mask).mean();
   // Min-SNR weighting (compute_snr in diffusers' training_utils), then per-sample mean * weight.
   torch::Tensor acc = alphas_cumprod_.to(dev);
   torch::Tensor alpha = acc.pow(0.5).index({timesteps}).to(torch::kFloat32);
@@ -186,6 +193,7 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
   torch::Tensor w = torch::amin(torch::stack({snr, *cfg_.snr_gamma * torch::ones_like(snr)}, 1), 1);
   w = cfg_.prediction_type == "epsilon" ? w / snr : w / (snr + 1);
   torch::Tensor l = torch::mse_loss(pred.to(torch::kFloat32), target.to(torch::kFloat32), at::Reduction::None);
+  if (mask.defined()) l = l * mask;
   std::vector<int64_t> dims;
   for (int64_t d = 1; d < l.dim(); ++d) dims.push_back(d);
   return (l.mean(dims) * w).mean();

@@ -58,6 +58,9 @@ struct MicroBatch {
   torch::Tensor encoder_hidden_states;        // cached text embeddings
   // Test hooks for parity with a reference: use these instead of sampling.
   torch::Tensor latents, noise, timesteps;
+  // --masked-loss: per-sample weights at latent size [B,1,h,w] in [0,1] multiplying the per-element loss (kohya's
+  // apply_masked_loss: the weighted loss is then averaged over all elements, not over the mask's sum). Optional.
+  torch::Tensor loss_mask;
   double loss_divisor = 1.0;  // gradient accumulation steps
 };
 

@@ -37,6 +37,9 @@ export const RandomStatesSchema = z.object({
       numSamples: posInt,
       epoch: nonNegInt,
       position: nonNegInt,
+      // --enable-bucket (src/data/buckets.ts): the bucket table and global batch the cursor counts in.
+      bucketKey: z.string().optional(),
+      globalBatch: posInt.optional(),
     }),
     seed: int,
   }),

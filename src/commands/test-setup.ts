@@ -17,6 +17,8 @@ import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
 import { NoiseSchedule } from '../schedules/noise';
 import { ImageSource } from '../train/sources';
+import { type DataPlan, loaderExtras, planData } from '../train/data-plan';
+import { describeBuckets } from '../data/buckets';
 import { planPrecision, resolveDevice } from '../device';
 
 export interface CheckResult {
@@ -48,14 +50,23 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
     report({ name: 'dataset loads', ok: false, detail: err.message, fix: err.fix ?? 'see README "Training your own LoRA" for the data layouts' });
   }
 
+  let plan: DataPlan = {};
+  if (dataset && (cfg.enable_bucket || cfg.masked_loss)) {
+    const r = await bucketReport(cfg, dataset);
+    report(r.result);
+    plan = r.plan ?? {};
+    if (!r.plan) dataset = undefined;
+    else dataset = r.dataset;
+  }
+
   if (dataset) {
     const t0 = Date.now();
-    const src = new ImageSource(dataset, { batchSize: cfg.train_batch_size, seed: cfg.seed, resolution: cfg.resolution, interpolation: cfg.image_interpolation_mode, centerCrop: cfg.center_crop, randomFlip: cfg.random_flip, prefetchBatches: 0 });
+    const src = new ImageSource(dataset, { batchSize: cfg.train_batch_size, seed: cfg.seed, resolution: cfg.resolution, interpolation: cfg.image_interpolation_mode, centerCrop: cfg.center_crop, randomFlip: cfg.random_flip, prefetchBatches: 0, ...loaderExtras(cfg, plan) });
     try {
       const n = Math.min(2, Math.ceil(dataset.items.length / cfg.train_batch_size));
       let images = 0;
       for (let i = 0; i < n; i++) images += (await src.next()).indices.length;
-      report({ name: 'dataloader yields batches', ok: true, detail: `${n} batches, ${images} images at ${cfg.resolution}px in ${Date.now() - t0} ms` });
+      report({ name: 'dataloader yields batches', ok: true, detail: `${n} batches, ${images} images at ${plan.table ? 'their buckets\' sizes' : `${cfg.resolution}px`} in ${Date.now() - t0} ms` });
     } catch (e) {
       report({ name: 'dataloader yields batches', ok: false, detail: (e as Error).message, fix: 'fix or remove the image named above (or --skip-bad-images)' });
     } finally {
@@ -101,7 +112,7 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
   } else failed('LoRA configured');
 
   if (trainer && dataset) {
-    const src = new ImageSource(dataset, { batchSize: cfg.train_batch_size, seed: cfg.seed, resolution: cfg.resolution, interpolation: cfg.image_interpolation_mode, centerCrop: cfg.center_crop, randomFlip: cfg.random_flip });
+    const src = new ImageSource(dataset, { batchSize: cfg.train_batch_size, seed: cfg.seed, resolution: cfg.resolution, interpolation: cfg.image_interpolation_mode, centerCrop: cfg.center_crop, randomFlip: cfg.random_flip, ...loaderExtras(cfg, plan) });
     try {
       const tok = CLIPTokenizer.fromFolder(modelTokenizerDir(modelDir));
       const losses: number[] = [];
@@ -166,4 +177,36 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
   if (trainer) native().dispose(trainer);
   if (pipe) native().dispose(pipe);
   return results;
+}
+
+/**
+ * --enable-bucket / --masked-loss: the bucket table (bucket size, image count) as training will log it, the images
+ * that would be upscaled more than 2x to cover their bucket (blurry training data), and the masks found.
+ */
+export async function bucketReport(cfg: TrainConfig, dataset: Dataset): Promise<{ result: CheckResult; plan?: DataPlan; dataset?: Dataset }> {
+  const warnings: string[] = [];
+  const infos: string[] = [];
+  const data = { dataset };
+  let plan: DataPlan;
+  try {
+    plan = await planData(cfg, { info: (m) => infos.push(m), warn: (m) => warnings.push(m) }, path.resolve(cfg.pretrained_model_name_or_path), data, true);
+  } catch (e) {
+    const err = e as Error & { fix?: string };
+    return { result: { name: 'buckets and masks', ok: false, detail: err.message, fix: err.fix ?? 'see README "Aspect-ratio buckets, masks and captions"' } };
+  }
+  const lines: string[] = [];
+  if (plan.table) {
+    lines.push(`${plan.table.buckets.length} buckets (bucket size: images)`, ...describeBuckets(plan.table));
+    const up = plan.table.choices
+      .map((c, i) => ({ c, it: data.dataset.items[i] }))
+      .filter(({ c, it }) => c.resizedWidth > 2 * it.width || c.resizedHeight > 2 * it.height);
+    if (up.length)
+      lines.push(
+        `${up.length} image(s) upscaled more than 2x to cover their bucket (they train blurry; use larger originals or --bucket-no-upscale):`,
+        ...up.slice(0, 20).map(({ c, it }) => `  ${it.file}: ${it.width}x${it.height} -> ${c.resizedWidth}x${c.resizedHeight} for ${c.width}x${c.height} (${(c.resizedWidth / it.width).toFixed(1)}x)`),
+        ...(up.length > 20 ? [`  ... and ${up.length - 20} more`] : []),
+      );
+  }
+  lines.push(...infos.filter((m) => m.startsWith('--masked-loss')), ...warnings);
+  return { result: { name: 'buckets and masks', ok: true, detail: lines.join('\n       ') }, plan, dataset: data.dataset };
 }

@@ -61,6 +61,8 @@ export interface DatasetOptions {
   validateImages?: boolean | 'header' | 'decode';
   /** Header reads in flight (default 8). */
   concurrency?: number;
+  /** Extension of the caption files of the 'txt' layout (default '.txt'; kohya's --caption_extension). */
+  captionExtension?: string;
 }
 
 export interface DatasetItem {
@@ -330,14 +332,14 @@ function readMetadataJsonl(file: string, options: DatasetOptions): Entry[] {
 
 // ---- layout (c): .txt beside each image ----------------------------------------------------------
 
-function readTxtCaptions(root: string, files: readonly string[], warnings: string[]): { entries: Entry[]; uncaptioned: string[] } {
+function readTxtCaptions(root: string, files: readonly string[], warnings: string[], ext = '.txt'): { entries: Entry[]; uncaptioned: string[] } {
   const present = new Set(files);
   const entries: Entry[] = [];
   const uncaptioned: string[] = [];
   const usedTxt = new Set<string>();
   for (const f of files) {
     if (!isImageName(f)) continue;
-    const txt = f.slice(0, f.length - path.extname(f).length) + '.txt';
+    const txt = f.slice(0, f.length - path.extname(f).length) + ext;
     if (!present.has(txt)) {
       uncaptioned.push(f);
       continue;
@@ -350,9 +352,9 @@ function readTxtCaptions(root: string, files: readonly string[], warnings: strin
       .filter((l) => l !== '');
     entries.push({ file: f, captions: lines.length > 0 ? lines : [''], where: txt });
   }
-  const orphans = files.filter((f) => path.extname(f).toLowerCase() === '.txt' && !usedTxt.has(f));
+  const orphans = files.filter((f) => f.toLowerCase().endsWith(ext.toLowerCase()) && !isImageName(f) && !usedTxt.has(f));
   if (orphans.length > 0) {
-    warnings.push(`${orphans.length} .txt file(s) have no same-name image and were ignored: ${orphans.join(', ')}`);
+    warnings.push(`${orphans.length} ${ext} file(s) have no same-name image and were ignored: ${orphans.join(', ')}`);
   }
   return { entries, uncaptioned };
 }
@@ -426,8 +428,13 @@ export async function loadDataset(dir: string, options: DatasetOptions = {}): Pr
 
   let entries: Entry[];
   let uncaptioned: string[];
+  const ext = options.captionExtension ?? '.txt';
+  if (options.captionExtension !== undefined && !/^\.?[^/\\]+$/.test(ext))
+    throw new DatasetError(root, `--caption-extension "${ext}" is not a file extension`, 'pass an extension such as .txt or .caption');
+  if (options.captionExtension !== undefined && layout !== 'txt')
+    throw new DatasetError(captionSource, `--caption-extension ${ext} applies to captions in files beside the images, but this folder uses ${layout}`, 'drop --caption-extension, or pass --dataset-layout txt');
   if (layout === 'txt') {
-    ({ entries, uncaptioned } = readTxtCaptions(imageRoot, files, warnings));
+    ({ entries, uncaptioned } = readTxtCaptions(imageRoot, files, warnings, ext.startsWith('.') ? ext : `.${ext}`));
     if (entries.length === 0) {
       const images = files.filter(isImageName).length;
       throw new DatasetError(

@@ -41,6 +41,24 @@ export interface ImageTransformOptions {
   randomFlip?: boolean;
   /** Default 'auto'; see the module comment. */
   resampler?: Resampler;
+  /**
+   * An aspect-ratio bucket (--enable-bucket; see buckets.ts): resize to resizedWidth x resizedHeight (covering the
+   * bucket), then crop width x height (center or random as centerCrop says), instead of the square transform.
+   */
+  bucket?: BucketTarget;
+  /**
+   * --masked-loss: also return the mask, following the image's resize, crop and flip exactly: 'alpha' (the image's
+   * alpha channel; none: all ones) or a mask image file (its first channel). Values 0..255 (255 = full weight).
+   */
+  mask?: 'alpha' | string;
+}
+
+/** Where an image goes in its bucket: the bucket size and the size it is resized to first. */
+export interface BucketTarget {
+  width: number;
+  height: number;
+  resizedWidth: number;
+  resizedHeight: number;
 }
 
 /** 8-bit RGB, row-major HWC. */
@@ -51,9 +69,14 @@ export interface RgbImage {
 }
 
 export interface ProcessedImage {
-  /** Float32 CHW, 3 * resolution * resolution values in [-1, 1]. */
+  /** Float32 CHW, 3 * height * width values in [-1, 1]. */
   pixels: Float32Array;
   resolution: number;
+  /** Output size (resolution x resolution, or the bucket's). */
+  width: number;
+  height: number;
+  /** With the `mask` option: height * width mask bytes (0..255), cropped and flipped as the pixels. */
+  mask?: Uint8Array;
   /** Size after EXIF orientation, before resizing (SDXL's original_size). */
   originalWidth: number;
   originalHeight: number;
@@ -125,15 +148,21 @@ const NORMALIZE_LUT: Float32Array = (() => {
  * floats, mirrored horizontally when `flip` (flip happens after the crop, as in torchvision).
  */
 export function cropToChw(img: RgbImage, top: number, left: number, size: number, flip: boolean, out?: Float32Array): Float32Array {
-  if (top < 0 || left < 0 || top + size > img.height || left + size > img.width) {
-    throw new RangeError(`crop ${size}x${size} at (${top}, ${left}) is outside the ${img.width}x${img.height} image`);
+  return cropRectToChw(img, top, left, size, size, flip, out);
+}
+
+/** cropToChw for a `width` x `height` window. */
+export function cropRectToChw(img: RgbImage, top: number, left: number, width: number, height: number, flip: boolean, out?: Float32Array): Float32Array {
+  const size = width;
+  if (top < 0 || left < 0 || top + height > img.height || left + width > img.width) {
+    throw new RangeError(`crop ${width}x${height} at (${top}, ${left}) is outside the ${img.width}x${img.height} image`);
   }
-  const plane = size * size;
+  const plane = width * height;
   const dst = out ?? new Float32Array(3 * plane);
   if (dst.length !== 3 * plane) throw new RangeError(`output has ${dst.length} floats, need ${3 * plane}`);
   const src = img.data;
   const plane2 = 2 * plane;
-  for (let y = 0; y < size; y++) {
+  for (let y = 0; y < height; y++) {
     const o = y * size;
     if (flip) {
       let s = ((top + y) * img.width + left + size - 1) * 3;
@@ -416,34 +445,39 @@ export async function processImage(src: Source, options: ImageTransformOptions, 
   const meta = await sharp(buf).metadata();
   const ow = meta.autoOrient.width;
   const oh = meta.autoOrient.height;
-  const size = resizedSize(ow, oh, res);
+  const b = options.bucket;
+  const outW = b ? b.width : res;
+  const outH = b ? b.height : res;
+  const size = b ? { width: b.resizedWidth, height: b.resizedHeight } : resizedSize(ow, oh, res);
   const { top, left } = options.centerCrop
-    ? centerCropOffsets(size.height, size.width, res, res)
-    : randomCropOffsets(size.height, size.width, res, res, rng as Prng);
+    ? centerCropOffsets(size.height, size.width, outH, outW)
+    : randomCropOffsets(size.height, size.width, outH, outW, rng as Prng);
   const flipped = options.randomFlip === true && (rng as Prng).nextFloat() < 0.5;
 
-  const sameSize = size.width === ow && size.height === oh; // torchvision returns the image untouched
-  const upscale = size.width > ow || size.height > oh;
-  const resampler = options.resampler ?? 'auto';
-  const usePil =
-    !sameSize &&
-    (interpolation === 'area' || resampler === 'pil' || (resampler === 'auto' && (upscale || interpolation === 'nearest')));
-  let pixels: Float32Array;
-  if (usePil) {
-    const full = await decodeWithSharp(buf, meta.hasAlpha);
-    const window = pilResize(full, size.width, size.height, interpolation, { top, left, width: res, height: res });
-    pixels = cropToChw(window, 0, 0, res, flipped, out);
-  } else {
-    const kernel = SHARP_KERNELS[interpolation === 'area' ? 'nearest' : interpolation]; // 'area' gets here only unresized
-    const img = await decodeWithSharp(buf, meta.hasAlpha, sameSize ? undefined : { ...size, kernel });
-    if (img.width !== size.width || img.height !== size.height) {
-      throw new Error(`decoded to ${img.width}x${img.height}, expected ${size.width}x${size.height}`);
+  const region: Region = { top, left, width: outW, height: outH };
+  const window = await resizedWindow(buf, meta.hasAlpha === true, ow, oh, size, region, interpolation, options.resampler ?? 'auto');
+  const pixels = cropRectToChw(window, 0, 0, outW, outH, flipped, out);
+  let mask: Uint8Array | undefined;
+  if (options.mask !== undefined) {
+    const gray = await decodeMask(options.mask === 'alpha' ? buf : await load(options.mask), options.mask === 'alpha', ow, oh, options.mask);
+    let win: RgbImage;
+    if (gray === undefined) win = { data: new Uint8Array(outW * outH * 3).fill(255), width: outW, height: outH };
+    else {
+      // The mask as an opaque 3-channel image through the very resize and crop of the pixels.
+      const rgb = Buffer.alloc(ow * oh * 3);
+      for (let k = 0; k < ow * oh; k++) rgb[3 * k] = rgb[3 * k + 1] = rgb[3 * k + 2] = gray[k];
+      const png = await sharp(rgb, { raw: { width: ow, height: oh, channels: 3 } }).png({ compressionLevel: 0 }).toBuffer();
+      win = await resizedWindow(png, false, ow, oh, size, region, interpolation, options.resampler ?? 'auto');
     }
-    pixels = cropToChw(img, top, left, res, flipped, out);
+    mask = new Uint8Array(outW * outH);
+    for (let y = 0; y < outH; y++) for (let x = 0; x < outW; x++) mask[y * outW + x] = win.data[(y * outW + (flipped ? outW - 1 - x : x)) * 3];
   }
   return {
     pixels,
     resolution: res,
+    width: outW,
+    height: outH,
+    ...(mask ? { mask } : {}),
     originalWidth: ow,
     originalHeight: oh,
     resizedWidth: size.width,
@@ -452,4 +486,71 @@ export async function processImage(src: Source, options: ImageTransformOptions, 
     cropLeft: left,
     flipped,
   };
+}
+
+/**
+ * The `region` of the image resized to `size` as 8-bit RGB: the PIL port or libvips as the module comment says.
+ * (A region of the resize equals cropping the whole resize.)
+ */
+async function resizedWindow(
+  buf: Buffer,
+  hasAlpha: boolean,
+  ow: number,
+  oh: number,
+  size: { width: number; height: number },
+  region: Region,
+  interpolation: Interpolation,
+  resampler: Resampler,
+): Promise<RgbImage> {
+  const sameSize = size.width === ow && size.height === oh; // torchvision returns the image untouched
+  const upscale = size.width > ow || size.height > oh;
+  const usePil =
+    !sameSize &&
+    (interpolation === 'area' || resampler === 'pil' || (resampler === 'auto' && (upscale || interpolation === 'nearest')));
+  if (usePil) {
+    const full = await decodeWithSharp(buf, hasAlpha);
+    return pilResize(full, size.width, size.height, interpolation, region);
+  }
+  const kernel = SHARP_KERNELS[interpolation === 'area' ? 'nearest' : interpolation]; // 'area' gets here only unresized
+  const img = await decodeWithSharp(buf, hasAlpha, sameSize ? undefined : { ...size, kernel });
+  if (img.width !== size.width || img.height !== size.height) {
+    throw new Error(`decoded to ${img.width}x${img.height}, expected ${size.width}x${size.height}`);
+  }
+  return cropRgb(img, region);
+}
+
+/**
+ * A mask's values (one byte per pixel, EXIF-oriented): the alpha channel of `buf` (undefined when it has none: the
+ * image counts fully), or the first channel of a mask image, which must have the image's size.
+ */
+async function decodeMask(buf: Buffer, alpha: boolean, width: number, height: number, file: string): Promise<Uint8Array | undefined> {
+  const meta = await sharp(buf).metadata();
+  if (alpha && !meta.hasAlpha) return undefined;
+  if (!alpha && (meta.autoOrient.width !== width || meta.autoOrient.height !== height))
+    throw new Error(`the mask ${file} is ${meta.autoOrient.width}x${meta.autoOrient.height} but its image is ${width}x${height}: a mask must have its image's size`);
+  const channel = (alpha ? (meta.channels ?? 4) - 1 : 0) as 0 | 1 | 2 | 3;
+  const { data, info } = await sharp(buf, { autoOrient: true }).extractChannel(channel).raw().toBuffer({ resolveWithObject: true });
+  if (info.width !== width || info.height !== height || info.channels !== 1) throw new Error(`mask decoded to ${info.width}x${info.height}x${info.channels}, expected ${width}x${height}x1`);
+  return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+}
+
+/**
+ * A mask (bytes, 255 = full weight) at the latent size: the mean of each `stride` x `stride` block of value / 255,
+ * as kohya's interpolate(mask, size=latent size, mode="area") when the sides are multiples of the stride.
+ */
+export function maskToLatent(mask: Uint8Array, width: number, height: number, stride: number, out?: Float32Array): Float32Array {
+  if (width % stride !== 0 || height % stride !== 0) throw new RangeError(`mask ${width}x${height} is not a multiple of the latent stride ${stride}`);
+  const lw = width / stride;
+  const lh = height / stride;
+  const dst = out ?? new Float32Array(lw * lh);
+  for (let y = 0; y < lh; y++)
+    for (let x = 0; x < lw; x++) {
+      let sum = 0;
+      for (let dy = 0; dy < stride; dy++) {
+        const row = (y * stride + dy) * width + x * stride;
+        for (let dx = 0; dx < stride; dx++) sum += mask[row + dx];
+      }
+      dst[y * lw + x] = sum / 255 / (stride * stride);
+    }
+  return dst;
 }

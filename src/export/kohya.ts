@@ -32,8 +32,19 @@ export function pyFloat(x: number): string {
   return s.includes('.') ? s : `${s}.0`;
 }
 
+/** sd-scripts' ss_bucket_info: {"buckets": {"0": {"resolution": [w, h], "count": n}, ...}, "mean_img_ar_error": x}. */
+export interface KohyaBucketInfo {
+  buckets: Record<string, { resolution: [number, number]; count: number }>;
+  mean_img_ar_error: number;
+}
+
 /** What the ss_* metadata describes. */
 export interface KohyaTrainingInfo {
+  /** --enable-bucket (ss_enable_bucket, ss_bucket_no_upscale, ss_min/max_bucket_reso, ss_bucket_info; info unknown: null). */
+  buckets?: { noUpscale: boolean; minReso: number; maxReso: number; info?: KohyaBucketInfo };
+  /** --shuffle-caption, --keep-tokens (ss_shuffle_caption, ss_keep_tokens). */
+  shuffleCaption?: boolean;
+  keepTokens?: number;
   rank: number;
   alpha: number;
   dropout: number;
@@ -147,7 +158,11 @@ export function kohyaMetadata(i: KohyaTrainingInfo): Record<string, string> {
   const none = (v: number | undefined) => (v === undefined || v === 0 ? 'None' : pyFloat(v));
   const bool = (b: boolean | undefined) => (b ? 'True' : 'False');
   const world = i.numProcesses ?? 1;
-  const batchesPerEpoch = Math.max(1, Math.ceil(i.numTrainImages / (i.trainBatchSize * world)));
+  // Bucketed: each bucket is cut into global batches on its own (src/data/buckets.ts BucketOrder).
+  const bucketCounts = i.buckets?.info ? Object.values(i.buckets.info.buckets).map((b) => b.count) : undefined;
+  const batchesPerEpoch = bucketCounts
+    ? Math.max(1, bucketCounts.reduce((n, c) => n + Math.ceil(c / (i.trainBatchSize * world)), 0))
+    : Math.max(1, Math.ceil(i.numTrainImages / (i.trainBatchSize * world)));
   const numEpochs = Math.ceil(i.maxTrainSteps / Math.ceil(batchesPerEpoch / i.gradientAccumulationSteps));
   const dirName = i.trainDataDir ? path.basename(path.resolve(i.trainDataDir)) : 'train_data';
   const m: Record<string, string> = {
@@ -219,16 +234,17 @@ export function kohyaMetadata(i: KohyaTrainingInfo): Record<string, string> {
     ss_color_aug: 'False',
     ss_flip_aug: bool(i.randomFlip),
     ss_random_crop: bool(i.centerCrop === false),
-    ss_shuffle_caption: 'False',
-    ss_enable_bucket: 'False',
-    ss_bucket_no_upscale: 'False',
-    ss_min_bucket_reso: 'None',
-    ss_max_bucket_reso: 'None',
-    ss_keep_tokens: '0',
+    ss_shuffle_caption: bool(i.shuffleCaption),
+    ss_enable_bucket: bool(i.buckets !== undefined),
+    ss_bucket_no_upscale: bool(i.buckets?.noUpscale),
+    ss_min_bucket_reso: i.buckets ? String(i.buckets.minReso) : 'None',
+    ss_max_bucket_reso: i.buckets ? String(i.buckets.maxReso) : 'None',
+    ss_keep_tokens: String(i.keepTokens ?? 0),
     ss_dataset_dirs: pyJson(new Map([[dirName, { n_repeats: 1, img_count: i.numTrainImages }]])),
     ss_reg_dataset_dirs: pyJson({}),
     ss_tag_frequency: i.captions ? pyJson(new Map([[dirName, tagFrequency(i.captions)]])) : '{}',
-    ss_bucket_info: 'null',
+    // sd-scripts: json.dumps(dataset.bucket_info), None (null) without buckets; ss_resolution stays the --resolution pair.
+    ss_bucket_info: i.buckets?.info ? pyJson(i.buckets.info) : 'null',
     ss_network_args: pyJson({}),
     ss_network_train_unet_only: bool(!i.textEncoderTrained),
   };

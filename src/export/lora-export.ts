@@ -42,7 +42,7 @@ import { datasetFingerprint, loadDataset } from '../data/dataset';
 import { ASSETS, checkModel, isSingleFile, modelConfig, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
 import { native, type LoraComponent, type LoraComponentSummary, type LoraFileFormat, type LoraSource, type LoraSummary } from '../native';
 import { splitDataset } from '../train/validation-loss';
-import { addKohyaHashes, baseModelHashes, kohyaMetadata, modelSpecMetadata } from './kohya';
+import { addKohyaHashes, baseModelHashes, type KohyaBucketInfo, kohyaMetadata, modelSpecMetadata } from './kohya';
 
 export const LORA_FORMATS: readonly LoraFileFormat[] = ['diffusers', 'peft', 'kohya'];
 /** File names inside the output folder. */
@@ -85,6 +85,8 @@ export interface ExportSpec {
   numValidationImages?: number;
   /** Each training image's first caption variant (kohya ss_tag_frequency); unknown when absent. */
   captions?: readonly string[];
+  /** --enable-bucket: the bucket table as kohya's ss_bucket_info (src/data/buckets.ts bucketInfo). */
+  bucketInfo?: KohyaBucketInfo;
   mixedPrecision: 'no' | 'fp16' | 'bf16';
   baseModelFingerprint?: string;
   /** ms since the epoch. */
@@ -275,6 +277,9 @@ async function writeKohya(spec: ExportSpec, summary: LoraSummary, file: string):
     gradientAccumulationSteps: cfg.gradient_accumulation_steps,
     gradientCheckpointing: cfg.gradient_checkpointing,
     cacheLatents: cfg.cache_latents,
+    ...(cfg.enable_bucket ? { buckets: { noUpscale: cfg.bucket_no_upscale, minReso: cfg.min_bucket_reso, maxReso: cfg.max_bucket_reso, info: spec.bucketInfo } } : {}),
+    shuffleCaption: cfg.shuffle_caption,
+    keepTokens: cfg.keep_tokens,
     maxGradNorm: cfg.max_grad_norm,
     noiseOffset: cfg.noise_offset,
     snrGamma: cfg.snr_gamma,

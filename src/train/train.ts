@@ -49,6 +49,8 @@ import { lrForOptimizerStep, lrLambda, lrScheduleFromJSON, trainingLrSchedule, t
 import { NoiseSchedule } from '../schedules/noise';
 import { planPrecision, resolveDevice, type PrecisionPlan } from '../device';
 import { buildLatentCache, CachedLatentSource, ImageSource, type MicroBatchSource } from './sources';
+import { batchesPerEpochOnRank, BUCKET_KEYS, bucketChanges, type DataPlan, loaderExtras, planData } from './data-plan';
+import { BucketOrder, bucketInfo } from '../data/buckets';
 import { Validator, type ValidationResult } from './validation';
 import { makeImageRenderer } from './validation-images';
 import { splitDataset, ValidationLoss, vaeScalingFactor } from './validation-loss';
@@ -397,6 +399,9 @@ function compatibilityProblems(prev: TrainerStateFile, cfg: TrainConfig, modelFp
     problems.push(`the dataset changed since the checkpoint (${prev.dataset.path}); pass --allow-dataset-change to continue on the new data`);
   if (p.seed !== undefined && p.seed !== cfg.seed)
     problems.push(`--seed was ${p.seed}, now ${cfg.seed}: the data order and augmentation of the checkpoint's epoch come from its seed; resume with --seed ${p.seed}, or start a new run`);
+  const buckets = bucketChanges(p, cfg);
+  if (buckets.length)
+    problems.push(`the aspect-ratio buckets differ (${buckets.join(', ')}): they decide the data order of the checkpoint's epoch; resume with the checkpoint's bucket settings, or start a new run`);
   if (changed(p, cfg, 'validation_split') && !cfg.allow_dataset_change)
     problems.push(`--validation-split was ${show(p.validation_split)}, now ${show(cfg.validation_split)}: the training images differ; pass --allow-dataset-change to continue on the new split`);
   return problems;
@@ -412,6 +417,7 @@ const COMPARED_ELSEWHERE: ReadonlySet<string> = new Set([
   'pretrained_model_name_or_path', 'train_data_dir', 'max_train_samples', 'train_mode', 'rank', 'lora_alpha', 'lora_target_modules', 'seed', 'validation_split',
   'train_text_encoder', 'text_encoder_target_modules',
   'device', 'num_processes', 'nnodes', 'node_rank', 'master_addr', 'master_port', 'dist_backend', 'dist_timeout', 'init_lora_weights',
+  ...BUCKET_KEYS,
 ]);
 /** What the LR schedule is built from. */
 const SCHEDULE_KEYS = ['learning_rate', 'scale_lr', 'lr_scheduler', 'lr_warmup_steps', 'lr_num_cycles', 'lr_power', 'max_train_steps'] as const;
@@ -497,6 +503,8 @@ interface RunSetup {
  * and every save records. The loop, the saves and finish() read and update this one object.
  */
 interface RunState extends Omit<RunSetup, 'distEnv' | 'isMain'> {
+  /** Buckets and masks of the run (issue 17; src/train/data-plan.ts). */
+  dataPlan: DataPlan;
   dist: DistContext;
   device: string;
   mixed: PrecisionPlan['mixed'];
@@ -629,6 +637,8 @@ async function prepare(s: RunSetup): Promise<RunState> {
   const noise = NoiseSchedule.fromFile(modelSchedulerConfig(modelDir), cfg.prediction_type ? { predictionType: cfg.prediction_type } : {});
   if (noise.predictionType === 'sample') throw new Error('prediction_type "sample" is not supported for training; use epsilon or v_prediction');
   const data = await loadData(cfg, report, modelDir);
+  // --enable-bucket, --masked-loss: may leave out too-small images (--skip-bad-images), so before the schedule.
+  const dataPlan = await planData(cfg, report, modelDir, data, s.isMain);
 
   // ---- resume ----
   const { resumeFrom, imported, prev } = await resumeSource(s, data.modelFp, data.dataFp);
@@ -649,8 +659,8 @@ async function prepare(s: RunSetup): Promise<RunState> {
   const accum = cfg.gradient_accumulation_steps;
   const world = res.dist.worldSize;
   const maxSteps = cfg.max_train_steps;
-  const batchesPerEpoch = Math.ceil(data.dataset.items.length / batchSize);
-  const updatesPerEpoch = Math.ceil(Math.ceil(data.dataset.items.length / (batchSize * world)) / accum);
+  const batchesPerEpoch = dataPlan.table ? batchesPerEpochOnRank(dataPlan, data.dataset.items.length, batchSize, world) * world : Math.ceil(data.dataset.items.length / batchSize);
+  const updatesPerEpoch = Math.ceil(batchesPerEpochOnRank(dataPlan, data.dataset.items.length, batchSize, world) / accum);
   const spec: LrScheduleSpec = trainingLrSchedule({
     kind: cfg.lr_scheduler as LrScheduleSpec['kind'],
     learningRate: cfg.learning_rate,
@@ -669,7 +679,14 @@ async function prepare(s: RunSetup): Promise<RunState> {
   if (progress.globalStep >= maxSteps) {
     report.info(`already at step ${progress.globalStep} of ${maxSteps}: nothing to train (raise --max-train-steps to continue)`);
   }
-  const loaderOpts = loaderOptions(cfg, progress.cursor, res.dist);
+  if (dataPlan.table && progress.cursor) {
+    try {
+      BucketOrder.checkResume(progress.cursor, dataPlan.table, batchSize * world);
+    } catch (e) {
+      throw new CheckpointError(`cannot resume from ${resumeFrom?.path}: ${(e as Error).message}`, 'EINCOMPATIBLE');
+    }
+  }
+  const loaderOpts: LoaderOptions = { ...loaderOptions(cfg, progress.cursor, res.dist), ...loaderExtras(cfg, dataPlan) };
   const loader = await createLoader(s, data.dataset, loaderOpts);
 
   // ---- validation ----
@@ -678,7 +695,7 @@ async function prepare(s: RunSetup): Promise<RunState> {
   if (data.heldOut && res.dist.isMain) {
     const t1 = Date.now();
     valLossSet = await ValidationLoss.prepare(res.pipe!, tokenizer, data.heldOut, {
-      loader: loaderOpts,
+      loader: heldOutLoaderOptions(loaderOpts, dataPlan),
       seed: cfg.validation_seed ?? cfg.seed,
       numTrainTimesteps: noise.alphasCumprod.length,
       scalingFactor: vaeScalingFactor(modelDir),
@@ -709,6 +726,7 @@ async function prepare(s: RunSetup): Promise<RunState> {
     runId,
     trainer,
     loader,
+    dataPlan,
     batchSize,
     accum,
     world,
@@ -992,13 +1010,19 @@ function loaderOptions(cfg: TrainConfig, cursor: SampleOrderState | undefined, d
   };
 }
 
+/** The held-out images' loader options: their own buckets and masks (item indices are the held-out set's). */
+function heldOutLoaderOptions(o: LoaderOptions, plan: DataPlan): LoaderOptions {
+  const { buckets: _b, masks: _m, ...rest } = o;
+  return { ...rest, ...(plan.heldOutTable ? { buckets: plan.heldOutTable } : {}), ...(plan.heldOutMasks ? { masks: plan.heldOutMasks } : {}) };
+}
+
 /** The micro-batch source (into res, so train() closes it): images decoded as they come, or --cache-latents encoded once. */
 async function createLoader({ cfg, report, res }: RunSetup, dataset: Dataset, loaderOpts: LoaderOptions): Promise<MicroBatchSource> {
   if (cfg.cache_latents) {
     const t1 = Date.now();
     const cache = await buildLatentCache(res.pipe!, dataset, loaderOpts);
     report.info(`--cache-latents: encoded ${dataset.items.length} images once in ${((Date.now() - t1) / 1000).toFixed(1)} s`);
-    res.loader = new CachedLatentSource(dataset, cache, loaderOpts.batchSize, cfg.seed, loaderOpts.cursor, { rank: res.dist.rank, worldSize: res.dist.worldSize }, cfg.caption_dropout_rate);
+    res.loader = new CachedLatentSource(dataset, cache, loaderOpts);
   } else {
     res.loader = new ImageSource(dataset, loaderOpts);
   }
@@ -1367,6 +1391,7 @@ async function exportFinal(run: RunState): Promise<string[]> {
         numTrainImages: run.dataset.items.length,
         numValidationImages: run.heldOut?.items.length ?? 0,
         captions: run.dataset.items.map((i) => i.captions[0] ?? ''),
+        ...(run.dataPlan.table ? { bucketInfo: bucketInfo(run.dataPlan.table) } : {}),
         mixedPrecision: run.mixed,
         baseModelFingerprint: run.modelFp,
         trainingStartedAt: run.startedAt,

@@ -12,7 +12,7 @@ import * as path from 'node:path';
 import type { Dataset } from '../data/dataset';
 import type { LoaderOptions } from '../data/loader';
 import { derive, type Prng } from '../data/prng';
-import { native, type PipelineHandle, type TrainerHandle } from '../native';
+import { native, type PipelineHandle, type TrainBatch, type TrainerHandle } from '../native';
 import { fromFloat32, fromInt64, numel } from '../tensors';
 import type { CLIPTokenizer } from '../tokenizer';
 import { buildLatentCache } from './sources';
@@ -71,7 +71,8 @@ export interface ValidationLossOptions {
 
 export class ValidationLoss {
   private constructor(
-    private readonly shape: number[],
+    private readonly shapes: number[][],
+    private readonly masks: Array<Float32Array | undefined> | undefined,
     private readonly latents: Float32Array[],
     private readonly noise: Float32Array[],
     private readonly timesteps: number[],
@@ -86,11 +87,11 @@ export class ValidationLoss {
   /** Encodes the held-out images once (center crop, no flip) and fixes each sample's latent, noise and timestep. */
   static async prepare(pipe: PipelineHandle, tokenizer: CLIPTokenizer, val: Dataset, o: ValidationLossOptions): Promise<ValidationLoss> {
     const cache = await buildLatentCache(pipe, val, { ...o.loader, centerCrop: true, randomFlip: false, cursor: undefined });
-    const per = numel(cache.shape);
     const latents: Float32Array[] = [];
     const noise: Float32Array[] = [];
     const timesteps: number[] = [];
     val.items.forEach((_, i) => {
+      const per = numel(cache.shapes[i]);
       const rng = derive(o.seed, VAL_NOISE_KEY, i);
       const z = gaussians(rng, per);
       const lat = new Float32Array(per);
@@ -105,29 +106,48 @@ export class ValidationLoss {
       val.items.map((it) => it.captions[0]),
       { maxLength: tokenizer.modelMaxLength, padding: 'max_length' },
     );
-    return new ValidationLoss(cache.shape, latents, noise, timesteps, inputIds, o.batchSize);
+    return new ValidationLoss(cache.shapes, cache.masks, latents, noise, timesteps, inputIds, o.batchSize);
   }
 
-  /** Mean loss over the held-out samples (no gradients, eval mode, no RNG drawn). */
+  /**
+   * Mean loss over the held-out samples (no gradients, eval mode, no RNG drawn). With buckets, each batch holds
+   * samples of one size: the samples grouped by size (in index order), cut into batches.
+   */
   async evaluate(trainer: TrainerHandle): Promise<number> {
-    const per = numel(this.shape);
+    const groups = new Map<string, number[]>();
+    this.shapes.forEach((sh, i) => {
+      const k = sh.join('x');
+      if (!groups.has(k)) groups.set(k, []);
+      groups.get(k)!.push(i);
+    });
     let total = 0;
-    for (let start = 0; start < this.size; start += this.batchSize) {
-      const idx = Array.from({ length: Math.min(this.batchSize, this.size - start) }, (_, k) => start + k);
-      const b = idx.length;
-      const lat = new Float32Array(b * per);
-      const nz = new Float32Array(b * per);
-      idx.forEach((i, k) => {
-        lat.set(this.latents[i], k * per);
-        nz.set(this.noise[i], k * per);
-      });
-      const loss = await native().trainerEvalLoss(trainer, {
-        latents: fromFloat32('latents', [b, ...this.shape], lat),
-        noise: fromFloat32('noise', [b, ...this.shape], nz),
-        timesteps: fromInt64('timesteps', [b], idx.map((i) => this.timesteps[i])),
-        inputIds: fromInt64('input_ids', [b, this.inputIds[0].length], idx.flatMap((i) => this.inputIds[i])),
-      });
-      total += loss * b;
+    for (const members of groups.values()) {
+      const shape = this.shapes[members[0]];
+      const per = numel(shape);
+      for (let start = 0; start < members.length; start += this.batchSize) {
+        const idx = members.slice(start, start + this.batchSize);
+        const b = idx.length;
+        const lat = new Float32Array(b * per);
+        const nz = new Float32Array(b * per);
+        idx.forEach((i, k) => {
+          lat.set(this.latents[i], k * per);
+          nz.set(this.noise[i], k * per);
+        });
+        const batch: TrainBatch = {
+          latents: fromFloat32('latents', [b, ...shape], lat),
+          noise: fromFloat32('noise', [b, ...shape], nz),
+          timesteps: fromInt64('timesteps', [b], idx.map((i) => this.timesteps[i])),
+          inputIds: fromInt64('input_ids', [b, this.inputIds[0].length], idx.flatMap((i) => this.inputIds[i])),
+        };
+        if (this.masks) {
+          const cells = shape[1] * shape[2];
+          const m = new Float32Array(b * cells).fill(1);
+          idx.forEach((i, k) => this.masks![i] && m.set(this.masks![i]!, k * cells));
+          batch.lossMask = fromFloat32('loss_mask', [b, 1, shape[1], shape[2]], m);
+        }
+        const loss = await native().trainerEvalLoss(trainer, batch);
+        total += loss * b;
+      }
     }
     return total / this.size;
   }
