@@ -200,7 +200,7 @@ describe('sampling during training', () => {
       }
     }
     const file = path.join(tmp, `lora_${sampleBetween}.safetensors`);
-    await n.trainerExportLora(trainer, file, 'peft');
+    await n.loraExport({ trainer }, file, 'peft');
     const weights = (await n.safetensorsRead(file)).tensors;
     n.dispose(trainer);
     n.dispose(pipe);

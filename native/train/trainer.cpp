@@ -102,6 +102,7 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
     return torch::randn(s, o).narrow(0, rank * rows, rows).contiguous();
   };
   torch::Tensor latents;
+  std::vector<int64_t> global_strides;  // the layout of the global batch's latents when it differs from latents'
   {
     torch::NoGradGuard ng;
     if (b.latents.defined()) {
@@ -122,6 +123,20 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
       const double sf = p.vae ? p.vae->config.scaling_factor : 0.18215;
       // In the pipeline's dtype, as diffusers' script has them (an fp32 VAE under force_upcast returns fp32).
       latents = (latents * sf).to(dt);
+      // With one row per rank the VAE's output has another memory layout than the global batch's would (diffusers'
+      // too: channels_last after the attention at >= 2 rows, contiguous at 1), and randn_like below follows the
+      // layout. The global layout is probed once per image size with a 2-row encode (no random numbers drawn).
+      if (R > 1 && latents.size(0) == 1 && b.pixel_values.defined()) {
+        auto key = b.pixel_values.sizes().vec();
+        auto it = global_layout_.find(key);
+        if (it == global_layout_.end()) {
+          auto pixels = b.pixel_values.to(dev);
+          auto post = p.vae->encode(pixels.expand({2, -1, -1, -1}).contiguous());
+          auto probe = ((post.mean + post.std * torch::zeros(post.mean.sizes(), post.mean.options())) * sf).to(dt);
+          it = global_layout_.emplace(key, probe.strides().vec()).first;
+        }
+        global_strides = it->second;
+      }
     }
   }
   const int64_t B = latents.size(0);
@@ -132,7 +147,8 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
     const int64_t D = like.dim();
     std::vector<int64_t> order(D);  // dims from outermost to innermost in memory
     for (int64_t d = 0; d < D; ++d) order[d] = d;
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return like.stride(a) > like.stride(c); });
+    const std::vector<int64_t> strides = global_strides.empty() ? like.strides().vec() : global_strides;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return strides[a] > strides[c]; });
     std::vector<int64_t> sizes(D), inverse(D);
     for (int64_t k = 0; k < D; ++k) {
       sizes[k] = like.size(order[k]) * (order[k] == 0 ? R : 1);

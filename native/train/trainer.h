@@ -131,6 +131,8 @@ class Trainer {
     std::list<std::string>::iterator lru;
   };
   std::unordered_map<std::string, CachedEmbedding> text_cache_;
+  // Strides of a 2-row batch's latents by pixel size (data parallel with one row per rank; see loss_for).
+  std::map<std::vector<int64_t>, std::vector<int64_t>> global_layout_;
   std::list<std::string> text_lru_;  // most recently used first
   int64_t text_cache_used_ = 0;
   std::shared_ptr<Pipeline> pipe_;
