@@ -269,6 +269,12 @@ Napi::Value CreateTrainer(const Napi::CallbackInfo& info) {
   c.lora.alpha = num_opt(o, "alpha", static_cast<double>(c.lora.rank));
   c.lora.dropout = num_opt(o, "dropout", 0);
   if (auto v = opt_str(o, "init")) c.lora.init = *v;
+  if (o.Get("convRank").IsNumber()) {
+    nn::LoraOptions conv = c.lora;
+    conv.rank = static_cast<int64_t>(o.Get("convRank").As<Napi::Number>().DoubleValue());
+    conv.alpha = num_opt(o, "convAlpha", static_cast<double>(conv.rank));
+    c.conv_lora = conv;
+  }
   if (o.Get("targets").IsArray()) {
     c.lora_targets.clear();
     Napi::Array a = o.Get("targets").As<Napi::Array>();
@@ -514,9 +520,7 @@ Napi::Value TrainerLoadLora(const Napi::CallbackInfo& info) {
   std::string file = str_arg(info, 1, "LoRA file");
   return Engine::of(env).run(env, [t, file] {
     auto& unet = *t->pipeline().unet;
-    std::vector<std::string> paths;
-    for (const auto& item : unet.named_modules("", false))
-      if (dynamic_cast<nn::Linear*>(item.value().get())) paths.push_back(item.key());
+    const std::vector<std::string> paths = lora_layer_paths(unet);
     // A file that does not carry its alpha is taken at this run's --lora-alpha.
     LoraFile lf = read_lora_file(file, {{"unet", paths}}, t->config().lora.alpha);
     auto it = lf.components.find("unet");
@@ -528,14 +532,17 @@ Napi::Value TrainerLoadLora(const Napi::CallbackInfo& info) {
       if (!found)
         throw UserError("ELORAKEYS", file + ": has an adapter for \"" + mpath + "\", which is not a LoRA target of this run (see --lora-target-modules)");
     }
+    // Keep this run's alpha (--lora-alpha, or --conv-alpha for 3x3 convs: what each adapter was created with); fold a
+    // different alpha of the file into B so the adapter computes the same function.
+    std::map<std::string, double> run_alpha;
+    for (const auto& m : have) run_alpha[m.path] = m.layer->lora.alpha;
     apply_lora_weights(unet, it->second, t->pipeline().device, file);
-    // Keep this run's alpha; fold a different alpha of the file into B so the adapter computes the same function.
-    const double run_alpha = t->config().lora.alpha;
     torch::NoGradGuard ng;
     for (auto& m : lora_modules(unet)) {
-      if (m.linear->lora.alpha != run_alpha) {
-        m.linear->lora_B.mul_(m.linear->lora.alpha / run_alpha);
-        m.linear->lora.alpha = run_alpha;
+      const double want = run_alpha.at(m.path);
+      if (m.layer->lora.alpha != want) {
+        m.layer->lora_B.mul_(m.layer->lora.alpha / want);
+        m.layer->lora.alpha = want;
       }
     }
     return Completion([n = it->second.modules.size()](Napi::Env env) { return Napi::Number::New(env, static_cast<double>(n)); });

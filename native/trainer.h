@@ -24,6 +24,8 @@ struct TrainerConfig {
   std::string mode = "lora";  // lora | full
   nn::LoraOptions lora;
   std::vector<std::string> lora_targets{"to_k", "to_q", "to_v", "to_out.0"};
+  // Rank/alpha of 3x3 conv adapters (LoCon: --conv-rank/--conv-alpha); absent = no 3x3 conv may be targeted.
+  std::optional<nn::LoraOptions> conv_lora;
   // no | fp16 | bf16: the UNet's forward runs under autocast in that dtype (torch.autocast, as accelerate wraps the
   // prepared model); LoRA and full-mode weights stay fp32 (master weights), frozen weights are whatever dtype the
   // pipeline was loaded in. fp16 adds dynamic loss scaling.

@@ -20,7 +20,7 @@ import { z } from 'zod';
 
 import { type CheckpointEntry, CheckpointError, CheckpointManager, RunLock, verifyCheckpoint } from '../checkpoint/manager';
 import { dirSize, formatBytes, fsyncPath, renameDirReplacing } from '../checkpoint/fsutil';
-import { datasetOptions, flagName, loraAlpha, TrainConfigSchema, type TrainConfig } from '../config';
+import { convAlpha, datasetOptions, flagName, loraAlpha, loraTargetModules, TrainConfigSchema, type TrainConfig } from '../config';
 import {
   loadTrainingState,
   MANIFEST_FILE as MANIFEST,
@@ -387,6 +387,10 @@ function compatibilityProblems(prev: TrainerStateFile, cfg: TrainConfig, modelFp
     if ((p.lora_alpha ?? p.rank) !== loraAlpha(cfg)) problems.push(`--lora-alpha was ${p.lora_alpha ?? p.rank}, now ${loraAlpha(cfg)}`);
     if (p.lora_target_modules.join(',') !== cfg.lora_target_modules.join(','))
       problems.push(`--lora-target-modules was ${p.lora_target_modules.join(',')}, now ${cfg.lora_target_modules.join(',')}`);
+    if (changed(p, cfg, 'lora_target_preset')) problems.push(`--lora-target-preset was ${show(p.lora_target_preset)}, now ${show(cfg.lora_target_preset)}`);
+    if (changed(p, cfg, 'conv_rank')) problems.push(`--conv-rank was ${show(p.conv_rank)}, now ${show(cfg.conv_rank)}`);
+    if (convAlpha(p as TrainConfig) !== convAlpha(cfg))
+      problems.push(`--conv-alpha was ${show(convAlpha(p as TrainConfig))}, now ${show(convAlpha(cfg))}`);
   }
   if (prev.dataset.fingerprint !== dataFp && !cfg.allow_dataset_change)
     problems.push(`the dataset changed since the checkpoint (${prev.dataset.path}); pass --allow-dataset-change to continue on the new data`);
@@ -404,7 +408,7 @@ const PER_INVOCATION: ReadonlySet<string> = new Set(['output_dir', 'resume_from_
  * problems, the device by crossDeviceNotes, the processes by the world-size note, the LoRA init is unused on resume.
  */
 const COMPARED_ELSEWHERE: ReadonlySet<string> = new Set([
-  'pretrained_model_name_or_path', 'train_data_dir', 'max_train_samples', 'train_mode', 'rank', 'lora_alpha', 'lora_target_modules', 'seed', 'validation_split',
+  'pretrained_model_name_or_path', 'train_data_dir', 'max_train_samples', 'train_mode', 'rank', 'lora_alpha', 'lora_target_modules', 'lora_target_preset', 'conv_rank', 'conv_alpha', 'seed', 'validation_split',
   'device', 'num_processes', 'nnodes', 'node_rank', 'master_addr', 'master_port', 'dist_backend', 'dist_timeout', 'init_lora_weights',
 ]);
 /** What the LR schedule is built from. */
@@ -854,7 +858,9 @@ async function createTrainer({ cfg, report, res }: RunSetup, modelDir: string, d
     alpha: loraAlpha(cfg),
     dropout: cfg.lora_dropout,
     init: 'gaussian',
-    targets: cfg.lora_target_modules,
+    targets: loraTargetModules(cfg),
+    convRank: cfg.conv_rank,
+    convAlpha: convAlpha(cfg),
     mixedPrecision: precision.mixed,
     gradientCheckpointing: cfg.gradient_checkpointing,
     predictionType: noise.predictionType as 'epsilon' | 'v_prediction',
