@@ -87,7 +87,20 @@ struct Strength {
   bool rslora = false;
   std::string source;
   std::map<std::string, double> alpha_pattern;  // peft's per-module alpha: module path (or its last parts) -> alpha
+  std::optional<double> conv_alpha;             // train-lora checkpoints: the alpha of 3x3 conv adapters (--conv-alpha)
 };
+
+// A 3x3 (kxk, k > 1) conv adapter: A [r, in, k, k].
+bool spatial_conv_entry(const LoraWeights::Entry& e) { return e.down.dim() == 4 && (e.down.size(2) > 1 || e.down.size(3) > 1); }
+
+// A finite number from metadata, or an error naming the file and key.
+double metadata_number(const std::string& path, const std::string& key, const std::string& v) {
+  char* end = nullptr;
+  const double a = std::strtod(v.c_str(), &end);
+  if (v.empty() || *end != '\0' || !std::isfinite(a))
+    throw UserError("ELORAFORMAT", path + ": metadata " + key + " \"" + v + "\" is not a number");
+  return a;
+}
 
 // The alpha_pattern entry for a module: peft matches a key against the end of the module path at a "." boundary.
 std::optional<double> pattern_alpha(const Strength& s, const std::string& mpath) {
@@ -353,7 +366,9 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
     const double a = std::strtod(it->second.c_str(), &end);
     if (it->second.empty() || *end != '\0' || !std::isfinite(a))
       throw UserError("ELORAFORMAT", path + ": metadata " + key + " \"" + it->second + "\" is not a number");
-    for (const std::string comp : {"unet", "text_encoder"}) strength.emplace(comp, Strength{a, false, path + " (metadata " + key + ")"});
+    Strength s{a, false, path + " (metadata " + key + ")"};
+    if (auto c = out.metadata.find("conv_alpha"); c != out.metadata.end()) s.conv_alpha = metadata_number(path, "conv_alpha", c->second);
+    for (const std::string comp : {"unet", "text_encoder"}) strength.emplace(comp, s);
     break;
   }
   if (!loc.adapter_config.empty()) {
@@ -371,9 +386,13 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
                                        " checkpoint holds no LoRA (its model.safetensors is a full UNet state dict)");
     // train-lora's config: lora_alpha, or (when it was not given) the rank.
     const Json& a = cfg["lora_alpha"].is_number() ? cfg["lora_alpha"] : cfg["rank"];
-    if (a.is_number())
-      for (const std::string comp : {"unet", "text_encoder"})
-        strength.emplace(comp, Strength{a.as_number(), false, loc.trainer_state + (cfg["lora_alpha"].is_number() ? " (config.lora_alpha)" : " (config.rank: no lora_alpha)")});
+    // 3x3 conv adapters: conv_alpha, or (when it was not given) conv_rank.
+    const Json& ca = cfg["conv_alpha"].is_number() ? cfg["conv_alpha"] : cfg["conv_rank"];
+    if (a.is_number()) {
+      Strength s{a.as_number(), false, loc.trainer_state + (cfg["lora_alpha"].is_number() ? " (config.lora_alpha)" : " (config.rank: no lora_alpha)")};
+      if (ca.is_number()) s.conv_alpha = ca.as_number();
+      for (const std::string comp : {"unet", "text_encoder"}) strength.emplace(comp, s);
+    }
   }
 
   // kohya: map underscored names back through the model's real module paths.
@@ -455,9 +474,11 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
     auto st = strength.find(comp);
     if (st != strength.end()) {
       out.alpha_source = st->second.source;
-      for (auto& [mpath, e] : w.modules)
-        if (!e.alpha)
-          if (auto a = pattern_alpha(st->second, mpath)) e.alpha = st->second.rslora ? *a * std::sqrt(static_cast<double>(e.down.size(0))) : *a;
+      for (auto& [mpath, e] : w.modules) {
+        if (e.alpha) continue;
+        if (auto a = pattern_alpha(st->second, mpath)) e.alpha = st->second.rslora ? *a * std::sqrt(static_cast<double>(e.down.size(0))) : *a;
+        else if (st->second.conv_alpha && spatial_conv_entry(e)) e.alpha = *st->second.conv_alpha;
+      }
       if (!st->second.rslora) {
         w.alpha = st->second.alpha;
       } else {

@@ -137,9 +137,12 @@ MergeStats merge_lora_component(const LoraWeights& w, const std::string& kind, c
     const std::string path = module_of(key);
     if (!path.empty()) {
       const auto& e = w.modules.at(path);
-      if (t.dim() != 2 || t.size(0) != e.up.size(0) || t.size(1) != e.down.size(1))
-        throw UserError("ELORASHAPE", src.describe() + ": " + key + " is " + c10::str(t.sizes()) + " but the LoRA for it is [" +
-                                          std::to_string(e.up.size(0)) + ", " + std::to_string(e.down.size(1)) + "]: the LoRA was trained on another base model");
+      // The weight the adapter's update has: [out, in] (Linear) or [out, in, k, k] (conv: A [r, in, k, k], B [out, r, 1, 1]).
+      std::vector<int64_t> want{e.up.size(0), e.down.size(1)};
+      if (e.down.dim() == 4) want.insert(want.end(), {e.down.size(2), e.down.size(3)});
+      if (t.sizes() != c10::IntArrayRef(want))
+        throw UserError("ELORASHAPE", src.describe() + ": " + key + " is " + c10::str(t.sizes()) + " but the LoRA for it is " +
+                                          c10::str(c10::IntArrayRef(want)) + ": the LoRA was trained on another base model");
       const double scale = module_alpha(w, e) / static_cast<double>(e.down.size(0));
       torch::Tensor merged = t.to(torch::kFloat32) + nn::lora_delta(e.up, e.down, scale);
       t = merged.to(t.scalar_type());
