@@ -93,6 +93,21 @@ describe('every format holds every module kind and loads like diffusers, peft an
     expect(relativeError(await predWith(path.join(LORA, rel)), preds.get('noise_pred_sdscripts')!)).toBeLessThan(TOL);
   });
 
+  test('a LoCon file written by sd-scripts itself (alpha 1, conv_alpha 1, dim 2 / conv_dim 1) loads for forward and generate', async () => {
+    const f = path.join(FIX, 'sdscripts_locon.safetensors');
+    const want = preds.get('noise_pred_sdscripts_file')!;
+    expect(relativeError(want, preds.get('noise_pred_base')!)).toBeGreaterThan(0.05);
+    expect(relativeError(await predWith(f), want)).toBeLessThan(TOL);
+    // generate --lora applies it the same way (pipelineApplyLora), at --lora-scale.
+    const p = await native().loadPipeline(TINY_MODEL, { components: ['unet'] });
+    try {
+      expect(await native().pipelineApplyLora(p, f, 1)).toBe(117);
+      expect(relativeError(byName(await native().forward(p, inputs)).get('noise_pred')!, want)).toBeLessThan(TOL);
+    } finally {
+      native().dispose(p);
+    }
+  });
+
   test('the checkpoint folder itself loads at its alphas (--lora-alpha for Linear/1x1, --conv-alpha for 3x3 convs)', async () => {
     expect(relativeError(await predWith(CKPT), preds.get('noise_pred_diffusers')!)).toBeLessThan(TOL);
   });
@@ -101,6 +116,8 @@ describe('every format holds every module kind and loads like diffusers, peft an
     const out = path.join(tmp, 'export');
     const r = await exportCheckpoint(CKPT, { formats: ['diffusers', 'peft', 'kohya'], out, model: TINY_MODEL, merge: true });
     expect(r.mergedPipeline).toBeDefined();
+    // sd-scripts' record of a LoCon run: --network_args conv_dim=1 conv_alpha=0.5.
+    expect((await native().safetensorsHeader(path.join(out, LORA_FILES.kohya))).metadata.ss_network_args).toBe('{"conv_dim": "1", "conv_alpha": "0.5"}');
     for (const f of [LORA_FILES.diffusers, LORA_FILES.peft, LORA_FILES.kohya]) {
       const [a, b] = await Promise.all([native().safetensorsRead(path.join(out, f)), native().safetensorsRead(path.join(LORA, f))]);
       expect(a.tensors.map((t) => [t.name, t.shape, Buffer.from(t.data).toString('base64')])).toEqual(b.tensors.map((t) => [t.name, t.shape, Buffer.from(t.data).toString('base64')]));

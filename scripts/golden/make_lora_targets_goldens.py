@@ -19,6 +19,8 @@ test/fixtures/lora-targets/golden.safetensors:
   noise_pred_sdscripts   sd-scripts' own loader: networks.lora.create_network_from_weights on the diffusers UNet
                          (same module names and classes as sd-scripts' SD1 UNet), apply_to + load_weights
   noise_pred_merged      a `checkpoints export --merge` UNet loaded by UNet2DConditionModel.from_pretrained
+  noise_pred_sdscripts_file  sdscripts_locon.safetensors (written here by sd-scripts' LoRANetwork, conv_dim 1)
+                         applied by sd-scripts
 
 and in golden.json: the peft configs diffusers and peft built (r, lora_alpha, rank_pattern/alpha_pattern sizes),
 sd-scripts' UNet module names for its default network (LoRANetwork, lora_dim 4) and with conv_dim 2 on models/tiny,
@@ -148,6 +150,25 @@ def main():
         subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
         out["noise_pred_merged"] = unet_pred(UNet2DConditionModel.from_pretrained(str(Path(tmp) / "final_pipeline" / "unet")), x)
 
+    # A LoCon file written by sd-scripts itself (what users download): LoRANetwork with its defaults (alpha 1,
+    # conv_alpha 1) at dim 2 / conv_dim 1 on models/tiny, lora_up drawn at random so every module matters, saved as
+    # save_weights saves it (its state_dict in float32; the sshs_* hash metadata is left out), and applied by sd-scripts.
+    unet = UNet2DConditionModel.from_pretrained(str(MODEL / "unet"))
+    kohya_lora.LoRANetwork.UNET_TARGET_REPLACE_MODULE = ["Transformer2DModel"]
+    torch.manual_seed(1)
+    net = kohya_lora.LoRANetwork(_NoTextEncoder(), unet, lora_dim=2, alpha=1, conv_lora_dim=1, conv_alpha=1)
+    with torch.no_grad():
+        for m in net.unet_loras:
+            m.lora_up.weight.normal_(0.0, 0.5)
+    net.apply_to(_NoTextEncoder(), unet, apply_text_encoder=False, apply_unet=True)  # registers the modules
+    sd = {k: v.detach().float().contiguous() for k, v in net.state_dict().items()}
+    assert len(sd) == 3 * 117, len(sd)
+    save_file(sd, str(FIX / "sdscripts_locon.safetensors"), metadata={"ss_network_module": "networks.lora", "ss_network_dim": "2", "ss_network_alpha": "1.0"})
+    net.to(torch.float64)
+    out["noise_pred_sdscripts_file"] = unet_pred(unet, x)
+    info["sdscripts_file_vs_base"] = rel(out["noise_pred_sdscripts_file"], out["noise_pred_base"])
+    del net, unet
+
     # sd-scripts' module sets: models/tiny, and SD 1.5's real architecture (no weights needed: the meta device).
     tiny = UNet2DConditionModel.from_pretrained(str(MODEL / "unet"))
     info["sdscripts_tiny_default"] = kohya_modules(tiny)
@@ -166,7 +187,7 @@ def main():
 
     save_file({k: v.contiguous() for k, v in out.items()}, str(FIX / "golden.safetensors"), metadata={"versions": json.dumps(info["versions"])})
     (FIX / "golden.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-    print(json.dumps({k: info[k] for k in ["diffusers_config", "peft_config", "rel_vs_diffusers", "rel_lora_vs_base", "sd15_counts", "sdscripts_modules_loaded"]}, indent=2))
+    print(json.dumps({k: info[k] for k in ["diffusers_config", "peft_config", "rel_vs_diffusers", "rel_lora_vs_base", "sd15_counts", "sdscripts_modules_loaded", "sdscripts_file_vs_base"]}, indent=2))
 
 
 if __name__ == "__main__":

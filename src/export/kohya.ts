@@ -36,6 +36,9 @@ export function pyFloat(x: number): string {
 export interface KohyaTrainingInfo {
   rank: number;
   alpha: number;
+  /** LoCon: the rank / alpha of 3x3 conv adapters (sd-scripts' network_args conv_dim / conv_alpha). */
+  convRank?: number;
+  convAlpha?: number;
   dropout: number;
   steps: number;
   /** 1-based, as sd-scripts counts epochs (the epoch the last step belongs to). */
@@ -227,7 +230,8 @@ export function kohyaMetadata(i: KohyaTrainingInfo): Record<string, string> {
     ss_reg_dataset_dirs: pyJson({}),
     ss_tag_frequency: i.captions ? pyJson(new Map([[dirName, tagFrequency(i.captions)]])) : '{}',
     ss_bucket_info: 'null',
-    ss_network_args: pyJson({}),
+    // sd-scripts records --network_args as the strings given: conv_dim=... conv_alpha=...
+    ss_network_args: pyJson(i.convRank !== undefined ? { conv_dim: String(i.convRank), conv_alpha: String(i.convAlpha ?? i.convRank) } : {}),
     ss_network_train_unet_only: bool(!i.textEncoderTrained),
   };
   if (i.baseModelHashes) {

@@ -248,6 +248,8 @@ async function writeKohya(spec: ExportSpec, summary: LoraSummary, file: string):
   const ss = kohyaMetadata({
     rank: u.rank,
     alpha: u.alpha,
+    convRank: cfg.conv_rank,
+    convAlpha: convAlpha(cfg),
     dropout: cfg.lora_dropout,
     steps: spec.steps,
     epoch: spec.epoch + 1,
