@@ -140,6 +140,9 @@ export const TrainConfigSchema = z
       ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['lora_target_preset'], message: 'full adapts the 3x3 convolutions of every ResNet block and down/upsampler: give their rank with --conv-rank (kohya\'s conv_dim), or use --lora-target-preset kohya' });
     if (c.conv_rank !== undefined && c.lora_target_preset !== undefined && c.lora_target_preset !== 'full')
       ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['conv_rank'], message: `--lora-target-preset ${c.lora_target_preset} has no 3x3 convolution for --conv-rank: use --lora-target-preset full (kohya's set + LoCon)` });
+    for (const k of ['lora_target_preset', 'conv_rank', 'conv_alpha'] as const)
+      if (c.train_mode === 'full' && c[k] !== undefined)
+        ctx.addIssue({ code: z.ZodIssueCode.custom, path: [k], message: '--train-mode full trains every UNet weight and has no LoRA targets: drop it, or use --train-mode lora' });
     if (c.conv_alpha !== undefined && c.conv_rank === undefined)
       ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['conv_alpha'], message: 'needs --conv-rank (the rank of 3x3 conv adapters)' });
     if (c.validation_resolution !== undefined && c.validation_resolution % 8 !== 0)

@@ -248,6 +248,7 @@ describe('bad input is refused by name', () => {
     expect(() => parseTrainConfig({ ...base, lora_target_preset: 'full' })).toThrow(/--lora-target-preset: full adapts the 3x3 convolutions.*--conv-rank/);
     expect(() => parseTrainConfig({ ...base, lora_target_preset: 'kohya', conv_rank: 4 })).toThrow(/--conv-rank: --lora-target-preset kohya has no 3x3 convolution/);
     expect(() => parseTrainConfig({ ...base, conv_alpha: 4 })).toThrow(/--conv-alpha: needs --conv-rank/);
+    expect(() => parseTrainConfig({ ...base, train_mode: 'full', lora_target_preset: 'kohya' })).toThrow(/--lora-target-preset: --train-mode full .* has no LoRA targets/);
     expect(() => parseTrainConfig({ ...base, lora_target_preset: 'everything' })).toThrow(/--lora-target-preset: "everything" is not one of attn, attn-ff, kohya, full/);
     // The preset and --lora-target-modules combine (union, preset first).
     expect(loraTargetModules(parseTrainConfig({ ...base, lora_target_preset: 'attn-ff', lora_target_modules: ['time_emb_proj', 'to_q'] }))).toEqual([
