@@ -256,6 +256,25 @@ describe('bad input is refused by name', () => {
     ]);
   });
 
+  test('SD 2.x-style UNet (use_linear_projection): proj_in/proj_out are Linear and get Linear adapters at --rank', async () => {
+    const alt = path.join(__dirname, 'fixtures', 'models', 'alt');
+    const p = await native().loadPipeline(alt, { components: ['unet'] });
+    try {
+      const { trainer: t } = await native().createTrainer(p, { alphasCumprod: [0.9, 0.8], rank: 2, targets: ['proj_in', 'proj_out'] });
+      const s = await native().loraSummary({ trainer: t });
+      expect(s.unet!.modules.length).toBeGreaterThan(0);
+      expect(s.unet!.modules.every((m) => /proj_(in|out)$/.test(m))).toBe(true);
+      expect([s.unet!.rank, s.unet!.rankPattern]).toEqual([2, {}]);
+      const f = path.join(tmp, 'alt-kohya.safetensors');
+      await native().loraExport({ trainer: t }, f, 'kohya');
+      const downs = (await native().safetensorsHeader(f)).tensors.filter((x) => x.name.endsWith('.lora_down.weight'));
+      expect(downs.every((x) => x.shape.length === 2)).toBe(true);
+      native().dispose(t);
+    } finally {
+      native().dispose(p);
+    }
+  });
+
   test('targets: unmatched names, non-layer modules, 3x3 convs without --conv-rank and --conv-rank without 3x3 convs', async () => {
     const p = await native().loadPipeline(TINY_MODEL, { components: ['unet'] });
     const make = (o: Record<string, unknown>) => native().createTrainer(p, { alphasCumprod: [0.9, 0.8], ...o });

@@ -209,7 +209,10 @@ async function importProblems(d: DiffusersCheckpoint, cfg: TrainConfig): Promise
   } catch (e) {
     return [`${d.lora} is not a readable safetensors file (${(e as Error).message})`];
   }
-  const down = header.tensors.find((t) => !/^(text_encoder|lora_te)/.test(t.name) && /(\.lora\.down|\.lora_A|\.lora_down|lora_linear_layer\.down)(\.default)?\.weight$/.test(t.name));
+  // (a Linear or 1x1-conv adapter: 3x3 conv adapters have --conv-rank)
+  const down = header.tensors.find(
+    (t) => !/^(text_encoder|lora_te)/.test(t.name) && /(\.lora\.down|\.lora_A|\.lora_down|lora_linear_layer\.down)(\.default)?\.weight$/.test(t.name) && (t.shape.length === 2 || (t.shape[2] === 1 && t.shape[3] === 1)),
+  );
   if (!down) return [`${d.lora} holds no UNet LoRA weights (no lora.down / lora_A keys)`];
   const rank = down.shape[0];
   return rank === cfg.rank ? [] : [`--rank is ${cfg.rank}, but the LoRA in ${path.basename(d.lora)} has rank ${rank}: pass --rank ${rank}`];
