@@ -196,7 +196,10 @@ std::vector<LoraTarget> inject_lora(torch::nn::Module& model, const std::vector<
       if (!lora_target_matches(item.key(), {t})) continue;
       if (dynamic_cast<nn::LoraLayer*>(item.value().get())) ++layers;
       else {
-        others.insert(item.value()->name());
+        std::string kind = item.value()->name();  // "tl::nn::LayerNorm", "torch::nn::Module" (a container)
+        if (kind == "torch::nn::Module" || kind.find("ModuleList") != std::string::npos) kind = "container";
+        else if (auto c = kind.rfind("::"); c != std::string::npos) kind = kind.substr(c + 2);
+        others.insert(kind);
         if (example.empty()) example = item.key();
       }
     }
