@@ -11,6 +11,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
+import { verifyCommand } from '../src/commands/checkpoints';
 import { loraTargetModules, parseTrainConfig, type LoraTargetPreset } from '../src/config';
 import { makeDemoData } from '../src/data/demo-data';
 import { exportCheckpoint, LORA_FILES } from '../src/export/lora-export';
@@ -106,6 +107,11 @@ describe('every format holds every module kind and loads like diffusers, peft an
     } finally {
       native().dispose(p);
     }
+  });
+
+  test('checkpoints verify accepts a LoCon checkpoint (3x3 conv adapters at conv_rank)', async () => {
+    const r = await verifyCommand(CKPT);
+    expect([r.ok, r.text]).toEqual([true, expect.stringMatching(/: ok \(step 3/)]);
   });
 
   test('the checkpoint folder itself loads at its alphas (--lora-alpha for Linear/1x1, --conv-alpha for 3x3 convs)', async () => {
