@@ -530,7 +530,7 @@ Napi::Value TrainerLoadLora(const Napi::CallbackInfo& info) {
       bool found = false;
       for (const auto& m : have) found = found || m.path == mpath;
       if (!found)
-        throw UserError("ELORAKEYS", file + ": has an adapter for \"" + mpath + "\", which is not a LoRA target of this run (see --lora-target-modules)");
+        throw UserError("ELORAKEYS", file + ": has an adapter for \"" + mpath + "\", which is not a LoRA target of this run (see --lora-target-preset and --lora-target-modules)");
     }
     // Keep this run's alpha (--lora-alpha, or --conv-alpha for 3x3 convs: what each adapter was created with); fold a
     // different alpha of the file into B so the adapter computes the same function.

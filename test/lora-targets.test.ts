@@ -281,6 +281,19 @@ describe('bad input is refused by name', () => {
     }
   });
 
+  test('--init-lora-weights with a LoCon file into a run without those targets names the flags', async () => {
+    const p = await native().loadPipeline(TINY_MODEL, { components: ['unet'] });
+    try {
+      const { trainer } = await native().createTrainer(p, { alphasCumprod: [0.9, 0.8], rank: 2 });
+      await expect(native().trainerLoadLora(trainer, path.join(LORA, LORA_FILES.kohya))).rejects.toThrow(
+        /has an adapter for "[a-z_.0-9]+", which is not a LoRA target of this run \(see --lora-target-preset and --lora-target-modules\)/,
+      );
+      native().dispose(trainer);
+    } finally {
+      native().dispose(p);
+    }
+  });
+
   test('targets: unmatched names, non-layer modules, 3x3 convs without --conv-rank and --conv-rank without 3x3 convs', async () => {
     const p = await native().loadPipeline(TINY_MODEL, { components: ['unet'] });
     const make = (o: Record<string, unknown>) => native().createTrainer(p, { alphasCumprod: [0.9, 0.8], ...o });
