@@ -141,8 +141,8 @@ function localIsoSeconds(t: number): string {
  * `train_data_dir` path, no dataset config; no --vae), spelled as its `str(value)` spells them: booleans
  * `True`/`False`, unset options `None`, floats as Python prints them, JSON values as json.dumps writes them. Options
  * train-lora does not have carry sd-scripts' defaults; ss_sd_scripts_commit_hash is "(unknown)", what sd-scripts
- * writes when it cannot tell. Plus ss_network_train_unet_only and ss_network_args ("{}"), which train-lora has
- * always written.
+ * writes when it cannot tell. Plus ss_network_train_unet_only and ss_network_args ("{}", or sd-scripts'
+ * {"conv_dim": ..., "conv_alpha": ...} for a LoCon run), which train-lora has always written.
  */
 export function kohyaMetadata(i: KohyaTrainingInfo): Record<string, string> {
   const none = (v: number | undefined) => (v === undefined || v === 0 ? 'None' : pyFloat(v));
