@@ -12,6 +12,21 @@ import { LR_SCHEDULE_KINDS } from './schedules/lr';
 import type { DatasetOptions } from './data/dataset';
 
 const positiveInt = z.number().int().positive();
+
+/**
+ * --lora-target-preset: UNet module names (peft's suffix match) of each preset. kohya is sd-scripts' default SD1 set
+ * (every Linear and 1x1 Conv2d inside a Transformer2DModel: 192 modules in SD 1.5); full adds what sd-scripts adapts
+ * with conv_dim (LoCon): every ResnetBlock2D's conv1/conv2 (3x3, --conv-rank/--conv-alpha), conv_shortcut (1x1) and
+ * time_emb_proj (Linear; both --rank/--lora-alpha, as sd-scripts sizes them), and the down/upsampler convs (3x3).
+ */
+export const LORA_TARGET_PRESETS = {
+  attn: ['to_k', 'to_q', 'to_v', 'to_out.0'],
+  'attn-ff': ['to_k', 'to_q', 'to_v', 'to_out.0', 'ff.net.0.proj', 'ff.net.2'],
+  kohya: ['to_k', 'to_q', 'to_v', 'to_out.0', 'ff.net.0.proj', 'ff.net.2', 'proj_in', 'proj_out'],
+  full: ['to_k', 'to_q', 'to_v', 'to_out.0', 'ff.net.0.proj', 'ff.net.2', 'proj_in', 'proj_out', 'conv1', 'conv2', 'conv_shortcut', 'time_emb_proj', 'downsamplers.0.conv', 'upsamplers.0.conv'],
+} as const;
+export const LORA_TARGET_PRESET_NAMES = ['attn', 'attn-ff', 'kohya', 'full'] as const;
+export type LoraTargetPreset = (typeof LORA_TARGET_PRESET_NAMES)[number];
 const nonNegInt = z.number().int().nonnegative();
 
 export const TrainConfigSchema = z
@@ -55,6 +70,9 @@ export const TrainConfigSchema = z
     lora_alpha: z.number().positive().optional(),
     lora_dropout: z.number().min(0).max(1).default(0),
     lora_target_modules: z.array(z.string().min(1)).min(1).default(['to_k', 'to_q', 'to_v', 'to_out.0']),
+    lora_target_preset: z.enum(LORA_TARGET_PRESET_NAMES).optional(),
+    conv_rank: positiveInt.optional(),
+    conv_alpha: z.number().positive().optional(),
     init_lora_weights: z.string().optional(),
     /** LoRA on the text encoder too (same --rank / --lora-alpha / --lora-dropout), in its own AdamW param group. */
     train_text_encoder: z.boolean().default(false),
@@ -142,6 +160,15 @@ export const TrainConfigSchema = z
     for (const k of ['text_encoder_target_modules', 'text_encoder_lr'] as const)
       if (c[k] !== undefined && !c.train_text_encoder)
         ctx.addIssue({ code: z.ZodIssueCode.custom, path: [k], message: 'applies to the text encoder\'s adapters: add --train-text-encoder (or leave it out)' });
+    if (c.lora_target_preset === 'full' && c.conv_rank === undefined)
+      ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['lora_target_preset'], message: 'full adapts the 3x3 convolutions of every ResNet block and down/upsampler: give their rank with --conv-rank (kohya\'s conv_dim), or use --lora-target-preset kohya' });
+    if (c.conv_rank !== undefined && c.lora_target_preset !== undefined && c.lora_target_preset !== 'full')
+      ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['conv_rank'], message: `--lora-target-preset ${c.lora_target_preset} has no 3x3 convolution for --conv-rank: use --lora-target-preset full (kohya's set + LoCon)` });
+    for (const k of ['lora_target_preset', 'conv_rank', 'conv_alpha'] as const)
+      if (c.train_mode === 'full' && c[k] !== undefined)
+        ctx.addIssue({ code: z.ZodIssueCode.custom, path: [k], message: '--train-mode full trains every UNet weight and has no LoRA targets: drop it, or use --train-mode lora' });
+    if (c.conv_alpha !== undefined && c.conv_rank === undefined)
+      ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['conv_alpha'], message: 'needs --conv-rank (the rank of 3x3 conv adapters)' });
     if (c.validation_resolution !== undefined && c.validation_resolution % 8 !== 0)
       ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['validation_resolution'], message: 'must be a multiple of 8' });
     for (const issue of dataFlagProblems(c)) ctx.addIssue({ code: z.ZodIssueCode.custom, path: [issue.key], message: issue.message });
@@ -199,7 +226,7 @@ export function parseTrainConfig(input: Record<string, unknown>): TrainConfig {
 }
 
 /** Other spellings of our keys found in training configs (kohya / older scripts). */
-export const CONFIG_KEY_ALIASES: Record<string, string> = { lora_rank: 'rank', network_dim: 'rank', network_alpha: 'lora_alpha', model: 'pretrained_model_name_or_path' };
+export const CONFIG_KEY_ALIASES: Record<string, string> = { lora_rank: 'rank', network_dim: 'rank', network_alpha: 'lora_alpha', conv_dim: 'conv_rank', model: 'pretrained_model_name_or_path' };
 
 /** diffusers train_text_to_image_lora.py options that have no meaning here (hub, trackers, xformers ...). */
 export const IGNORED_DIFFUSERS_KEYS = new Set([
@@ -240,6 +267,20 @@ export const TEXT_ENCODER_TARGETS: readonly string[] = ['q_proj', 'k_proj', 'v_p
 /** The text encoder's LoRA targets of a run that trains it (--text-encoder-target-modules or the default). */
 export function textEncoderTargets(c: TrainConfig): string[] {
   return [...(c.text_encoder_target_modules ?? TEXT_ENCODER_TARGETS)];
+}
+
+/**
+ * The UNet modules that get adapters: the --lora-target-preset's modules plus --lora-target-modules (union, in that
+ * order, without repeats); without a preset, --lora-target-modules alone (default: attention).
+ */
+export function loraTargetModules(c: Pick<TrainConfig, 'lora_target_modules' | 'lora_target_preset'>): string[] {
+  const preset: readonly string[] = c.lora_target_preset ? LORA_TARGET_PRESETS[c.lora_target_preset] : [];
+  return [...new Set([...preset, ...c.lora_target_modules])];
+}
+
+/** Effective alpha of 3x3 conv adapters: --conv-alpha, or --conv-rank (as --lora-alpha defaults to --rank). */
+export function convAlpha(c: Pick<TrainConfig, 'conv_rank' | 'conv_alpha'>): number | undefined {
+  return c.conv_rank === undefined ? undefined : (c.conv_alpha ?? c.conv_rank);
 }
 
 /** Effective LoRA alpha: the given one, or the rank (diffusers' script uses lora_alpha = rank). */

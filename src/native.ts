@@ -165,13 +165,16 @@ export interface NativeBinding {
 }
 
 /** Where LoRA adapters come from: a live trainer or pipeline, or a checkpoint's model.safetensors (peft keys) + alpha. */
-export type LoraSource = { trainer: TrainerHandle } | { pipeline: PipelineHandle } | { checkpoint: string; alpha: number };
+export type LoraSource = { trainer: TrainerHandle } | { pipeline: PipelineHandle } | { checkpoint: string; alpha: number; convAlpha?: number };
 export type LoraComponent = 'unet' | 'text_encoder';
 export interface LoraComponentSummary {
   rank: number;
   alpha: number;
   /** Module paths with an adapter, sorted. */
   modules: string[];
+  /** Modules whose rank / alpha differ from rank / alpha (3x3 conv adapters), by full path: peft's rank_pattern / alpha_pattern. */
+  rankPattern?: Record<string, number>;
+  alphaPattern?: Record<string, number>;
 }
 export type LoraSummary = Partial<Record<LoraComponent, LoraComponentSummary>>;
 export interface LoraExportOptions {
@@ -240,6 +243,9 @@ export interface TrainerOptions {
   trainTextEncoder?: boolean;
   /** peft-style target names matched against text-encoder module paths [default: q_proj k_proj v_proj out_proj]. */
   textEncoderTargets?: string[];
+  /** Rank / alpha of 3x3 conv adapters (LoCon); without convRank no 3x3 conv may be targeted. */
+  convRank?: number;
+  convAlpha?: number;
   mixedPrecision?: 'no' | 'fp16' | 'bf16';
   gradientCheckpointing?: boolean;
   predictionType?: 'epsilon' | 'v_prediction';

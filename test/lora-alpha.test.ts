@@ -90,8 +90,12 @@ describe('a peft LoRA with r 4, lora_alpha 16 gives peft\'s UNet output in every
       const peft = path.join(tmp, 'adapter');
       fs.cpSync(path.join(FIX, 'peft_adapter'), peft, { recursive: true });
       const cfg = JSON.parse(fs.readFileSync(path.join(peft, 'adapter_config.json'), 'utf8'));
-      fs.writeFileSync(path.join(peft, 'adapter_config.json'), JSON.stringify({ ...cfg, alpha_pattern: { to_q: 2 } }));
-      await expect(predWith(peft)).rejects.toThrow(/alpha_pattern is not supported/);
+      // alpha_pattern (peft's per-module alpha, what conv adapters use): literal module names are honoured, regexes refused.
+      const everyModule = { to_q: 32, to_k: 32, to_v: 32, 'to_out.0': 32 };
+      fs.writeFileSync(path.join(peft, 'adapter_config.json'), JSON.stringify({ ...cfg, alpha_pattern: everyModule }));
+      expect(relativeError(await predWith(peft), await predWith(path.join(FIX, 'bare_peft.safetensors'), 32))).toBeLessThan(1e-6);
+      fs.writeFileSync(path.join(peft, 'adapter_config.json'), JSON.stringify({ ...cfg, alpha_pattern: { 'to_.*': 2 } }));
+      await expect(predWith(peft)).rejects.toThrow(/alpha_pattern entry "to_\.\*" is not a module path/);
       // rsLoRA: scale alpha / sqrt(r) = 16 / 2 = 8 = what alpha 32 gives at r 4.
       fs.writeFileSync(path.join(peft, 'adapter_config.json'), JSON.stringify({ ...cfg, use_rslora: true }));
       const rs = await predWith(peft);

@@ -279,8 +279,10 @@ describe('--lora-target-modules', () => {
       native().dispose(pipe);
     }
   }
-  test('a target that matches nothing, or only convolutions (SD 1.x proj_in/proj_out), is an error naming it, never a silent skip', async () => {
-    expect(await targetError(['to_q', 'proj_in'])).toMatch(/"proj_in" matches only Conv2d modules \(e\.g\. [a-z_.0-9]+proj_in\); LoRA here adapts Linear layers only/);
+  test('a target that matches nothing, or only modules that are not Linear/Conv2d, is an error naming it, never a silent skip', async () => {
+    // SD 1.x proj_in/proj_out are 1x1 convolutions: adapted (LoCon shapes) since conv LoRA exists (test/lora-targets.test.ts).
+    expect(await targetError(['to_q', 'proj_in'])).toBe('created');
+    expect(await targetError(['to_q', 'norm1'])).toMatch(/"norm1" matches only .* modules \(e\.g\. [a-z_.0-9]+norm1\); LoRA adapts Linear and Conv2d layers only/);
     expect(await targetError(['to_q', 'to_qq'])).toMatch(/"to_qq" matches no module of this model/);
     expect(await targetError(['to_q', 'ff.net.2'])).toBe('created');
   });

@@ -270,6 +270,12 @@ Napi::Value CreateTrainer(const Napi::CallbackInfo& info) {
   c.lora.alpha = num_opt(o, "alpha", static_cast<double>(c.lora.rank));
   c.lora.dropout = num_opt(o, "dropout", 0);
   if (auto v = opt_str(o, "init")) c.lora.init = *v;
+  if (o.Get("convRank").IsNumber()) {
+    nn::LoraOptions conv = c.lora;
+    conv.rank = static_cast<int64_t>(o.Get("convRank").As<Napi::Number>().DoubleValue());
+    conv.alpha = num_opt(o, "convAlpha", static_cast<double>(conv.rank));
+    c.conv_lora = conv;
+  }
   if (o.Get("targets").IsArray()) {
     c.lora_targets.clear();
     Napi::Array a = o.Get("targets").As<Napi::Array>();
@@ -492,52 +498,17 @@ Napi::Value VaeEncode(const Napi::CallbackInfo& info) {
   });
 }
 
-// trainerLoadLora(trainer, file): initial adapter weights from a LoRA file (diffusers, PEFT or kohya keys).
+// trainerLoadLora(trainer, file): initial adapter weights from a LoRA file (diffusers, PEFT or kohya keys); the rules
+// are init_lora_from_file's (lora/lora.h).
 Napi::Value TrainerLoadLora(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto t = unwrap_handle<Trainer>(info[0], "Trainer");
   std::string file = str_arg(info, 1, "LoRA file");
   return Engine::of(env).run(env, [t, file] {
     Pipeline& p = t->pipeline();
-    auto linear_paths = [](torch::nn::Module& m) {
-      std::vector<std::string> paths;
-      for (const auto& item : m.named_modules("", false))
-        if (dynamic_cast<nn::Linear*>(item.value().get())) paths.push_back(item.key());
-      return paths;
-    };
-    std::map<std::string, std::vector<std::string>> module_paths{{"unet", linear_paths(*p.unet)}};
-    if (p.text_encoder) module_paths["text_encoder"] = linear_paths(*p.text_encoder);
-    // A file that does not carry its alpha is taken at this run's --lora-alpha.
-    LoraFile lf = read_lora_file(file, module_paths, t->config().lora.alpha);
-    if (lf.components.empty()) throw UserError("ELORAKEYS", file + ": has no LoRA weights for the UNet or the text encoder");
-    // Text-encoder weights are never dropped: they need --train-text-encoder (which trains and saves them).
-    if (lf.components.count("text_encoder") && !t->config().train_text_encoder)
-      throw UserError("ELORAKEYS", file + ": has text-encoder LoRA weights (" + std::to_string(lf.components.at("text_encoder").modules.size()) +
-                                       " modules), which this run would ignore: add --train-text-encoder to start the text encoder's adapters from "
-                                       "them (with --text-encoder-target-modules covering them), or use a LoRA file without them");
-    size_t n = 0;
-    for (const auto& [comp, w] : lf.components) {
-      torch::nn::Module& m = comp == "unet" ? static_cast<torch::nn::Module&>(*p.unet) : *p.text_encoder;
-      const char* flag = comp == "unet" ? "--lora-target-modules" : "--text-encoder-target-modules";
-      const auto have = lora_modules(m);
-      for (const auto& [mpath, e] : w.modules) {
-        bool found = false;
-        for (const auto& h : have) found = found || h.path == mpath;
-        if (!found)
-          throw UserError("ELORAKEYS", file + ": has an adapter for " + comp + " \"" + mpath + "\", which is not a LoRA target of this run (see " + flag + ")");
-      }
-      apply_lora_weights(m, w, p.device, file);
-      // Keep this run's alpha; fold a different alpha of the file into B so the adapter computes the same function.
-      const double run_alpha = t->config().lora.alpha;
-      torch::NoGradGuard ng;
-      for (auto& h : lora_modules(m)) {
-        if (h.linear->lora.alpha != run_alpha) {
-          h.linear->lora_B.mul_(h.linear->lora.alpha / run_alpha);
-          h.linear->lora.alpha = run_alpha;
-        }
-      }
-      n += w.modules.size();
-    }
+    std::map<std::string, torch::nn::Module*> models{{"unet", p.unet.get()}};
+    if (p.text_encoder) models["text_encoder"] = p.text_encoder.get();
+    const size_t n = init_lora_from_file(file, models, t->config().lora.alpha, t->config().train_text_encoder, p.device);
     return Completion([n](Napi::Env env) { return Napi::Number::New(env, static_cast<double>(n)); });
   });
 }

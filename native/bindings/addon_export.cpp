@@ -21,10 +21,11 @@ struct LoraSource {
   std::shared_ptr<Pipeline> pipeline;
   std::string checkpoint;
   double alpha = 0;
+  std::optional<double> conv_alpha;
   LoraSet resolve() const {  // torch thread
     if (trainer) return lora_set_from_pipeline(trainer->pipeline());
     if (pipeline) return lora_set_from_pipeline(*pipeline);
-    return lora_set_from_checkpoint(checkpoint, alpha);
+    return lora_set_from_checkpoint(checkpoint, alpha, conv_alpha);
   }
 };
 
@@ -40,17 +41,23 @@ LoraSource source_arg(const Napi::CallbackInfo& info, size_t i) {
     s.checkpoint = *c;
     if (!o.Get("alpha").IsNumber()) throw Napi::TypeError::New(env, "a checkpoint source needs its LoRA alpha");
     s.alpha = o.Get("alpha").As<Napi::Number>().DoubleValue();
+    if (o.Get("convAlpha").IsNumber()) s.conv_alpha = o.Get("convAlpha").As<Napi::Number>().DoubleValue();
   } else {
     throw Napi::TypeError::New(env, "source must be {trainer}, {pipeline} or {checkpoint, alpha}");
   }
   return s;
 }
 
+// A component's adapter config: r / lora_alpha of its Linear and 1x1-conv modules (--rank / --lora-alpha), and the
+// modules that differ (3x3 conv adapters: --conv-rank / --conv-alpha) by full path, as peft's rank_pattern /
+// alpha_pattern hold them.
 struct ComponentSummary {
   std::string name;
   int64_t rank = 0;
   double alpha = 0;
   std::vector<std::string> paths;
+  std::map<std::string, int64_t> rank_pattern;
+  std::map<std::string, double> alpha_pattern;
 };
 
 std::vector<ComponentSummary> summarize(const LoraSet& set) {
@@ -58,15 +65,18 @@ std::vector<ComponentSummary> summarize(const LoraSet& set) {
   for (const auto& [comp, w] : set) {
     ComponentSummary c;
     c.name = comp;
-    c.rank = w.rank();
-    if (!w.modules.empty()) {
-      const auto& e = w.modules.begin()->second;
-      c.alpha = e.alpha ? *e.alpha : (w.alpha ? *w.alpha : static_cast<double>(c.rank));
+    auto alpha_of = [&](const LoraWeights::Entry& e) { return e.alpha ? *e.alpha : (w.alpha ? *w.alpha : static_cast<double>(e.down.size(0))); };
+    const LoraWeights::Entry* main = nullptr;
+    for (const auto& [p, e] : w.modules)
+      if (!main && !(e.down.dim() == 4 && e.down.size(2) > 1)) main = &e;
+    if (!main && !w.modules.empty()) main = &w.modules.begin()->second;
+    if (main) {
+      c.rank = main->down.size(0);
+      c.alpha = alpha_of(*main);
     }
     for (const auto& [p, e] : w.modules) {
-      if (e.down.size(0) != c.rank)
-        throw UserError("ELORASHAPE", "LoRA module " + comp + "." + p + " has rank " + std::to_string(e.down.size(0)) + ", others " +
-                                          std::to_string(c.rank) + ": mixed ranks cannot be described by one adapter config");
+      if (e.down.size(0) != c.rank) c.rank_pattern[p] = e.down.size(0);
+      if (alpha_of(e) != c.alpha) c.alpha_pattern[p] = alpha_of(e);
       c.paths.push_back(p);
     }
     out.push_back(std::move(c));
@@ -83,6 +93,11 @@ Napi::Object summary_to_js(Napi::Env env, const std::vector<ComponentSummary>& c
     Napi::Array paths = Napi::Array::New(env, c.paths.size());
     for (size_t i = 0; i < c.paths.size(); ++i) paths.Set(i, c.paths[i]);
     e.Set("modules", paths);
+    Napi::Object rp = Napi::Object::New(env), ap = Napi::Object::New(env);
+    for (const auto& [p, r] : c.rank_pattern) rp.Set(p, static_cast<double>(r));
+    for (const auto& [p, a] : c.alpha_pattern) ap.Set(p, a);
+    e.Set("rankPattern", rp);
+    e.Set("alphaPattern", ap);
     o.Set(c.name, e);
   }
   return o;

@@ -86,7 +86,28 @@ struct Strength {
   std::optional<double> alpha;
   bool rslora = false;
   std::string source;
+  std::map<std::string, double> alpha_pattern;  // peft's per-module alpha: module path (or its last parts) -> alpha
+  std::optional<double> conv_alpha;             // train-lora checkpoints: the alpha of 3x3 conv adapters (--conv-alpha)
 };
+
+// A 3x3 (kxk, k > 1) conv adapter: A [r, in, k, k].
+bool spatial_conv_entry(const LoraWeights::Entry& e) { return e.down.dim() == 4 && (e.down.size(2) > 1 || e.down.size(3) > 1); }
+
+// A finite number from metadata, or an error naming the file and key.
+double metadata_number(const std::string& path, const std::string& key, const std::string& v) {
+  char* end = nullptr;
+  const double a = std::strtod(v.c_str(), &end);
+  if (v.empty() || *end != '\0' || !std::isfinite(a))
+    throw UserError("ELORAFORMAT", path + ": metadata " + key + " \"" + v + "\" is not a number");
+  return a;
+}
+
+// The alpha_pattern entry for a module: peft matches a key against the end of the module path at a "." boundary.
+std::optional<double> pattern_alpha(const Strength& s, const std::string& mpath) {
+  for (const auto& [k, a] : s.alpha_pattern)
+    if (mpath == k || ends_with(mpath, "." + k)) return a;
+  return std::nullopt;
+}
 
 // peft config keys (`prefix` is "" for adapter_config.json, "unet." for lora_adapter_metadata) -> Strength.
 std::optional<Strength> peft_strength(const Json& j, const std::string& prefix, const std::string& where) {
@@ -97,10 +118,15 @@ std::optional<Strength> peft_strength(const Json& j, const std::string& prefix, 
     throw UserError("ELORAFORMAT", where + ": a " + type.as_string() + " adapter; only LoRA (peft_type LORA) is supported");
   if (j[prefix + "use_dora"].is_bool() && j[prefix + "use_dora"].as_bool())
     throw UserError("ELORAFORMAT", where + ": a DoRA adapter (use_dora); only plain LoRA is supported");
-  const Json& pat = j[prefix + "alpha_pattern"];
-  if (pat.is_object() && !pat.as_object().empty())
-    throw UserError("ELORAFORMAT", where + ": per-module alpha_pattern is not supported (one lora_alpha for all modules is)");
   Strength s;
+  const Json& pat = j[prefix + "alpha_pattern"];
+  if (pat.is_object())
+    for (const auto& [k, v] : pat.as_object()) {
+      // peft reads keys as regular expressions; literal module paths (what peft and train-lora write) are supported.
+      if (!v.is_number() || k.find_first_of("*+?()[]{}|^$\\") != std::string::npos)
+        throw UserError("ELORAFORMAT", where + ": alpha_pattern entry \"" + k + "\" is not a module path with a number; only literal module paths are supported");
+      s.alpha_pattern[k] = v.as_number();
+    }
   s.alpha = a.as_number();
   s.rslora = j[prefix + "use_rslora"].is_bool() && j[prefix + "use_rslora"].as_bool();
   s.source = where;
@@ -134,56 +160,84 @@ bool lora_target_matches(const std::string& path, const std::vector<std::string>
 std::vector<LoraTarget> find_lora_targets(torch::nn::Module& model, const std::vector<std::string>& targets) {
   std::vector<LoraTarget> out;
   for (const auto& item : model.named_modules("", false)) {
-    auto* lin = dynamic_cast<nn::Linear*>(item.value().get());
-    if (lin && lora_target_matches(item.key(), targets)) out.push_back({item.key(), lin});
+    auto* layer = dynamic_cast<nn::LoraLayer*>(item.value().get());
+    if (layer && lora_target_matches(item.key(), targets)) out.push_back({item.key(), layer});
   }
   return out;
 }
 
+std::vector<std::string> lora_layer_paths(torch::nn::Module& model) {
+  std::vector<std::string> out;
+  for (const auto& item : model.named_modules("", false))
+    if (dynamic_cast<nn::LoraLayer*>(item.value().get())) out.push_back(item.key());
+  return out;
+}
+
+namespace {
+// kohya's split: a conv with a kernel larger than 1x1 takes conv_dim/conv_alpha; Linear and 1x1 conv the network's.
+bool is_spatial_conv(const nn::LoraLayer* l) {
+  auto* c = dynamic_cast<const nn::Conv2d*>(l);
+  return c && c->kernel > 1;
+}
+}  // namespace
+
 std::vector<LoraTarget> inject_lora(torch::nn::Module& model, const std::vector<std::string>& targets,
-                                    const nn::LoraOptions& opts, torch::Device device) {
-  // Every requested target must select at least one Linear: a target that matches nothing, or only modules LoRA
-  // cannot adapt here (SD 1.x's proj_in/proj_out are 1x1 convolutions), is an error that names it, never a silent skip
-  // (which would also list it in adapter_config.json without weights).
+                                    const nn::LoraOptions& opts, torch::Device device,
+                                    const std::optional<nn::LoraOptions>& conv_opts) {
+  // Every requested target must select at least one Linear or Conv2d: a target that matches nothing, or only modules
+  // LoRA cannot adapt (norms, embeddings, containers), is an error that names it, never a silent skip (which would
+  // also list it in adapter_config.json without weights).
   std::vector<std::string> problems;
   for (const auto& t : targets) {
-    int64_t linears = 0;
+    int64_t layers = 0;
     std::set<std::string> others;
     std::string example;
     for (const auto& item : model.named_modules("", false)) {
       if (!lora_target_matches(item.key(), {t})) continue;
-      if (dynamic_cast<nn::Linear*>(item.value().get())) ++linears;
+      if (dynamic_cast<nn::LoraLayer*>(item.value().get())) ++layers;
       else {
-        others.insert(dynamic_cast<nn::Conv2d*>(item.value().get()) ? "Conv2d" : item.value()->name());
+        std::string kind = item.value()->name();  // "tl::nn::LayerNorm", "torch::nn::Module" (a container)
+        if (kind == "torch::nn::Module" || kind.find("ModuleList") != std::string::npos) kind = "container";
+        else if (auto c = kind.rfind("::"); c != std::string::npos) kind = kind.substr(c + 2);
+        others.insert(kind);
         if (example.empty()) example = item.key();
       }
     }
-    if (linears > 0) continue;
+    if (layers > 0) continue;
     if (others.empty()) {
       problems.push_back("\"" + t + "\" matches no module of this model");
     } else {
       std::string kinds;
       for (const auto& k : others) kinds += (kinds.empty() ? "" : ", ") + k;
-      problems.push_back("\"" + t + "\" matches only " + kinds + " modules (e.g. " + example +
-                         "); LoRA here adapts Linear layers only (conv LoRA is not supported yet)");
+      problems.push_back("\"" + t + "\" matches only " + kinds + " modules (e.g. " + example + "); LoRA adapts Linear and Conv2d layers only");
     }
   }
   if (!problems.empty()) {
-    std::string msg = "--lora-target-modules: ";
+    std::string msg = "--lora-target-modules / --lora-target-preset: ";
     for (size_t i = 0; i < problems.size(); ++i) msg += (i ? "; " : "") + problems[i];
-    throw UserError("ELORATARGET", msg + ". Linear modules of an SD 1.x UNet: to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2, "
-                                         "time_emb_proj (proj_in/proj_out are Linear only with use_linear_projection, as in SD 2.x)");
+    throw UserError("ELORATARGET", msg + ". Modules of an SD 1.x UNet that take LoRA: to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2, "
+                                         "proj_in, proj_out, time_emb_proj, conv_shortcut and (with --conv-rank) conv1, conv2, "
+                                         "downsamplers.0.conv, upsamplers.0.conv");
   }
   auto found = find_lora_targets(model, targets);
-  for (auto& t : found) t.linear->add_lora(opts, device);
+  std::string spatial_example;
+  for (const auto& t : found)
+    if (is_spatial_conv(t.layer) && spatial_example.empty()) spatial_example = t.path;
+  if (!spatial_example.empty() && !conv_opts)
+    throw UserError("ELORATARGET", "the LoRA targets include convolutions with a 3x3 kernel (e.g. " + spatial_example +
+                                       "): give their rank with --conv-rank (and optionally --conv-alpha), as kohya's conv_dim/conv_alpha");
+  if (spatial_example.empty() && conv_opts)
+    throw UserError("ELORATARGET", "--conv-rank is given but no LoRA target is a 3x3 convolution: use --lora-target-preset full, or add "
+                                   "conv1, conv2, downsamplers.0.conv or upsamplers.0.conv to --lora-target-modules");
+  for (auto& t : found) t.layer->add_lora(is_spatial_conv(t.layer) ? *conv_opts : opts, device);
   return found;
 }
 
 std::vector<LoraTarget> lora_modules(torch::nn::Module& model) {
   std::vector<LoraTarget> out;
   for (const auto& item : model.named_modules("", false)) {
-    auto* lin = dynamic_cast<nn::Linear*>(item.value().get());
-    if (lin && lin->has_lora()) out.push_back({item.key(), lin});
+    auto* layer = dynamic_cast<nn::LoraLayer*>(item.value().get());
+    if (layer && layer->has_lora()) out.push_back({item.key(), layer});
   }
   return out;
 }
@@ -203,11 +257,11 @@ std::vector<std::pair<std::string, torch::Tensor>> lora_tensors(torch::nn::Modul
                                                                 LoraFormat format) {
   std::vector<std::pair<std::string, torch::Tensor>> out;
   for (const auto& m : lora_modules(model)) {
-    out.emplace_back(lora_key(component, m.path, true, format), m.linear->lora_A.detach());
-    out.emplace_back(lora_key(component, m.path, false, format), m.linear->lora_B.detach());
+    out.emplace_back(lora_key(component, m.path, true, format), m.layer->lora_A.detach());
+    out.emplace_back(lora_key(component, m.path, false, format), m.layer->lora_B.detach());
     if (format == LoraFormat::Kohya)
       out.emplace_back(kohya_prefix(component) + "_" + underscored(m.path) + ".alpha",
-                       torch::tensor(static_cast<float>(m.linear->lora.alpha)));
+                       torch::tensor(static_cast<float>(m.layer->lora.alpha)));
   }
   return out;
 }
@@ -216,7 +270,20 @@ std::string lora_adapter_metadata_json(const std::map<std::string, std::vector<L
   Json::Object o;
   for (const auto& [comp, mods] : components) {
     if (mods.empty()) continue;
-    const auto& l = mods.front().linear->lora;
+    // The adapter-wide r / lora_alpha are the first Linear or 1x1 conv module's (--rank / --lora-alpha); modules
+    // that differ (3x3 convs with --conv-rank / --conv-alpha) go to rank_pattern / alpha_pattern by full path.
+    const nn::LoraLayer* main = mods.front().layer;
+    for (const auto& m : mods)
+      if (!is_spatial_conv(m.layer)) {
+        main = m.layer;
+        break;
+      }
+    const auto& l = main->lora;
+    Json::Object rank_pattern, alpha_pattern;
+    for (const auto& m : mods) {
+      if (m.layer->lora.rank != l.rank) rank_pattern[m.path] = Json(m.layer->lora.rank);
+      if (m.layer->lora.alpha != l.alpha) alpha_pattern[m.path] = Json(m.layer->lora.alpha);
+    }
     std::set<std::string> names;
     for (const auto& m : mods) {
       auto dot = m.path.rfind('.');
@@ -237,8 +304,8 @@ std::string lora_adapter_metadata_json(const std::map<std::string, std::vector<L
     o[comp + ".init_lora_weights"] = Json(l.init == "kaiming" ? Json(true) : Json(l.init));
     o[comp + ".use_rslora"] = Json(false);
     o[comp + ".use_dora"] = Json(false);
-    o[comp + ".rank_pattern"] = Json(Json::Object{});
-    o[comp + ".alpha_pattern"] = Json(Json::Object{});
+    o[comp + ".rank_pattern"] = Json(rank_pattern);
+    o[comp + ".alpha_pattern"] = Json(alpha_pattern);
     o[comp + ".bias"] = Json("none");
     o[comp + ".peft_type"] = Json("LORA");
   }
@@ -254,6 +321,21 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
   out.file = path;
   out.metadata = f.header().metadata;
   const auto& tensors = f.header().tensors;
+  // Kinds of file this reader does not load, told apart by their keys, refused with what is supported.
+  for (const auto& t : tensors) {
+    const std::string& k = t.name;
+    std::string kind;
+    if (k.find(".hada_w1_") != std::string::npos || k.find(".hada_w2_") != std::string::npos) kind = "a LyCORIS LoHa file (keys *.hada_w1_a)";
+    else if (k.find(".lokr_w1") != std::string::npos || k.find(".lokr_w2") != std::string::npos) kind = "a LyCORIS LoKr file (keys *.lokr_w1)";
+    else if (k.find(".oft_") != std::string::npos || ends_with(k, ".oft_blocks")) kind = "a LyCORIS OFT file";
+    else if (starts_with(k, "lora_te1_") || starts_with(k, "lora_te2_")) kind = "a LoRA for SDXL (two text encoders: keys lora_te1_* / lora_te2_*)";
+    else if (starts_with(k, "lora_unet_input_blocks_") || starts_with(k, "lora_unet_middle_block_") || starts_with(k, "lora_unet_output_blocks_"))
+      kind = "a LoRA with the original LDM/SGM module names (lora_unet_input_blocks_*), as SDXL LoRAs have";
+    if (!kind.empty())
+      throw UserError("ELORAFORMAT", path + ": " + kind + " (e.g. " + k + "). Supported: plain LoRA for SD 1.x/2.x UNets and CLIP text "
+                                            "encoders in the diffusers, PEFT or kohya format (kohya: lora_unet_<diffusers module>.lora_down/"
+                                            "lora_up/alpha, LoCon conv modules included)");
+  }
   bool any_kohya = false, any_peft = false, any_diffusers = false;
   for (const auto& t : tensors) {
     if (starts_with(t.name, "lora_unet_") || starts_with(t.name, "lora_te_")) any_kohya = true;
@@ -289,7 +371,9 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
     const double a = std::strtod(it->second.c_str(), &end);
     if (it->second.empty() || *end != '\0' || !std::isfinite(a))
       throw UserError("ELORAFORMAT", path + ": metadata " + key + " \"" + it->second + "\" is not a number");
-    for (const std::string comp : {"unet", "text_encoder"}) strength.emplace(comp, Strength{a, false, path + " (metadata " + key + ")"});
+    Strength s{a, false, path + " (metadata " + key + ")"};
+    if (auto c = out.metadata.find("conv_alpha"); c != out.metadata.end()) s.conv_alpha = metadata_number(path, "conv_alpha", c->second);
+    for (const std::string comp : {"unet", "text_encoder"}) strength.emplace(comp, s);
     break;
   }
   if (!loc.adapter_config.empty()) {
@@ -307,9 +391,13 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
                                        " checkpoint holds no LoRA (its model.safetensors is a full UNet state dict)");
     // train-lora's config: lora_alpha, or (when it was not given) the rank.
     const Json& a = cfg["lora_alpha"].is_number() ? cfg["lora_alpha"] : cfg["rank"];
-    if (a.is_number())
-      for (const std::string comp : {"unet", "text_encoder"})
-        strength.emplace(comp, Strength{a.as_number(), false, loc.trainer_state + (cfg["lora_alpha"].is_number() ? " (config.lora_alpha)" : " (config.rank: no lora_alpha)")});
+    // 3x3 conv adapters: conv_alpha, or (when it was not given) conv_rank.
+    const Json& ca = cfg["conv_alpha"].is_number() ? cfg["conv_alpha"] : cfg["conv_rank"];
+    if (a.is_number()) {
+      Strength s{a.as_number(), false, loc.trainer_state + (cfg["lora_alpha"].is_number() ? " (config.lora_alpha)" : " (config.rank: no lora_alpha)")};
+      if (ca.is_number()) s.conv_alpha = ca.as_number();
+      for (const std::string comp : {"unet", "text_encoder"}) strength.emplace(comp, s);
+    }
   }
 
   // kohya: map underscored names back through the model's real module paths.
@@ -390,12 +478,21 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
     for (auto& [mpath, e] : w.modules) {
       if (!e.down.defined() || !e.up.defined())
         throw UserError("ELORAKEYS", path + ": module " + comp + "." + mpath + " has only one of its two LoRA matrices");
-      if (e.down.dim() != 2 || e.up.dim() != 2 || e.up.size(1) != e.down.size(0))
-        throw UserError("ELORAKEYS", path + ": module " + comp + "." + mpath + " has LoRA matrices of incompatible shapes");
+      // Linear: [r, in] / [out, r]; conv (LoCon): [r, in, k, k] / [out, r, 1, 1].
+      const bool lin = e.down.dim() == 2 && e.up.dim() == 2;
+      const bool conv = e.down.dim() == 4 && e.up.dim() == 4 && e.up.size(2) == 1 && e.up.size(3) == 1;
+      if ((!lin && !conv) || e.up.size(1) != e.down.size(0))
+        throw UserError("ELORAKEYS", path + ": module " + comp + "." + mpath + " has LoRA matrices of incompatible shapes " +
+                                         c10::str(e.down.sizes()) + " and " + c10::str(e.up.sizes()));
     }
     auto st = strength.find(comp);
     if (st != strength.end()) {
       out.alpha_source = st->second.source;
+      for (auto& [mpath, e] : w.modules) {
+        if (e.alpha) continue;
+        if (auto a = pattern_alpha(st->second, mpath)) e.alpha = st->second.rslora ? *a * std::sqrt(static_cast<double>(e.down.size(0))) : *a;
+        else if (st->second.conv_alpha && spatial_conv_entry(e)) e.alpha = *st->second.conv_alpha;
+      }
       if (!st->second.rslora) {
         w.alpha = st->second.alpha;
       } else {
@@ -444,36 +541,72 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
 }
 
 void apply_lora_weights(torch::nn::Module& model, const LoraWeights& w, torch::Device device, const std::string& what) {
-  std::map<std::string, nn::Linear*> linears;
+  std::map<std::string, nn::LoraLayer*> layers;
   for (const auto& item : model.named_modules("", false))
-    if (auto* lin = dynamic_cast<nn::Linear*>(item.value().get())) linears[item.key()] = lin;
+    if (auto* l = dynamic_cast<nn::LoraLayer*>(item.value().get())) layers[item.key()] = l;
   torch::NoGradGuard ng;
   for (const auto& [mpath, e] : w.modules) {
-    auto it = linears.find(mpath);
-    if (it == linears.end()) throw UserError("ELORAKEYS", what + ": the model has no Linear module \"" + mpath + "\"");
-    nn::Linear* lin = it->second;
+    auto it = layers.find(mpath);
+    if (it == layers.end()) throw UserError("ELORAKEYS", what + ": the model has no Linear or Conv2d module \"" + mpath + "\"");
+    nn::LoraLayer* layer = it->second;
     const int64_t r = e.down.size(0);
-    if (e.down.size(1) != lin->in_features || e.up.size(0) != lin->out_features)
-      throw UserError("ELORASHAPE", what + ": LoRA for \"" + mpath + "\" is [" + std::to_string(e.up.size(0)) + "x" +
-                                        std::to_string(r) + "]·[" + std::to_string(r) + "x" + std::to_string(e.down.size(1)) +
-                                        "] but the layer is " + std::to_string(lin->out_features) + "x" + std::to_string(lin->in_features));
+    const auto want_a = layer->lora_A_shape(r), want_b = layer->lora_B_shape(r);
+    if (e.down.sizes() != c10::IntArrayRef(want_a) || e.up.sizes() != c10::IntArrayRef(want_b))
+      throw UserError("ELORASHAPE", what + ": LoRA for \"" + mpath + "\" has down " + c10::str(e.down.sizes()) + " and up " + c10::str(e.up.sizes()) +
+                                        " but the " + layer->kind() + " layer (weight " + c10::str(layer->base_weight().sizes()) + ") takes " +
+                                        c10::str(c10::IntArrayRef(want_a)) + " and " + c10::str(c10::IntArrayRef(want_b)) +
+                                        ": is this LoRA for another base model (e.g. SD 2.x vs SD 1.x, or SDXL)?");
     // Alpha precedence: per-module (kohya), then the file's adapter-wide value, then r (diffusers' default).
     const double alpha = e.alpha ? *e.alpha : (w.alpha ? *w.alpha : static_cast<double>(r));
-    if (!lin->has_lora()) {
+    if (!layer->has_lora()) {
       nn::LoraOptions o;
       o.rank = r;
       o.alpha = alpha;
       o.init = "zeros";
-      lin->add_lora(o, device);
-    } else if (lin->lora.rank != r) {
+      layer->add_lora(o, device);
+    } else if (layer->lora.rank != r) {
       throw UserError("ELORASHAPE", what + ": LoRA rank " + std::to_string(r) + " for \"" + mpath + "\" differs from the adapter's rank " +
-                                        std::to_string(lin->lora.rank));
+                                        std::to_string(layer->lora.rank));
     } else {
-      lin->lora.alpha = alpha;
+      layer->lora.alpha = alpha;
     }
-    lin->lora_A.copy_(e.down.to(lin->lora_A.device(), torch::kFloat32));
-    lin->lora_B.copy_(e.up.to(lin->lora_B.device(), torch::kFloat32));
+    layer->lora_A.copy_(e.down.to(layer->lora_A.device(), torch::kFloat32));
+    layer->lora_B.copy_(e.up.to(layer->lora_B.device(), torch::kFloat32));
   }
+}
+
+size_t init_lora_from_file(const std::string& file, const std::map<std::string, torch::nn::Module*>& models, double alpha_if_unknown,
+                           bool text_encoder_trained, torch::Device device) {
+  std::map<std::string, std::vector<std::string>> module_paths;
+  for (const auto& [comp, m] : models) module_paths[comp] = lora_layer_paths(*m);
+  LoraFile lf = read_lora_file(file, module_paths, alpha_if_unknown);
+  if (lf.components.empty()) throw UserError("ELORAKEYS", file + ": has no LoRA weights for the UNet or the text encoder");
+  if (lf.components.count("text_encoder") && !text_encoder_trained)
+    throw UserError("ELORAKEYS", file + ": has text-encoder LoRA weights (" + std::to_string(lf.components.at("text_encoder").modules.size()) +
+                                     " modules), which this run would ignore: add --train-text-encoder to start the text encoder's adapters from "
+                                     "them (with --text-encoder-target-modules covering them), or use a LoRA file without them");
+  size_t n = 0;
+  for (const auto& [comp, w] : lf.components) {
+    torch::nn::Module& m = *models.at(comp);
+    const char* flags = comp == "unet" ? "--lora-target-preset and --lora-target-modules" : "--text-encoder-target-modules";
+    const auto have = lora_modules(m);
+    std::map<std::string, double> run_alpha;
+    for (const auto& h : have) run_alpha[h.path] = h.layer->lora.alpha;
+    for (const auto& [mpath, e] : w.modules)
+      if (!run_alpha.count(mpath))
+        throw UserError("ELORAKEYS", file + ": has an adapter for " + comp + " \"" + mpath + "\", which is not a LoRA target of this run (see " + flags + ")");
+    apply_lora_weights(m, w, device, file);
+    torch::NoGradGuard ng;
+    for (auto& h : lora_modules(m)) {
+      const double want = run_alpha.at(h.path);
+      if (h.layer->lora.alpha != want) {
+        h.layer->lora_B.mul_(h.layer->lora.alpha / want);
+        h.layer->lora.alpha = want;
+      }
+    }
+    n += w.modules.size();
+  }
+  return n;
 }
 
 }  // namespace tl

@@ -1,4 +1,4 @@
-// LoRA adapters on a model's Linear layers, and LoRA files in the formats people use:
+// LoRA adapters on a model's Linear and Conv2d layers, and LoRA files in the formats people use:
 //   peft      <prefix>.<module>.lora_A.weight / lora_B.weight            (+ alpha in metadata or adapter_config.json)
 //   diffusers <prefix>.<module>.lora.down.weight / lora.up.weight        (+ alpha in `lora_adapter_metadata`; absent = r)
 //   kohya     lora_unet_<module_with_underscores>.lora_down.weight / .lora_up.weight / .alpha
@@ -22,27 +22,34 @@ std::string lora_format_name(LoraFormat f);
 
 struct LoraTarget {
   std::string path;  // module path inside the model, e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q
-  nn::Linear* linear;
+  nn::LoraLayer* layer;  // an nn::Linear or nn::Conv2d
 };
 
 // peft's rule: a module matches a target when its name equals it or ends with "." + target.
 bool lora_target_matches(const std::string& module_path, const std::vector<std::string>& targets);
 
-// Linear modules of `model` whose path matches a target, in module order.
+// Linear and Conv2d modules of `model` whose path matches a target, in module order.
 std::vector<LoraTarget> find_lora_targets(torch::nn::Module& model, const std::vector<std::string>& targets);
 
-// Adds adapters to every matching Linear; throws when nothing matches. Returns the targets.
-std::vector<LoraTarget> inject_lora(torch::nn::Module& model, const std::vector<std::string>& targets,
-                                    const nn::LoraOptions& opts, torch::Device device);
+// Every Linear and Conv2d module path of `model` (what a LoRA file's kohya names map back to).
+std::vector<std::string> lora_layer_paths(torch::nn::Module& model);
 
-// The adapters present in `model` (Linear modules that have LoRA), in module order.
+// Adds adapters to every matching module, as kohya's sd-scripts sizes them: Linear layers and 1x1 convolutions get
+// `opts` (--rank / --lora-alpha), convolutions with a larger kernel get `conv_opts` (--conv-rank / --conv-alpha).
+// Throws (ELORATARGET, naming the flags) when a target matches no Linear/Conv2d, when a kxk convolution is matched
+// without conv_opts, or when conv_opts is given but no kxk convolution is matched. Returns the targets.
+std::vector<LoraTarget> inject_lora(torch::nn::Module& model, const std::vector<std::string>& targets,
+                                    const nn::LoraOptions& opts, torch::Device device,
+                                    const std::optional<nn::LoraOptions>& conv_opts = std::nullopt);
+
+// The adapters present in `model` (Linear/Conv2d modules that have LoRA), in module order.
 std::vector<LoraTarget> lora_modules(torch::nn::Module& model);
 
 // One component's adapter weights, independent of file format.
 struct LoraWeights {
   struct Entry {
-    torch::Tensor down;  // A [r, in]
-    torch::Tensor up;    // B [out, r]
+    torch::Tensor down;  // A [r, in] (conv: [r, in, k, k])
+    torch::Tensor up;    // B [out, r] (conv: [out, r, 1, 1])
     std::optional<double> alpha;
   };
   std::map<std::string, Entry> modules;  // by module path
@@ -72,7 +79,8 @@ struct LoraFile {
 //   6. the format's own convention: diffusers and kohya files without alpha mean alpha = r;
 //   7. `alpha_if_unknown` (the --lora-alpha flag); otherwise a PEFT-format file without any of the above is an error
 //      (ELORAALPHA) that says its strength cannot be known and names the flag.
-// use_rslora (scale alpha / sqrt(r)) is folded into the module's alpha; alpha_pattern / DoRA / other peft types are refused.
+// use_rslora (scale alpha / sqrt(r)) and alpha_pattern entries (literal module paths, as peft and train-lora write them)
+// are folded into each module's alpha; DoRA / other peft types and LyCORIS (LoHa, LoKr, OFT) or SDXL files are refused.
 LoraFile read_lora_file(const std::string& path, const std::map<std::string, std::vector<std::string>>& module_paths,
                         std::optional<double> alpha_if_unknown = std::nullopt);
 
@@ -88,5 +96,14 @@ std::string lora_adapter_metadata_json(const std::map<std::string, std::vector<L
 // Applies weights to a model: adds adapters where missing (rank and alpha from the file) and copies A/B.
 // Throws when a module path does not exist or a shape differs.
 void apply_lora_weights(torch::nn::Module& model, const LoraWeights& w, torch::Device device, const std::string& what);
+
+// --init-lora-weights: starts a run's adapters (already injected into `models`, by component name: "unet",
+// "text_encoder") from a LoRA file. Every adapter in the file must be one of the run's (else an error naming the
+// flag that sets the targets); text-encoder weights need `text_encoder_trained` (never dropped silently). Each
+// adapter keeps the alpha the run gave it (--lora-alpha, or --conv-alpha for 3x3 convs); a different alpha of the
+// file is folded into B, so the adapter computes the file's function. A file that does not say its alpha is read
+// at `alpha_if_unknown`. Returns the number of modules loaded.
+size_t init_lora_from_file(const std::string& file, const std::map<std::string, torch::nn::Module*>& models, double alpha_if_unknown,
+                           bool text_encoder_trained, torch::Device device);
 
 }  // namespace tl

@@ -30,9 +30,9 @@ void add_modules(LoraSet& set, const std::string& component, torch::nn::Module* 
   auto& w = set[component];
   for (const auto& t : mods) {
     auto& e = w.modules[t.path];
-    e.down = t.linear->lora_A.detach().to(torch::kCPU, torch::kFloat32, false, true);
-    e.up = t.linear->lora_B.detach().to(torch::kCPU, torch::kFloat32, false, true);
-    e.alpha = t.linear->lora.alpha * t.linear->lora_multiplier;
+    e.down = t.layer->lora_A.detach().to(torch::kCPU, torch::kFloat32, false, true);
+    e.up = t.layer->lora_B.detach().to(torch::kCPU, torch::kFloat32, false, true);
+    e.alpha = t.layer->lora.alpha * t.layer->lora_multiplier;
   }
 }
 
@@ -46,7 +46,7 @@ LoraSet lora_set_from_pipeline(Pipeline& p) {
   return set;
 }
 
-LoraSet lora_set_from_checkpoint(const std::string& model_file, double alpha) {
+LoraSet lora_set_from_checkpoint(const std::string& model_file, double alpha, std::optional<double> conv_alpha) {
   const st::Header h = st::read_header(model_file);
   bool any_lora = false;
   for (const auto& t : h.tensors) any_lora = any_lora || t.name.find(".lora_A.weight") != std::string::npos;
@@ -57,7 +57,12 @@ LoraSet lora_set_from_checkpoint(const std::string& model_file, double alpha) {
   if (f.format != LoraFormat::Peft) throw UserError("ECKPTLORA", model_file + ": expected peft keys (unet.<module>.lora_A.weight)");
   for (auto& [_, w] : f.components) {
     w.alpha = alpha;
-    for (auto& [__, e] : w.modules) e.alpha = alpha;
+    for (auto& [mpath, e] : w.modules) {
+      const bool spatial_conv = e.down.dim() == 4 && e.down.size(2) > 1;
+      if (spatial_conv && !conv_alpha)
+        throw UserError("ECKPTLORA", model_file + ": module " + mpath + " is a 3x3 conv adapter but the run's --conv-alpha is not known");
+      e.alpha = spatial_conv ? *conv_alpha : alpha;
+    }
   }
   return f.components;
 }
@@ -136,9 +141,12 @@ MergeStats merge_lora_component(const LoraWeights& w, const std::string& kind, c
     const std::string path = module_of(key);
     if (!path.empty()) {
       const auto& e = w.modules.at(path);
-      if (t.dim() != 2 || t.size(0) != e.up.size(0) || t.size(1) != e.down.size(1))
-        throw UserError("ELORASHAPE", src.describe() + ": " + key + " is " + c10::str(t.sizes()) + " but the LoRA for it is [" +
-                                          std::to_string(e.up.size(0)) + ", " + std::to_string(e.down.size(1)) + "]: the LoRA was trained on another base model");
+      // The weight the adapter's update has: [out, in] (Linear) or [out, in, k, k] (conv: A [r, in, k, k], B [out, r, 1, 1]).
+      std::vector<int64_t> want{e.up.size(0), e.down.size(1)};
+      if (e.down.dim() == 4) want.insert(want.end(), {e.down.size(2), e.down.size(3)});
+      if (t.sizes() != c10::IntArrayRef(want))
+        throw UserError("ELORASHAPE", src.describe() + ": " + key + " is " + c10::str(t.sizes()) + " but the LoRA for it is " +
+                                          c10::str(c10::IntArrayRef(want)) + ": the LoRA was trained on another base model");
       const double scale = module_alpha(w, e) / static_cast<double>(e.down.size(0));
       torch::Tensor merged = t.to(torch::kFloat32) + nn::lora_delta(e.up, e.down, scale);
       t = merged.to(t.scalar_type());

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -21,8 +22,9 @@ using LoraSet = std::map<std::string, LoraWeights>;
 LoraSet lora_set_from_pipeline(Pipeline& p);
 
 // A checkpoint's model.safetensors (keys "unet.<module>.lora_A.weight" / "text_encoder.<module>...") with the
-// run's alpha. Throws UserError ECKPTLORA when the file holds no LoRA keys (a full-training checkpoint).
-LoraSet lora_set_from_checkpoint(const std::string& model_file, double alpha);
+// run's alpha (`conv_alpha` for 3x3 conv adapters, --conv-alpha). Throws UserError ECKPTLORA when the file holds no
+// LoRA keys (a full-training checkpoint).
+LoraSet lora_set_from_checkpoint(const std::string& model_file, double alpha, std::optional<double> conv_alpha = std::nullopt);
 
 // Tensor names and tensors of the set in a format, sorted by name (the order Python's safetensors writes, so the
 // data section, and kohya's hash of it, is the same as sd-scripts would produce). `prefix` replaces the component

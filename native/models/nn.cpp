@@ -12,14 +12,19 @@ namespace {
 Tensor empty_param(torch::IntArrayRef shape) { return torch::empty(shape); }
 }  // namespace
 
-Conv2d::Conv2d(int64_t in, int64_t out, int64_t kernel, int64_t stride_, int64_t padding_, bool has_bias)
-    : stride(stride_), padding(padding_) {
+Conv2d::Conv2d(int64_t in, int64_t out, int64_t kernel_, int64_t stride_, int64_t padding_, bool has_bias)
+    : in_channels(in), out_channels(out), kernel(kernel_), stride(stride_), padding(padding_) {
   weight = register_parameter("weight", empty_param({out, in, kernel, kernel}));
   if (has_bias) bias = register_parameter("bias", empty_param({out}));
 }
 
 Tensor Conv2d::forward(const Tensor& x) const {
-  return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
+  Tensor y = at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
+  if (!lora_A.defined() || lora_multiplier == 0.0) return y;
+  Tensor xl = x.to(lora_A.scalar_type());
+  if (lora.dropout > 0 && is_training()) xl = at::dropout(xl, lora.dropout, true);
+  Tensor delta = at::conv2d(at::conv2d(xl, lora_A, {}, {stride, stride}, {padding, padding}), lora_B) * (lora_scale() * lora_multiplier);
+  return (y + delta).to(y.scalar_type());
 }
 
 GroupNorm::GroupNorm(int64_t groups_, int64_t channels, double eps_) : groups(groups_), eps(eps_) {
@@ -57,22 +62,25 @@ Tensor Linear::forward(const Tensor& x) const {
   return (y + delta).to(y.scalar_type());
 }
 
-void Linear::add_lora(const LoraOptions& opts, torch::Device device) {
-  if (lora_A.defined()) throw std::logic_error("LoRA already added to this Linear");
+void LoraLayer::add_lora(const LoraOptions& opts, torch::Device device) {
+  if (lora_A.defined()) throw std::logic_error("LoRA already added to this " + kind());
   if (opts.rank <= 0) throw std::invalid_argument("LoRA rank must be positive");
   lora = opts;
   auto opt = torch::TensorOptions().dtype(torch::kFloat32).device(device);
-  lora_A_mod = register_module("lora_A", std::make_shared<torch::nn::Module>());
-  lora_B_mod = register_module("lora_B", std::make_shared<torch::nn::Module>());
-  Tensor a = torch::empty({opts.rank, in_features}, opt);
-  Tensor b = torch::zeros({out_features, opts.rank}, opt);
+  auto& owner = lora_owner();
+  lora_A_mod = owner.register_module("lora_A", std::make_shared<torch::nn::Module>());
+  lora_B_mod = owner.register_module("lora_B", std::make_shared<torch::nn::Module>());
+  const auto a_shape = lora_A_shape(opts.rank);
+  Tensor a = torch::empty(a_shape, opt);
+  Tensor b = torch::zeros(lora_B_shape(opts.rank), opt);
   {
     torch::NoGradGuard ng;
     if (opts.init == "gaussian") {
       a.normal_(0.0, 1.0 / static_cast<double>(opts.rank));
     } else if (opts.init == "kaiming" || opts.init == "true") {
-      // nn.init.kaiming_uniform_(a=sqrt(5)): bound = 1/sqrt(fan_in)
-      double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
+      // nn.init.kaiming_uniform_(a=sqrt(5)): bound = 1/sqrt(fan_in), fan_in = in (Linear) or in * k * k (Conv2d)
+      const int64_t fan_in = a.numel() / a_shape[0];
+      double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
       a.uniform_(-bound, bound);
     } else if (opts.init == "zeros") {
       a.zero_();
@@ -85,16 +93,22 @@ void Linear::add_lora(const LoraOptions& opts, torch::Device device) {
 }
 
 Tensor lora_delta(const Tensor& B, const Tensor& A, double scale) {
+  if (A.dim() == 4) {
+    Tensor d = at::matmul(B.to(torch::kFloat32).flatten(1), A.to(torch::kFloat32).flatten(1)) * scale;
+    return d.view({B.size(0), A.size(1), A.size(2), A.size(3)});
+  }
   return at::matmul(B.to(torch::kFloat32), A.to(torch::kFloat32)) * scale;
 }
 
-void Linear::merge_lora() {
+void LoraLayer::merge_lora() {
   if (!lora_A.defined()) return;
   torch::NoGradGuard ng;
+  Tensor weight = base_weight();
   Tensor delta = lora_delta(lora_B, lora_A, lora_scale() * lora_multiplier);
   weight.copy_((weight.to(torch::kFloat32) + delta.to(weight.device())).to(weight.scalar_type()));
-  unregister_module("lora_A");
-  unregister_module("lora_B");
+  auto& owner = lora_owner();
+  owner.unregister_module("lora_A");
+  owner.unregister_module("lora_B");
   lora_A_mod.reset();
   lora_B_mod.reset();
   lora_A = Tensor();

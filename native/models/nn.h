@@ -34,12 +34,6 @@ struct Children {
   auto end() const { return items.end(); }
 };
 
-struct Conv2d : torch::nn::Module {
-  Tensor weight, bias;
-  int64_t stride, padding;
-  Conv2d(int64_t in, int64_t out, int64_t kernel, int64_t stride = 1, int64_t padding = 0, bool has_bias = true);
-  Tensor forward(const Tensor& x) const;
-};
 
 struct GroupNorm : torch::nn::Module {
   Tensor weight, bias;
@@ -70,28 +64,66 @@ struct LoraOptions {
   std::string init = "gaussian";  // gaussian (A ~ N(0, 1/r), B = 0) | kaiming (peft's default) | zeros (both zero, filled later)
 };
 
-// nn.Linear, optionally with a LoRA adapter (peft semantics):
-//   y = W x + b + (B (A dropout(x))) * (alpha / r) * multiplier
-// LoRA weights live in "lora_A.weight" [r, in] and "lora_B.weight" [out, r], always fp32 (the input is cast to
-// their dtype and the sum back to the base output's dtype, as peft does).
-struct Linear : torch::nn::Module {
-  Tensor weight, bias;
-  int64_t in_features, out_features;
+// A LoRA adapter on a layer (peft semantics; the state shared by Linear and Conv2d):
+//   y = base(x) + up(down(dropout(x))) * (alpha / r) * multiplier
+// LoRA weights live in "lora_A.weight" and "lora_B.weight", always fp32 (the input is cast to their dtype and the
+// sum back to the base output's dtype, as peft does). Linear: A [r, in], B [out, r]. Conv2d (LoCon, kohya's and
+// peft's shapes): A [r, in, k, k] with the base conv's stride and padding, B [out, r, 1, 1].
+struct LoraLayer {
   std::shared_ptr<torch::nn::Module> lora_A_mod, lora_B_mod;  // hold "weight" each
   Tensor lora_A, lora_B;
   LoraOptions lora;
   double lora_multiplier = 1.0;  // inference strength (--lora-scale); 1 in training
-  Linear(int64_t in, int64_t out, bool has_bias = true);
-  Tensor forward(const Tensor& x) const;
+  virtual ~LoraLayer() = default;
   bool has_lora() const { return lora_A.defined(); }
   void add_lora(const LoraOptions& opts, torch::Device device);
   double lora_scale() const { return lora.alpha / static_cast<double>(lora.rank); }
   // Folds the adapter into the base weight (for --merge exports) and removes it.
   void merge_lora();
+  // The shapes of A and B for rank r; the base weight.
+  virtual std::vector<int64_t> lora_A_shape(int64_t r) const = 0;
+  virtual std::vector<int64_t> lora_B_shape(int64_t r) const = 0;
+  virtual Tensor base_weight() const = 0;
+  // "Linear" or "Conv2d", and the shape of the base weight in words, for messages.
+  virtual std::string kind() const = 0;
+
+ protected:
+  virtual torch::nn::Module& lora_owner() = 0;
+};
+
+// nn.Linear, optionally with a LoRA adapter.
+struct Linear : torch::nn::Module, LoraLayer {
+  Tensor weight, bias;
+  int64_t in_features, out_features;
+  Linear(int64_t in, int64_t out, bool has_bias = true);
+  Tensor forward(const Tensor& x) const;
+  std::vector<int64_t> lora_A_shape(int64_t r) const override { return {r, in_features}; }
+  std::vector<int64_t> lora_B_shape(int64_t r) const override { return {out_features, r}; }
+  Tensor base_weight() const override { return weight; }
+  std::string kind() const override { return "Linear"; }
+
+ protected:
+  torch::nn::Module& lora_owner() override { return *this; }
+};
+
+// nn.Conv2d (square kernel, same stride and padding on both axes), optionally with a LoRA adapter.
+struct Conv2d : torch::nn::Module, LoraLayer {
+  Tensor weight, bias;
+  int64_t in_channels, out_channels, kernel, stride, padding;
+  Conv2d(int64_t in, int64_t out, int64_t kernel, int64_t stride = 1, int64_t padding = 0, bool has_bias = true);
+  Tensor forward(const Tensor& x) const;
+  std::vector<int64_t> lora_A_shape(int64_t r) const override { return {r, in_channels, kernel, kernel}; }
+  std::vector<int64_t> lora_B_shape(int64_t r) const override { return {out_channels, r, 1, 1}; }
+  Tensor base_weight() const override { return weight; }
+  std::string kind() const override { return "Conv2d"; }
+
+ protected:
+  torch::nn::Module& lora_owner() override { return *this; }
 };
 
 // The LoRA update of a weight: scale * B @ A in fp32 (scale = alpha / r * multiplier); merge_lora and the merged
-// exports (lora_export.cpp) both fold it into W this way.
+// exports (lora_export.cpp) both fold it into W this way. For a conv adapter (A [r, in, k, k], B [out, r, 1, 1]) the
+// update is B[:, :, 0, 0] @ A.flatten(1) shaped [out, in, k, k] (exact: the 1x1 up conv commutes with stride/padding).
 Tensor lora_delta(const Tensor& B, const Tensor& A, double scale);
 
 // diffusers' Attention with AttnProcessor2_0 (scaled_dot_product_attention), for [B, N, C] inputs, or

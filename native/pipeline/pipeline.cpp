@@ -26,19 +26,12 @@ const torch::Tensor* find(const NamedTensors& v, const std::string& name) {
   return nullptr;
 }
 
-std::vector<std::string> linear_paths(torch::nn::Module& m) {
-  std::vector<std::string> out;
-  for (const auto& item : m.named_modules("", false))
-    if (dynamic_cast<nn::Linear*>(item.value().get())) out.push_back(item.key());
-  return out;
-}
-
 }  // namespace
 
 size_t pipeline_apply_lora(Pipeline& p, const std::string& file, double scale, LoraFormat* format, std::optional<double> alpha_if_unknown) {
   std::map<std::string, std::vector<std::string>> paths;
-  if (p.unet) paths["unet"] = linear_paths(*p.unet);
-  if (p.text_encoder) paths["text_encoder"] = linear_paths(*p.text_encoder);
+  if (p.unet) paths["unet"] = lora_layer_paths(*p.unet);
+  if (p.text_encoder) paths["text_encoder"] = lora_layer_paths(*p.text_encoder);
   LoraFile lora = read_lora_file(file, paths, alpha_if_unknown);
   if (lora.components.empty()) throw UserError("ELORAKEYS", file + ": has no LoRA weights for the UNet or the text encoder");
   size_t n = 0;
@@ -46,7 +39,7 @@ size_t pipeline_apply_lora(Pipeline& p, const std::string& file, double scale, L
     torch::nn::Module* m = comp == "unet" ? static_cast<torch::nn::Module*>(p.unet.get()) : p.text_encoder.get();
     if (!m) throw UserError("ELORAKEYS", file + ": has " + comp + " weights but the " + comp + " is not loaded");
     apply_lora_weights(*m, w, p.device, file);
-    for (auto& t : lora_modules(*m)) t.linear->lora_multiplier = scale;
+    for (auto& t : lora_modules(*m)) t.layer->lora_multiplier = scale;
     n += w.modules.size();
   }
   if (format) *format = lora.format;
@@ -179,10 +172,10 @@ NamedTensors run_forward(Pipeline& p, const NamedTensors& inputs, const ForwardO
       if (!has_lora) throw UserError("EINPUT", "--backward computes LoRA gradients: give --lora");
       auto mods = lora_modules(*p.unet);
       for (auto& m : mods) {
-        m.linear->lora_A.set_requires_grad(true);
-        m.linear->lora_B.set_requires_grad(true);
-        m.linear->lora_A.mutable_grad() = torch::Tensor();
-        m.linear->lora_B.mutable_grad() = torch::Tensor();
+        m.layer->lora_A.set_requires_grad(true);
+        m.layer->lora_B.set_requires_grad(true);
+        m.layer->lora_A.mutable_grad() = torch::Tensor();
+        m.layer->lora_B.mutable_grad() = torch::Tensor();
       }
       p.unet->gradient_checkpointing = opts.gradient_checkpointing;
       if (opts.gradient_checkpointing) p.unet->train();
@@ -201,8 +194,8 @@ NamedTensors run_forward(Pipeline& p, const NamedTensors& inputs, const ForwardO
       emit("noise_pred", pred);
       emit("loss", loss);
       for (auto& m : mods) {
-        emit("grad." + lora_key("unet", m.path, true, lora_format), m.linear->lora_A.grad());
-        emit("grad." + lora_key("unet", m.path, false, lora_format), m.linear->lora_B.grad());
+        emit("grad." + lora_key("unet", m.path, true, lora_format), m.layer->lora_A.grad());
+        emit("grad." + lora_key("unet", m.path, false, lora_format), m.layer->lora_B.grad());
       }
     } else {
       torch::NoGradGuard ng;

@@ -46,10 +46,10 @@ Trainer::Trainer(std::shared_ptr<Pipeline> pipeline, TrainerConfig cfg) : pipe_(
   torch::manual_seed(cfg_.seed);
   auto& unet = *pipe_->unet;
   if (cfg_.mode == "lora") {
-    auto targets = inject_lora(unet, cfg_.lora_targets, cfg_.lora, dev);
+    auto targets = inject_lora(unet, cfg_.lora_targets, cfg_.lora, dev, cfg_.conv_lora);
     for (const auto& t : targets) {
-      params_.emplace_back(lora_key("unet", t.path, true, LoraFormat::Peft), t.linear->lora_A);
-      params_.emplace_back(lora_key("unet", t.path, false, LoraFormat::Peft), t.linear->lora_B);
+      params_.emplace_back(lora_key("unet", t.path, true, LoraFormat::Peft), t.layer->lora_A);
+      params_.emplace_back(lora_key("unet", t.path, false, LoraFormat::Peft), t.layer->lora_B);
     }
   } else if (cfg_.mode == "full") {
     // Mixed precision in full mode is autocast over these fp32 weights (their gradients and AdamW stay fp32).
@@ -64,8 +64,8 @@ Trainer::Trainer(std::shared_ptr<Pipeline> pipeline, TrainerConfig cfg) : pipe_(
     // After the UNet's adapters, from the same seeded stream (diffusers adds the text encoder's adapter second).
     te_params_begin_ = params_.size();
     for (const auto& t : inject_lora(te, cfg_.text_encoder_targets, cfg_.lora, dev)) {
-      params_.emplace_back(lora_key("text_encoder", t.path, true, LoraFormat::Peft), t.linear->lora_A);
-      params_.emplace_back(lora_key("text_encoder", t.path, false, LoraFormat::Peft), t.linear->lora_B);
+      params_.emplace_back(lora_key("text_encoder", t.path, true, LoraFormat::Peft), t.layer->lora_A);
+      params_.emplace_back(lora_key("text_encoder", t.path, false, LoraFormat::Peft), t.layer->lora_B);
     }
     te.train();
   }

@@ -30,6 +30,8 @@ struct TrainerConfig {
   // it in diffusers' dreambooth LoRA scripts), and the text-embedding cache is bypassed (valid only while frozen).
   bool train_text_encoder = false;
   std::vector<std::string> text_encoder_targets{"q_proj", "k_proj", "v_proj", "out_proj"};
+  // Rank/alpha of 3x3 conv adapters (LoCon: --conv-rank/--conv-alpha); absent = no 3x3 conv may be targeted.
+  std::optional<nn::LoraOptions> conv_lora;
   // no | fp16 | bf16: the UNet's forward runs under autocast in that dtype (torch.autocast, as accelerate wraps the
   // prepared model); LoRA and full-mode weights stay fp32 (master weights), frozen weights are whatever dtype the
   // pipeline was loaded in. fp16 adds dynamic loss scaling.

@@ -22,7 +22,7 @@ import * as path from 'node:path';
 
 import type { z } from 'zod';
 
-import { loraAlpha, type TrainConfig } from '../config';
+import { convAlpha, loraAlpha, type TrainConfig } from '../config';
 import type { SampleOrderState } from '../data/sampler';
 import { collectRankParts } from '../distributed/context';
 import { native, type TrainerHandle, type TrainerStateJson } from '../native';
@@ -311,6 +311,8 @@ export async function saveTrainingState(
   const step = snapshot.trainerState.global_step;
   // lora_rank / lora_alpha: the checkpoint's model.safetensors loads at its true strength on its own (--lora, --init-lora-weights).
   const loraMeta: Record<string, string> = cfg.train_mode === 'lora' ? { lora_rank: String(cfg.rank), lora_alpha: String(loraAlpha(cfg)) } : {};
+  // conv_rank / conv_alpha: the same for 3x3 conv adapters (LoCon).
+  if (cfg.train_mode === 'lora' && cfg.conv_rank !== undefined) Object.assign(loraMeta, { conv_rank: String(cfg.conv_rank), conv_alpha: String(convAlpha(cfg)) });
   const st = await native().trainerSaveState(trainer, dir, { format: 'pt', step: String(step), ...loraMeta });
   // Never a checkpoint of non-finite weights (LoRA weights are small enough to check at every save).
   if (cfg.train_mode === 'lora') await assertFiniteWeights(path.join(dir, MODEL_FILE), step);

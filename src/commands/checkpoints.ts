@@ -63,9 +63,18 @@ export async function verifyCommand(p: string): Promise<{ ok: boolean; text: str
   const st = readState(e.path);
   const h = await native().safetensorsHeader(path.join(e.path, MODEL_FILE));
   if (st && st.config.train_mode === 'lora') {
+    // 3x3 conv adapters (lora_A [r, in, k, k] with k > 1) have --conv-rank, the others --rank.
+    const convRank = (st.config as { conv_rank?: number }).conv_rank;
+    const aShape = new Map(h.tensors.filter((t) => t.name.endsWith('lora_A.weight')).map((t) => [t.name.slice(0, -'lora_A.weight'.length), t.shape]));
     for (const t of h.tensors) {
-      const r = t.name.endsWith('lora_A.weight') ? t.shape[0] : t.name.endsWith('lora_B.weight') ? t.shape[1] : st.config.rank;
-      if (r !== st.config.rank) return { ok: false, text: `${e.path}: INVALID — ${t.name} has rank ${r}, ${TRAINER_STATE_FILE} says ${st.config.rank}` };
+      const isA = t.name.endsWith('lora_A.weight');
+      if (!isA && !t.name.endsWith('lora_B.weight')) continue;
+      const r = isA ? t.shape[0] : t.shape[1];
+      const a = aShape.get(t.name.slice(0, -'lora_X.weight'.length));
+      const conv3 = a !== undefined && a.length === 4 && (a[2] > 1 || a[3] > 1);
+      const want = conv3 ? convRank : st.config.rank;
+      const flag = conv3 ? 'conv_rank' : 'rank';
+      if (r !== want) return { ok: false, text: `${e.path}: INVALID — ${t.name} has rank ${r}, ${TRAINER_STATE_FILE} says ${flag} ${want}` };
     }
   }
   return { ok: true, text: `${e.path}: ok (step ${e.step}, ${Object.keys(e.manifest!.files).length} files verified by sha256 and their content checked, ${h.tensors.length} tensors)` };

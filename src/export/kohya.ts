@@ -47,6 +47,9 @@ export interface KohyaTrainingInfo {
   keepTokens?: number;
   rank: number;
   alpha: number;
+  /** LoCon: the rank / alpha of 3x3 conv adapters (sd-scripts' network_args conv_dim / conv_alpha). */
+  convRank?: number;
+  convAlpha?: number;
   dropout: number;
   steps: number;
   /** 1-based, as sd-scripts counts epochs (the epoch the last step belongs to). */
@@ -151,8 +154,8 @@ function localIsoSeconds(t: number): string {
  * `train_data_dir` path, no dataset config; no --vae), spelled as its `str(value)` spells them: booleans
  * `True`/`False`, unset options `None`, floats as Python prints them, JSON values as json.dumps writes them. Options
  * train-lora does not have carry sd-scripts' defaults; ss_sd_scripts_commit_hash is "(unknown)", what sd-scripts
- * writes when it cannot tell. Plus ss_network_train_unet_only and ss_network_args ("{}"), which train-lora has
- * always written.
+ * writes when it cannot tell. Plus ss_network_train_unet_only and ss_network_args ("{}", or sd-scripts'
+ * {"conv_dim": ..., "conv_alpha": ...} for a LoCon run), which train-lora has always written.
  */
 export function kohyaMetadata(i: KohyaTrainingInfo): Record<string, string> {
   const none = (v: number | undefined) => (v === undefined || v === 0 ? 'None' : pyFloat(v));
@@ -245,7 +248,8 @@ export function kohyaMetadata(i: KohyaTrainingInfo): Record<string, string> {
     ss_tag_frequency: i.captions ? pyJson(new Map([[dirName, tagFrequency(i.captions)]])) : '{}',
     // sd-scripts: json.dumps(dataset.bucket_info), None (null) without buckets; ss_resolution stays the --resolution pair.
     ss_bucket_info: i.buckets?.info ? pyJson(i.buckets.info) : 'null',
-    ss_network_args: pyJson({}),
+    // sd-scripts records --network_args as the strings given: conv_dim=... conv_alpha=...
+    ss_network_args: pyJson(i.convRank !== undefined ? { conv_dim: String(i.convRank), conv_alpha: String(i.convAlpha ?? i.convRank) } : {}),
     ss_network_train_unet_only: bool(!i.textEncoderTrained),
   };
   if (i.baseModelHashes) {

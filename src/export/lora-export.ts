@@ -37,7 +37,7 @@ import * as path from 'node:path';
 import { fsyncPath, renameDirReplacing, writeJsonDurable } from '../checkpoint/fsutil';
 import { mtimeOf, verifyCheckpoint, writerGone } from '../checkpoint/manager';
 import { MODEL_FILE, TRAINER_STATE_FILE } from '../checkpoint/state';
-import { datasetOptions, type TrainConfig } from '../config';
+import { convAlpha, datasetOptions, loraTargetModules, type TrainConfig } from '../config';
 import { datasetFingerprint, loadDataset } from '../data/dataset';
 import { ASSETS, checkModel, isSingleFile, modelConfig, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
 import { native, type LoraComponent, type LoraComponentSummary, type LoraFileFormat, type LoraSource, type LoraSummary } from '../native';
@@ -116,7 +116,7 @@ export function targetNames(paths: readonly string[]): string[] {
 /** peft's LoraConfig as a dict (the keys diffusers reads from `lora_adapter_metadata` and peft from adapter_config.json). */
 export function loraConfigDict(c: LoraComponentSummary, targets: readonly string[], dropout: number): Record<string, unknown> {
   return {
-    alpha_pattern: {},
+    alpha_pattern: { ...(c.alphaPattern ?? {}) },
     bias: 'none',
     fan_in_fan_out: false,
     init_lora_weights: 'gaussian',
@@ -124,7 +124,7 @@ export function loraConfigDict(c: LoraComponentSummary, targets: readonly string
     lora_dropout: dropout,
     peft_type: 'LORA',
     r: c.rank,
-    rank_pattern: {},
+    rank_pattern: { ...(c.rankPattern ?? {}) },
     target_modules: [...targets].sort(),
     use_dora: false,
     use_rslora: false,
@@ -144,7 +144,7 @@ function components(summary: LoraSummary): LoraComponent[] {
 
 /** The target list of a component: the configured one for the UNet (what the run targeted), else derived. */
 function targetsOf(spec: ExportSpec, comp: LoraComponent, c: LoraComponentSummary): string[] {
-  return comp === 'unet' ? [...spec.config.lora_target_modules] : targetNames(c.modules);
+  return comp === 'unet' ? loraTargetModules(spec.config) : targetNames(c.modules);
 }
 
 function baseMetadata(spec: ExportSpec, summary: LoraSummary): Record<string, string> {
@@ -252,6 +252,8 @@ async function writeKohya(spec: ExportSpec, summary: LoraSummary, file: string):
   const ss = kohyaMetadata({
     rank: u.rank,
     alpha: u.alpha,
+    convRank: cfg.conv_rank,
+    convAlpha: convAlpha(cfg),
     dropout: cfg.lora_dropout,
     steps: spec.steps,
     epoch: spec.epoch + 1,
@@ -579,7 +581,7 @@ export async function exportCheckpoint(checkpoint: string, opts: CheckpointExpor
   const data = opts.formats.includes('kohya') ? await checkpointCaptions(st) : undefined;
   return exportLora(
     {
-      source: { checkpoint: modelFile, alpha: cfg.lora_alpha ?? cfg.rank },
+      source: { checkpoint: modelFile, alpha: cfg.lora_alpha ?? cfg.rank, convAlpha: convAlpha(cfg) },
       outDir,
       file: isFile ? path.resolve(opts.out!) : undefined,
       formats: opts.formats,

@@ -20,7 +20,7 @@ import { z } from 'zod';
 
 import { type CheckpointEntry, CheckpointError, CheckpointManager, RunLock, verifyCheckpoint } from '../checkpoint/manager';
 import { dirSize, formatBytes, fsyncPath, renameDirReplacing } from '../checkpoint/fsutil';
-import { datasetOptions, flagName, loraAlpha, textEncoderTargets, TrainConfigSchema, type TrainConfig } from '../config';
+import { convAlpha, datasetOptions, flagName, loraAlpha, loraTargetModules, textEncoderTargets, TrainConfigSchema, type TrainConfig } from '../config';
 import {
   loadTrainingState,
   MANIFEST_FILE as MANIFEST,
@@ -211,7 +211,10 @@ async function importProblems(d: DiffusersCheckpoint, cfg: TrainConfig): Promise
   } catch (e) {
     return [`${d.lora} is not a readable safetensors file (${(e as Error).message})`];
   }
-  const down = header.tensors.find((t) => !/^(text_encoder|lora_te)/.test(t.name) && /(\.lora\.down|\.lora_A|\.lora_down|lora_linear_layer\.down)(\.default)?\.weight$/.test(t.name));
+  // (a Linear or 1x1-conv adapter: 3x3 conv adapters have --conv-rank)
+  const down = header.tensors.find(
+    (t) => !/^(text_encoder|lora_te)/.test(t.name) && /(\.lora\.down|\.lora_A|\.lora_down|lora_linear_layer\.down)(\.default)?\.weight$/.test(t.name) && (t.shape.length === 2 || (t.shape[2] === 1 && t.shape[3] === 1)),
+  );
   if (!down) return [`${d.lora} holds no UNet LoRA weights (no lora.down / lora_A keys)`];
   const rank = down.shape[0];
   return rank === cfg.rank ? [] : [`--rank is ${cfg.rank}, but the LoRA in ${path.basename(d.lora)} has rank ${rank}: pass --rank ${rank}`];
@@ -394,6 +397,10 @@ function compatibilityProblems(prev: TrainerStateFile, cfg: TrainConfig, modelFp
       problems.push(`--train-text-encoder was ${p.train_text_encoder ? 'on' : 'off'}, now ${cfg.train_text_encoder ? 'on' : 'off'}: the checkpoint ${p.train_text_encoder ? 'holds' : 'has no'} text-encoder adapters`);
     else if (cfg.train_text_encoder && textEncoderTargets(p).join(',') !== textEncoderTargets(cfg).join(','))
       problems.push(`--text-encoder-target-modules was ${textEncoderTargets(p).join(',')}, now ${textEncoderTargets(cfg).join(',')}`);
+    if (changed(p, cfg, 'lora_target_preset')) problems.push(`--lora-target-preset was ${show(p.lora_target_preset)}, now ${show(cfg.lora_target_preset)}`);
+    if (changed(p, cfg, 'conv_rank')) problems.push(`--conv-rank was ${show(p.conv_rank)}, now ${show(cfg.conv_rank)}`);
+    if (convAlpha(p as TrainConfig) !== convAlpha(cfg))
+      problems.push(`--conv-alpha was ${show(convAlpha(p as TrainConfig))}, now ${show(convAlpha(cfg))}`);
   }
   if (prev.dataset.fingerprint !== dataFp && !cfg.allow_dataset_change)
     problems.push(`the dataset changed since the checkpoint (${prev.dataset.path}); pass --allow-dataset-change to continue on the new data`);
@@ -414,7 +421,7 @@ const PER_INVOCATION: ReadonlySet<string> = new Set(['output_dir', 'resume_from_
  * problems, the device by crossDeviceNotes, the processes by the world-size note, the LoRA init is unused on resume.
  */
 const COMPARED_ELSEWHERE: ReadonlySet<string> = new Set([
-  'pretrained_model_name_or_path', 'train_data_dir', 'max_train_samples', 'train_mode', 'rank', 'lora_alpha', 'lora_target_modules', 'seed', 'validation_split',
+  'pretrained_model_name_or_path', 'train_data_dir', 'max_train_samples', 'train_mode', 'rank', 'lora_alpha', 'lora_target_modules', 'lora_target_preset', 'conv_rank', 'conv_alpha', 'seed', 'validation_split',
   'train_text_encoder', 'text_encoder_target_modules',
   'device', 'num_processes', 'nnodes', 'node_rank', 'master_addr', 'master_port', 'dist_backend', 'dist_timeout', 'init_lora_weights',
   ...BUCKET_KEYS,
@@ -878,9 +885,11 @@ async function createTrainer({ cfg, report, res }: RunSetup, modelDir: string, d
     alpha: loraAlpha(cfg),
     dropout: cfg.lora_dropout,
     init: 'gaussian',
-    targets: cfg.lora_target_modules,
+    targets: loraTargetModules(cfg),
     trainTextEncoder: cfg.train_text_encoder,
     textEncoderTargets: cfg.train_text_encoder ? textEncoderTargets(cfg) : undefined,
+    convRank: cfg.conv_rank,
+    convAlpha: convAlpha(cfg),
     mixedPrecision: precision.mixed,
     gradientCheckpointing: cfg.gradient_checkpointing,
     predictionType: noise.predictionType as 'epsilon' | 'v_prediction',
