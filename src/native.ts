@@ -117,7 +117,6 @@ export interface NativeBinding {
   trainerLoadLora(trainer: TrainerHandle, file: string): Promise<number>;
   /** The VAE posterior (mean, std; before scaling_factor) of pixel values [B,3,H,W] in [-1,1]. */
   vaeEncode(pipeline: PipelineHandle, pixelValues: HostTensor): Promise<[HostTensor, HostTensor]>;
-  trainerExportLora(trainer: TrainerHandle, path: string, format: LoraFileFormat, metadata?: Record<string, string>, prefix?: string): Promise<void>;
 
   // ---- data parallelism (native/bindings/addon_distributed.cpp); every rank must issue the collectives in the same order ----
   /** Backends this build can create: 'gloo' always, 'nccl' in CUDA builds compiled with nccl.h. */

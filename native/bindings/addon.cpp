@@ -458,30 +458,6 @@ Napi::Value TrainerLoadState(const Napi::CallbackInfo& info) {
   });
 }
 
-// trainerExportLora(trainer, path, format, metadata): the adapters in diffusers / peft / kohya keys.
-Napi::Value TrainerExportLora(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  auto t = unwrap_handle<Trainer>(info[0], "Trainer");
-  std::string path = str_arg(info, 1, "path");
-  std::string fmt = str_arg(info, 2, "format");
-  auto meta = metadata_from_js(env, info.Length() > 3 ? info[3] : env.Undefined());
-  std::string prefix = info.Length() > 4 && info[4].IsString() ? info[4].As<Napi::String>().Utf8Value() : "unet";
-  LoraFormat f;
-  try {
-    f = lora_format_from_name(fmt);
-  } catch (const std::exception& e) {
-    throw Napi::TypeError::New(env, e.what());
-  }
-  return Engine::of(env).run(env, [t, path, f, meta, prefix] {
-    auto& unet = *t->pipeline().unet;
-    auto m = meta;
-    if (f != LoraFormat::Kohya) m["lora_adapter_metadata"] = lora_adapter_metadata_json({{"unet", lora_modules(unet)}});
-    if (!m.count("format")) m["format"] = "pt";
-    st::save(path, lora_tensors(unet, f == LoraFormat::Kohya ? "unet" : prefix, f), m);
-    return Completion();
-  });
-}
-
 // vaeEncode(pipeline, pixelValues [B,3,H,W]) -> [mean, std] of the latent distribution (before scaling_factor)
 Napi::Value VaeEncode(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -541,7 +517,6 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("trainerOptimizerStep", Napi::Function::New(env, TrainerOptimizerStep));
   exports.Set("trainerSaveState", Napi::Function::New(env, TrainerSaveState));
   exports.Set("trainerLoadState", Napi::Function::New(env, TrainerLoadState));
-  exports.Set("trainerExportLora", Napi::Function::New(env, TrainerExportLora));
   exports.Set("trainerLoadLora", Napi::Function::New(env, TrainerLoadLora));
   exports.Set("vaeEncode", Napi::Function::New(env, VaeEncode));
   return exports;

@@ -253,65 +253,6 @@ std::string lora_key(const std::string& component, const std::string& path, bool
   return "";
 }
 
-std::vector<std::pair<std::string, torch::Tensor>> lora_tensors(torch::nn::Module& model, const std::string& component,
-                                                                LoraFormat format) {
-  std::vector<std::pair<std::string, torch::Tensor>> out;
-  for (const auto& m : lora_modules(model)) {
-    out.emplace_back(lora_key(component, m.path, true, format), m.layer->lora_A.detach());
-    out.emplace_back(lora_key(component, m.path, false, format), m.layer->lora_B.detach());
-    if (format == LoraFormat::Kohya)
-      out.emplace_back(kohya_prefix(component) + "_" + underscored(m.path) + ".alpha",
-                       torch::tensor(static_cast<float>(m.layer->lora.alpha)));
-  }
-  return out;
-}
-
-std::string lora_adapter_metadata_json(const std::map<std::string, std::vector<LoraTarget>>& components) {
-  Json::Object o;
-  for (const auto& [comp, mods] : components) {
-    if (mods.empty()) continue;
-    // The adapter-wide r / lora_alpha are the first Linear or 1x1 conv module's (--rank / --lora-alpha); modules
-    // that differ (3x3 convs with --conv-rank / --conv-alpha) go to rank_pattern / alpha_pattern by full path.
-    const nn::LoraLayer* main = mods.front().layer;
-    for (const auto& m : mods)
-      if (!is_spatial_conv(m.layer)) {
-        main = m.layer;
-        break;
-      }
-    const auto& l = main->lora;
-    Json::Object rank_pattern, alpha_pattern;
-    for (const auto& m : mods) {
-      if (m.layer->lora.rank != l.rank) rank_pattern[m.path] = Json(m.layer->lora.rank);
-      if (m.layer->lora.alpha != l.alpha) alpha_pattern[m.path] = Json(m.layer->lora.alpha);
-    }
-    std::set<std::string> names;
-    for (const auto& m : mods) {
-      auto dot = m.path.rfind('.');
-      std::string leaf = m.path.substr(dot == std::string::npos ? 0 : dot + 1);
-      // to_out.0 is targeted by its two-part name, as diffusers' scripts do.
-      if (std::isdigit(static_cast<unsigned char>(leaf[0])) && dot != std::string::npos) {
-        auto dot2 = m.path.rfind('.', dot - 1);
-        leaf = m.path.substr(dot2 == std::string::npos ? 0 : dot2 + 1);
-      }
-      names.insert(leaf);
-    }
-    Json::Array targets;
-    for (const auto& n : names) targets.emplace_back(n);
-    o[comp + ".r"] = Json(l.rank);
-    o[comp + ".lora_alpha"] = Json(l.alpha);
-    o[comp + ".lora_dropout"] = Json(l.dropout);
-    o[comp + ".target_modules"] = Json(targets);
-    o[comp + ".init_lora_weights"] = Json(l.init == "kaiming" ? Json(true) : Json(l.init));
-    o[comp + ".use_rslora"] = Json(false);
-    o[comp + ".use_dora"] = Json(false);
-    o[comp + ".rank_pattern"] = Json(rank_pattern);
-    o[comp + ".alpha_pattern"] = Json(alpha_pattern);
-    o[comp + ".bias"] = Json("none");
-    o[comp + ".peft_type"] = Json("LORA");
-  }
-  return Json(o).dump();
-}
-
 LoraFile read_lora_file(const std::string& given, const std::map<std::string, std::vector<std::string>>& module_paths,
                         std::optional<double> alpha_if_unknown) {
   const LoraLocation loc = locate_lora(given);

@@ -84,14 +84,9 @@ struct LoraFile {
 LoraFile read_lora_file(const std::string& path, const std::map<std::string, std::vector<std::string>>& module_paths,
                         std::optional<double> alpha_if_unknown = std::nullopt);
 
-// Tensor names + tensors for one component in a format (alpha tensors for kohya included).
-std::vector<std::pair<std::string, torch::Tensor>> lora_tensors(torch::nn::Module& model, const std::string& component,
-                                                                LoraFormat format);
 // The key of one LoRA matrix ("A"/"B") of a module in a format.
 std::string lora_key(const std::string& component, const std::string& module_path, bool is_a, LoraFormat format);
 
-// The metadata diffusers writes (`lora_adapter_metadata`) for adapters of a component.
-std::string lora_adapter_metadata_json(const std::map<std::string, std::vector<LoraTarget>>& components);
 
 // Applies weights to a model: adds adapters where missing (rank and alpha from the file) and copies A/B.
 // Throws when a module path does not exist or a shape differs.
