@@ -1,9 +1,15 @@
 #!/usr/bin/env node
-// Writes test/fixtures/export/: a LoRA checkpoint of a short seeded training run on test/fixtures/models/tiny
-// (3 steps at lr 1e-2, so lora_B is far from zero), and that checkpoint exported by train-lora in every format.
-// scripts/golden/make_export_goldens.py then loads those files with peft / diffusers (see the README there).
+// Writes the LoRA fixtures the export tests load: a LoRA checkpoint of a short seeded training run on
+// test/fixtures/models/tiny (3 steps at lr 1e-2, so every lora_B is far from zero), and that checkpoint exported by
+// train-lora in every format. Two sets, each regenerated on its own:
+//   export        test/fixtures/export/: attention adapters at --rank 4 / --lora-alpha 8; then
+//                 scripts/golden/make_export_goldens.py loads the files with peft / diffusers.
+//   lora-targets  test/fixtures/lora-targets/: every module kind kohya trains (--lora-target-preset full: attention,
+//                 ff, proj_in/proj_out (1x1 conv here), time_emb_proj, conv_shortcut at --rank 2 / --lora-alpha 4, and
+//                 the 3x3 ResNet and sampler convs at --conv-rank 1 / --conv-alpha 0.5); then
+//                 scripts/golden/make_lora_targets_goldens.py loads them with peft / diffusers / sd-scripts.
 //
-// Usage (after `npx tsc -p .` and the native build): node scripts/make-export-fixtures.js
+// Usage (after `npx tsc -p .` and the native build): node scripts/make-export-fixtures.js export|lora-targets
 'use strict';
 const fs = require('fs');
 const os = require('os');
@@ -15,12 +21,18 @@ const { makeDemoData } = require(path.join(root, 'dist', 'data', 'demo-data'));
 const { train } = require(path.join(root, 'dist', 'train', 'train'));
 const { exportCheckpoint } = require(path.join(root, 'dist', 'export', 'lora-export'));
 
+const SETS = {
+  export: { rank: 4, lora_alpha: 8 },
+  'lora-targets': { rank: 2, lora_alpha: 4, lora_target_preset: 'full', conv_rank: 1, conv_alpha: 0.5 },
+};
+
 const quiet = { info() {}, warn() {}, error() {}, step() {} };
 
-async function main() {
-  const out = path.join(root, 'test', 'fixtures', 'export');
+async function main(set) {
+  if (!SETS[set]) throw new Error(`usage: node scripts/make-export-fixtures.js ${Object.keys(SETS).join('|')}`);
+  const out = path.join(root, 'test', 'fixtures', set);
   const model = path.join(root, 'test', 'fixtures', 'models', 'tiny');
-  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tl-export-fixtures-'));
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), `tl-${set}-fixtures-`));
   try {
     const data = path.join(tmp, 'data');
     await makeDemoData(data, { count: 4, size: 32, seed: 0 });
@@ -38,11 +50,10 @@ async function main() {
       lr_scheduler: 'constant',
       lr_warmup_steps: 0,
       checkpointing_steps: 3,
-      rank: 4,
-      lora_alpha: 8,
       seed: 7,
       mixed_precision: 'no',
       save_format: [],
+      ...SETS[set],
     });
     await train(cfg, quiet, { installSignalHandlers: false });
     fs.rmSync(out, { recursive: true, force: true });
@@ -55,7 +66,7 @@ async function main() {
   }
 }
 
-main().catch((e) => {
+main(process.argv[2]).catch((e) => {
   console.error(e);
   process.exitCode = 1;
 });

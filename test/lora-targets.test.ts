@@ -3,7 +3,7 @@
  * convs at --conv-rank/--conv-alpha), the --lora-target-preset sets, the three export formats and kohya-file loading.
  *
  * Fixtures (test/fixtures/lora-targets): a 3-step run on models/tiny with --lora-target-preset full --rank 2
- * --lora-alpha 4 --conv-rank 1 --conv-alpha 0.5 (scripts/make-lora-targets-fixtures.js) and its exports; golden.* from
+ * --lora-alpha 4 --conv-rank 1 --conv-alpha 0.5 (scripts/make-export-fixtures.js lora-targets) and its exports; golden.* from
  * scripts/golden/make_lora_targets_goldens.py: the UNet output with each file loaded by diffusers, peft and sd-scripts'
  * own network loader (all equal), the merged UNet, and sd-scripts' module sets on models/tiny and on SD 1.5.
  */

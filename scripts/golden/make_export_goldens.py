@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Proof that the LoRA files train-lora exports load in diffusers and peft (goldens for test/export.test.ts).
 
-How to run (from the repository root, after `npx tsc -p .`, the native build and `node scripts/make-export-fixtures.js`):
+How to run (from the repository root, after `npx tsc -p .`, the native build and `node scripts/make-export-fixtures.js export`):
 
     PYTHONPATH=/path/to/diffusers/src python3 scripts/golden/make_export_goldens.py
 

@@ -2,7 +2,7 @@
 """Goldens for test/lora-targets.test.ts: LoRA beyond attention (ff, proj_in/proj_out, LoCon convs) in every format.
 
 How to run (from the repository root, after `npx tsc -p .`, the native build and
-`node scripts/make-lora-targets-fixtures.js`), with diffusers' src/ and sd-scripts' checkout on PYTHONPATH:
+`node scripts/make-export-fixtures.js lora-targets`), with diffusers' src/ and sd-scripts' checkout on PYTHONPATH:
 
     PYTHONPATH=/path/to/diffusers/src:/path/to/sd-scripts python3 scripts/golden/make_lora_targets_goldens.py
 
