@@ -42,7 +42,7 @@ import type { LoaderOptions } from '../data/loader';
 import type { SampleOrderState } from '../data/sampler';
 import { checkModel, modelConfigFile, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
 import { modelFingerprint } from '../models/fingerprint';
-import { native, type LoraFileFormat, type OptimizerStepResult, type PipelineHandle, type SafetensorsHeader, type TrainBatch, type TrainerHandle } from '../native';
+import { applyThreadPolicy, native, type LoraFileFormat, type OptimizerStepResult, type PipelineHandle, type SafetensorsHeader, type TrainBatch, type TrainerHandle } from '../native';
 import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
 import { lrForOptimizerStep, lrScheduleFromJSON, trainingLrSchedule, type LrScheduleSpec } from './schedules/lr';
@@ -758,6 +758,7 @@ async function setupDevice({ cfg, report, distEnv, res }: RunSetup): Promise<{ d
   }
   const precision = planPrecision(cfg.mixed_precision, device, devices, cfg.train_mode);
   report.info(`device: ${device}; ${precision.description}`);
+  if (device === 'cpu') report.info(`CPU threads: ${devices.find((d) => d.type === 'cpu')?.threads ?? '?'} intra-op; ${applyThreadPolicy().description}`);
   for (const w of precision.warnings) report.warn(w);
   // TF32 off unless asked for: fp32 results then match a CPU reference (libtorch's own default allows it in cuDNN).
   const tf32 = await native().setAllowTf32(cfg.allow_tf32);
