@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "cuda_graph.h"
 #include "engine.h"
 
 namespace tl {
@@ -49,7 +50,15 @@ Trainer::Trainer(std::shared_ptr<Pipeline> pipeline, TrainerConfig cfg) : pipe_(
   scaler_.enabled = cfg_.mixed_precision == "fp16";
   scaler_.scale = scaler_.enabled ? cfg_.init_loss_scale : 1.0;
   reset_optimizer();
+  std::string no_graphs;
+  if (cfg_.mode != "lora") no_graphs = "full training (graphs are for LoRA)";
+  else if (cfg_.lora.dropout > 0) no_graphs = "LoRA dropout (random masks inside the step)";
+  else if (cfg_.snr_gamma) no_graphs = "min-SNR weighting (--snr-gamma)";
+  else if (cfg_.gradient_checkpointing) no_graphs = "gradient checkpointing";
+  graphs_ = std::make_shared<StepGraphs>(cfg_.cuda_graphs, dev, no_graphs);
 }
+
+StepGraphStatus Trainer::graph_status() const { return graphs_->status(); }
 
 void Trainer::reset_optimizer() {
   exp_avg_.clear();
@@ -62,7 +71,7 @@ void Trainer::reset_optimizer() {
   }
 }
 
-torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
+torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train, UnetInputs* inputs_only) {
   auto& p = *pipe_;
   const auto dev = p.device;
   const auto dt = p.dtype.value_or(torch::kFloat32);
@@ -137,6 +146,16 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
     torch::NoGradGuard ng;
     ehs = text_embeddings(b.input_ids);
   }
+  if (inputs_only) {
+    *inputs_only = UnetInputs{noisy, timesteps, ehs, target};
+    return {};
+  }
+  return unet_loss(noisy, timesteps, ehs, target, train);
+}
+
+torch::Tensor Trainer::unet_loss(const torch::Tensor& noisy, const torch::Tensor& timesteps, const torch::Tensor& ehs, const torch::Tensor& target, bool train) {
+  auto& p = *pipe_;
+  const auto dev = p.device;
   torch::Tensor pred;
   {
     torch::AutoGradMode g(train);
@@ -192,6 +211,20 @@ torch::Tensor Trainer::text_embeddings(const torch::Tensor& input_ids) {
 }
 
 double Trainer::micro_step(const MicroBatch& b) {
+  if (graphs_->status().active) {
+    UnetInputs in;
+    loss_for(b, true, &in);
+    std::vector<torch::Tensor> ps;
+    for (auto& [_, p] : params_) ps.push_back(p);
+    const double grad_scale = (scaler_.enabled ? scaler_.scale : 1.0) / b.loss_divisor;
+    auto fn = [this](const torch::Tensor& n, const torch::Tensor& t, const torch::Tensor& e, const torch::Tensor& y) { return unet_loss(n, t, e, y, true); };
+    if (auto l = graphs_->run(in.noisy, in.timesteps, in.ehs, in.target, grad_scale, ps, fn)) return *l;
+    torch::Tensor loss = unet_loss(in.noisy, in.timesteps, in.ehs, in.target, true);
+    torch::Tensor scaled = loss / b.loss_divisor;
+    if (scaler_.enabled) scaled = scaled * scaler_.scale;
+    scaled.backward();
+    return loss.item<double>();
+  }
   torch::Tensor loss = loss_for(b, true);
   torch::Tensor scaled = loss / b.loss_divisor;
   if (scaler_.enabled) scaled = scaled * scaler_.scale;

@@ -107,6 +107,7 @@ export interface NativeBinding {
   /** Forward + backward of one micro-batch (loss divided by `lossDivisor` for accumulation); returns the loss. */
   trainerMicroStep(trainer: TrainerHandle, batch: TrainBatch, lossDivisor?: number): Promise<number>;
   trainerEvalLoss(trainer: TrainerHandle, batch: TrainBatch): Promise<number>;
+  trainerGraphStatus(trainer: TrainerHandle): Promise<CudaGraphStatus>;
   trainerOptimizerStep(trainer: TrainerHandle, lr: number): Promise<OptimizerStepResult>;
   /** Writes dir/model.safetensors and dir/optimizer.safetensors; returns the JSON-able rest of the state. */
   trainerSaveState(trainer: TrainerHandle, dir: string, metadata?: Record<string, string>): Promise<TrainerStateJson>;
@@ -258,6 +259,23 @@ export interface TrainerOptions {
   textEmbeddingCacheMb?: number;
   /** fp16 dynamic loss scaling, as torch.amp.GradScaler (defaults: 65536, 2, 0.5, 2000). */
   lossScaling?: { initScale?: number; growthFactor?: number; backoffFactor?: number; growthInterval?: number };
+  /** Run each micro-step's UNet forward + backward from a CUDA graph per input shape (native/cuda_graph.h); eager
+   * where that is impossible (see {@link CudaGraphStatus}). */
+  cudaGraphs?: boolean;
+}
+
+/** Whether a trainer's micro-steps run from CUDA graphs, and why not. */
+export interface CudaGraphStatus {
+  requested: boolean;
+  active: boolean;
+  /** Why graphs are not used (the device, the build, an option), or why the last capture failed. */
+  reason: string;
+  /** Captured input shapes. */
+  graphs: number;
+  /** Micro-steps replayed from a graph. */
+  replays: number;
+  /** Micro-steps run eagerly while graphs were requested (warm-up, failed shapes). */
+  eager: number;
 }
 
 /** A micro-batch: pixels (or cached latents) and token ids (or cached text embeddings); the rest are test hooks. */

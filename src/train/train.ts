@@ -868,12 +868,24 @@ async function createTrainer({ cfg, report, res }: RunSetup, modelDir: string, d
     adamEpsilon: cfg.adam_epsilon,
     maxGradNorm: cfg.max_grad_norm,
     seed: cfg.seed,
+    cudaGraphs: cfg.cuda_graphs,
   });
   const { trainer, trainableParams, totalParams } = created;
+  if (cfg.cuda_graphs) await reportCudaGraphs(report, trainer);
   res.trainer = trainer;
   await res.dist.attach(trainer);
   report.info(`trainable parameters: ${trainableParams.toLocaleString('en-US')} of ${totalParams.toLocaleString('en-US')} (${((100 * trainableParams) / totalParams).toFixed(3)} %)`);
   return trainer;
+}
+
+/** --cuda-graphs: by this step every shape of a run without buckets has been captured (2 eager warm-up micro-steps). */
+const CUDA_GRAPH_REPORT_STEP = 4;
+
+/** --cuda-graphs: one line on whether the micro-steps run from CUDA graphs, and why not (eager then). */
+async function reportCudaGraphs(report: { info(m: string): void; warn(m: string): void }, trainer: TrainerHandle): Promise<void> {
+  const s = await native().trainerGraphStatus(trainer);
+  if (s.graphs > 0 || (s.active && !s.reason)) report.info(`--cuda-graphs: ${s.graphs} shape(s) captured, ${s.replays} micro-steps replayed, ${s.eager} eager${s.reason ? `; ${s.reason}` : ''}`);
+  else report.warn(`--cuda-graphs: not used: ${s.reason}`);
 }
 
 /** Where training starts: step 0, a checkpoint's state (loaded into the trainer), or a diffusers checkpoint's LoRA and step. */
@@ -1028,6 +1040,7 @@ async function trainLoop(run: RunState): Promise<void> {
     const tNow = Date.now();
     run.report.step({ step: run.globalStep, epoch, loss, lr, gradNorm: r.gradNorm, skipped: r.skipped, lossScale: r.lossScale, stepTime: (tNow - stepStart) / 1000, samplesSeen: run.samplesSeen });
     stepStart = tNow;
+    if (cfg.cuda_graphs && run.globalStep === CUDA_GRAPH_REPORT_STEP) await reportCudaGraphs(run.report, run.trainer);
     if (countNonFinite(run, r, loss) === 'stop') break;
     const stepDue = run.globalStep % cfg.checkpointing_steps === 0 || (cfg.checkpoint_every_epoch && endOfEpoch);
     const due = stepDue || timeDue;
