@@ -110,6 +110,8 @@ async function runOurs(c: Case, modelDir: string): Promise<Measurement> {
     alphasCumprod: Array.from(schedule.alphasCumprod),
     maxGradNorm: 1,
     seed: 0,
+    // CUDA rows replay the step from CUDA graphs (native/cuda_graph.h); the CPU trains eagerly.
+    cudaGraphs: c.device.startsWith('cuda'),
   });
   const config = (component: string): Record<string, unknown> => JSON.parse(fs.readFileSync(path.join(modelDir, component, 'config.json'), 'utf8')) as Record<string, unknown>;
   const te = config('text_encoder') as { vocab_size: number; max_position_embeddings: number };
