@@ -332,7 +332,7 @@ async function main(): Promise<void> {
   else if (py?.reason) console.log(`Python reference: not available (${py.reason})`);
   else console.log(`Python reference: ${py?.versions} (${threads} threads)`);
 
-  console.log(`each row: ${WARMUP} warm-up steps, then at least ${MIN_STEPS} steps and ${MIN_SECONDS} s; one process per measurement\n`);
+  if (!args.memory) console.log(`each row: ${WARMUP} warm-up steps, then at least ${MIN_STEPS} steps and ${MIN_SECONDS} s; one process per measurement\n`);
   const log = (l: string): void => void process.stderr.write(`${l}\n`);
   if (args.memory) console.log('--memory: SD 1.5-shaped random model, 512 px, batch 1, fp32, CPU; 1 warm-up + 1 timed step; peak RSS includes loading the model\n');
   const rows = await benchmark(args.memory ? memoryCases() : cases(args.quick, cuda, args.cachedLatents), { python: py, threads, gpuIndex: cudaInfo?.index, peakTflops: args.peakTflops, log });
