@@ -57,8 +57,9 @@ export function e2eCases(quick: boolean): E2eCase[] {
   return [
     { name: 'tiny 64px b2', preset: 'tiny', resolution: 64, batch: 2, steps: [20, 220], python: true },
     { name: 'tiny 64px b2, OMP_WAIT_POLICY=PASSIVE (the old policy)', preset: 'tiny', resolution: 64, batch: 2, steps: [20, 220], oursEnv: { OMP_WAIT_POLICY: 'PASSIVE' }, python: false },
-    { name: 'sd15 128px b1', preset: 'sd15', resolution: 128, batch: 1, steps: [4, 24], python: true },
-    { name: 'sd15 256px b1', preset: 'sd15', resolution: 256, batch: 1, steps: [3, 11], python: true },
+    { name: 'tiny 64px b2, GOMP_SPINCOUNT=10000 (bounded spin forced)', preset: 'tiny', resolution: 64, batch: 2, steps: [20, 220], oursEnv: { GOMP_SPINCOUNT: '10000' }, python: false },
+    { name: 'sd15 128px b1', preset: 'sd15', resolution: 128, batch: 1, steps: [5, 45], python: true },
+    { name: 'sd15 256px b1', preset: 'sd15', resolution: 256, batch: 1, steps: [3, 19], python: true },
   ];
 }
 
