@@ -355,7 +355,10 @@ export const BOUNDED_SPIN_COUNT = 10000;
  * - OMP_WAIT_POLICY or GOMP_SPINCOUNT already set: kept as given.
  * - TRAIN_LORA_THREAD_POLICY=passive | spin | bounded picks one (spin: libgomp's default).
  * - otherwise (auto): bounded spin, or passive when the machine is already busy at start (1-minute load average
- *   >= the number of cores: spinning would only take time from the other work and from our own decoding).
+ *   >= the number of cores: spinning would only take time from the other work and from our own decoding) or when
+ *   several data-parallel processes share this machine (LOCAL_WORLD_SIZE > 1).
+ * The variables are set only while the addon (and libgomp, which reads them when it loads) is loading, so processes
+ * started later (data-parallel workers, tests' CLI runs) decide for themselves.
  */
 export function threadPolicy(env: NodeJS.ProcessEnv = process.env, cores = os.availableParallelism(), load1 = os.loadavg()[0]): ThreadPolicy {
   if (env.OMP_WAIT_POLICY || env.GOMP_SPINCOUNT) {
@@ -372,8 +375,11 @@ export function threadPolicy(env: NodeJS.ProcessEnv = process.env, cores = os.av
       return bounded;
     case 'spin':
       return { env: {}, description: "OpenMP wait: libgomp's default spin" };
-    case 'auto':
+    case 'auto': {
+      const local = Number(env.LOCAL_WORLD_SIZE ?? 1);
+      if (local > 1) return { ...passive, description: `${passive.description} (${local} data-parallel processes share this machine)` };
       return load1 >= cores ? { ...passive, description: `${passive.description} (the machine is busy: load ${load1.toFixed(1)} on ${cores} cores)` } : bounded;
+    }
     default:
       throw new Error(`train-lora: TRAIN_LORA_THREAD_POLICY=${asked} is not one of auto, bounded, passive, spin`);
   }
@@ -381,12 +387,22 @@ export function threadPolicy(env: NodeJS.ProcessEnv = process.env, cores = os.av
 
 let appliedPolicy: ThreadPolicy | undefined;
 
-/** Sets the thread policy's variables once, before the addon loads; returns what was decided. */
+/** Decides the thread policy once (before the addon loads); returns what was decided. */
 export function applyThreadPolicy(): ThreadPolicy {
   if (appliedPolicy) return appliedPolicy;
   appliedPolicy = threadPolicy();
-  for (const [k, v] of Object.entries(appliedPolicy.env)) process.env[k] = v;
   return appliedPolicy;
+}
+
+/** Runs `load` with the policy's variables in the environment (libgomp reads them as it loads), then removes them. */
+function withThreadPolicy<T>(load: () => T): T {
+  const set = Object.entries(applyThreadPolicy().env).filter(([k]) => process.env[k] === undefined);
+  for (const [k, v] of set) process.env[k] = v;
+  try {
+    return load();
+  } finally {
+    for (const [k] of set) delete process.env[k];
+  }
 }
 
 /**
@@ -399,8 +415,7 @@ export function applyThreadPolicy(): ThreadPolicy {
 export function native(): NativeBinding {
   if (cached) return cached;
   const root = path.resolve(__dirname, '..');
-  // The OpenMP wait policy must be set before libtorch (and its OpenMP runtime) is loaded.
-  applyThreadPolicy();
+  // The OpenMP wait policy must be in the environment while libtorch (and its OpenMP runtime) loads.
   const override = process.env.TRAIN_LORA_ADDON;
   if (override && !fs.existsSync(override)) {
     throw new Error(`train-lora: TRAIN_LORA_ADDON=${override} does not exist. Point it at a built train_lora.node, or unset it to use build/Release.`);
@@ -408,11 +423,11 @@ export function native(): NativeBinding {
   try {
     if (override) {
       // eslint-disable-next-line @typescript-eslint/no-require-imports
-      cached = require(path.resolve(override)) as NativeBinding;
+      cached = withThreadPolicy(() => require(path.resolve(override)) as NativeBinding);
     } else {
       // eslint-disable-next-line @typescript-eslint/no-require-imports
       const load = require('node-gyp-build') as (dir: string) => unknown;
-      cached = load(root) as NativeBinding;
+      cached = withThreadPolicy(() => load(root) as NativeBinding);
     }
     return cached;
   } catch (e) {

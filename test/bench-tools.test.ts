@@ -122,6 +122,19 @@ describe('thread policy', () => {
     expect(threadPolicy({ TRAIN_LORA_THREAD_POLICY: 'passive' }, 2, 0).env).toEqual({ OMP_WAIT_POLICY: 'PASSIVE' });
     expect(threadPolicy({ TRAIN_LORA_THREAD_POLICY: 'spin' }, 2, 9).env).toEqual({});
     expect(threadPolicy({ TRAIN_LORA_THREAD_POLICY: 'bounded' }, 2, 9).env).toEqual({ GOMP_SPINCOUNT: String(BOUNDED_SPIN_COUNT) });
+    expect(threadPolicy({ LOCAL_WORLD_SIZE: '2' }, 16, 0)).toEqual({ env: { OMP_WAIT_POLICY: 'PASSIVE' }, description: 'OpenMP wait: passive (2 data-parallel processes share this machine)' });
+    expect(threadPolicy({ LOCAL_WORLD_SIZE: '1' }, 16, 0).env).toEqual({ GOMP_SPINCOUNT: String(BOUNDED_SPIN_COUNT) });
     expect(() => threadPolicy({ TRAIN_LORA_THREAD_POLICY: 'fast' }, 2, 0)).toThrow(/TRAIN_LORA_THREAD_POLICY=fast is not one of auto, bounded, passive, spin/);
   });
+});
+
+test("the thread policy's variables are set only while the addon loads: child processes decide for themselves", () => {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { spawnSync } = require('node:child_process') as typeof import('node:child_process');
+  const env: NodeJS.ProcessEnv = { ...process.env, TRAIN_LORA_THREAD_POLICY: 'bounded' };
+  delete env.GOMP_SPINCOUNT;
+  delete env.OMP_WAIT_POLICY;
+  const script = "const n = require('./dist/native'); n.native().version(); console.log(JSON.stringify({ left: process.env.GOMP_SPINCOUNT ?? null, used: n.applyThreadPolicy().env }))";
+  const r = spawnSync(process.execPath, ['-e', script], { cwd: path.join(__dirname, '..'), env, encoding: 'utf8' });
+  expect(JSON.parse(r.stdout.trim())).toEqual({ left: null, used: { GOMP_SPINCOUNT: String(BOUNDED_SPIN_COUNT) } });
 });
