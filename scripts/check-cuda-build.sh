@@ -20,7 +20,7 @@ PACKAGES=(torch==2.14.1 nvidia-cublas nvidia-cuda-runtime nvidia-cuda-nvrtc nvid
   nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-nccl-cu13 nvidia-nvjitlink
   nvidia-nvshmem-cu13 nvidia-cuda-cupti nvidia-nvtx nvidia-cufile nvidia-cuda-crt nvidia-cuda-cccl)
 TESTS=(test/parity.test.ts test/train-parity.test.ts test/train-resume.test.ts test/checkpoint-manager.test.ts
-  test/distributed.test.ts)
+  test/distributed.test.ts test/cuda-graphs.test.ts)
 
 say() { echo "[check:cuda-build] $*"; }
 fail() { say "FAILED: $*" >&2; exit 1; }

@@ -104,6 +104,7 @@ export const TrainConfigSchema = z
     mixed_precision: z.enum(['auto', 'no', 'fp16', 'bf16']).default('auto'),
     allow_tf32: z.boolean().default(false),
     gradient_checkpointing: z.boolean().default(false),
+    cuda_graphs: z.boolean().default(false),
     // Distributed (data parallel; see src/distributed/)
     num_processes: positiveInt.default(1),
     nnodes: positiveInt.default(1),

@@ -4,6 +4,7 @@
  * opaque handles; tensors cross the boundary only as {@link HostTensor}s at the edges (inputs in, results out).
  */
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 
 /** safetensors dtype names. */
@@ -106,6 +107,7 @@ export interface NativeBinding {
   /** Forward + backward of one micro-batch (loss divided by `lossDivisor` for accumulation); returns the loss. */
   trainerMicroStep(trainer: TrainerHandle, batch: TrainBatch, lossDivisor?: number): Promise<number>;
   trainerEvalLoss(trainer: TrainerHandle, batch: TrainBatch): Promise<number>;
+  trainerGraphStatus(trainer: TrainerHandle): Promise<CudaGraphStatus>;
   /** teLr: the text encoder's param group's lr (--train-text-encoder; default lr). */
   trainerOptimizerStep(trainer: TrainerHandle, lr: number, teLr?: number): Promise<OptimizerStepResult>;
   /** Writes dir/model.safetensors and dir/optimizer.safetensors; returns the JSON-able rest of the state. */
@@ -267,6 +269,23 @@ export interface TrainerOptions {
   textEmbeddingCacheMb?: number;
   /** fp16 dynamic loss scaling, as torch.amp.GradScaler (defaults: 65536, 2, 0.5, 2000). */
   lossScaling?: { initScale?: number; growthFactor?: number; backoffFactor?: number; growthInterval?: number };
+  /** Run each micro-step's UNet forward + backward from a CUDA graph per input shape (native/train/cuda_graph.h); eager
+   * where that is impossible (see {@link CudaGraphStatus}). */
+  cudaGraphs?: boolean;
+}
+
+/** Whether a trainer's micro-steps run from CUDA graphs, and why not. */
+export interface CudaGraphStatus {
+  requested: boolean;
+  active: boolean;
+  /** Why graphs are not used (the device, the build, an option), or why the last capture failed. */
+  reason: string;
+  /** Captured input shapes. */
+  graphs: number;
+  /** Micro-steps replayed from a graph. */
+  replays: number;
+  /** Micro-steps run eagerly while graphs were requested (warm-up, failed shapes). */
+  eager: number;
 }
 
 /** A micro-batch: pixels (or cached latents) and token ids (or cached text embeddings); the rest are test hooks. */
@@ -328,6 +347,76 @@ export function loadFailureHint(message: string, root = path.resolve(__dirname, 
   return 'Rebuild the addon with `npm run build:native` (it links the libtorch that is installed now; set LIBTORCH to choose another).';
 }
 
+/** How torch's OpenMP threads wait between the many small parallel regions of a step (see {@link threadPolicy}). */
+export interface ThreadPolicy {
+  /** Variables to set before libtorch loads (empty: the environment already decides). */
+  env: Record<string, string>;
+  /** One line for the log, e.g. "OpenMP wait: bounded spin (GOMP_SPINCOUNT=10000)". */
+  description: string;
+}
+
+/** Spins of a waiting OpenMP thread before it sleeps (libgomp's default is 300000, ~30x longer). */
+export const BOUNDED_SPIN_COUNT = 10000;
+
+/**
+ * The wait policy of torch's OpenMP threads (libgomp reads it once, at load). Measured on 2 cores (README
+ * "Performance"): libgomp's default spin (300k spins) is fastest alone but 5.6x slower than passive when two
+ * processes share the cores; passive waiting (threads sleep after every parallel region) is 40 % slower alone;
+ * a bounded spin (GOMP_SPINCOUNT=10000) is within 2 % of the default alone and 3x faster than it when shared.
+ *
+ * - OMP_WAIT_POLICY or GOMP_SPINCOUNT already set: kept as given.
+ * - TRAIN_LORA_THREAD_POLICY=passive | spin | bounded picks one (spin: libgomp's default).
+ * - otherwise (auto): bounded spin, or passive when the machine is already busy at start (1-minute load average
+ *   >= the number of cores: spinning would only take time from the other work and from our own decoding) or when
+ *   several data-parallel processes share this machine (LOCAL_WORLD_SIZE > 1).
+ * The variables are set only while the addon (and libgomp, which reads them when it loads) is loading, so processes
+ * started later (data-parallel workers, tests' CLI runs) decide for themselves.
+ */
+export function threadPolicy(env: NodeJS.ProcessEnv = process.env, cores = os.availableParallelism(), load1 = os.loadavg()[0]): ThreadPolicy {
+  if (env.OMP_WAIT_POLICY || env.GOMP_SPINCOUNT) {
+    const given = ['OMP_WAIT_POLICY', 'GOMP_SPINCOUNT'].filter((k) => env[k]).map((k) => `${k}=${env[k]}`);
+    return { env: {}, description: `OpenMP wait: ${given.join(' ')} (from the environment)` };
+  }
+  const asked = env.TRAIN_LORA_THREAD_POLICY ?? 'auto';
+  const passive = { env: { OMP_WAIT_POLICY: 'PASSIVE' }, description: 'OpenMP wait: passive' };
+  const bounded = { env: { GOMP_SPINCOUNT: String(BOUNDED_SPIN_COUNT) }, description: `OpenMP wait: bounded spin (GOMP_SPINCOUNT=${BOUNDED_SPIN_COUNT})` };
+  switch (asked) {
+    case 'passive':
+      return passive;
+    case 'bounded':
+      return bounded;
+    case 'spin':
+      return { env: {}, description: "OpenMP wait: libgomp's default spin" };
+    case 'auto': {
+      const local = Number(env.LOCAL_WORLD_SIZE ?? 1);
+      if (local > 1) return { ...passive, description: `${passive.description} (${local} data-parallel processes share this machine)` };
+      return load1 >= cores ? { ...passive, description: `${passive.description} (the machine is busy: load ${load1.toFixed(1)} on ${cores} cores)` } : bounded;
+    }
+    default:
+      throw new Error(`train-lora: TRAIN_LORA_THREAD_POLICY=${asked} is not one of auto, bounded, passive, spin`);
+  }
+}
+
+let appliedPolicy: ThreadPolicy | undefined;
+
+/** Decides the thread policy once (before the addon loads); returns what was decided. */
+export function applyThreadPolicy(): ThreadPolicy {
+  if (appliedPolicy) return appliedPolicy;
+  appliedPolicy = threadPolicy();
+  return appliedPolicy;
+}
+
+/** Runs `load` with the policy's variables in the environment (libgomp reads them as it loads), then removes them. */
+function withThreadPolicy<T>(load: () => T): T {
+  const set = Object.entries(applyThreadPolicy().env).filter(([k]) => process.env[k] === undefined);
+  for (const [k, v] of set) process.env[k] = v;
+  try {
+    return load();
+  } finally {
+    for (const [k] of set) delete process.env[k];
+  }
+}
+
 /**
  * Loads the addon once. Throws an Error that says how to fix a missing build or an unloadable libtorch.
  *
@@ -338,10 +427,7 @@ export function loadFailureHint(message: string, root = path.resolve(__dirname, 
 export function native(): NativeBinding {
   if (cached) return cached;
   const root = path.resolve(__dirname, '..');
-  // libgomp's default spin-waiting makes torch's intra-op threads fight anything else on the CPU (image
-  // decoding threads, other processes): a 2-core step went from 0.16 s to 10 s. Passive waiting fixes it.
-  // It must be set before libtorch (and its OpenMP runtime) is loaded.
-  process.env.OMP_WAIT_POLICY ??= 'PASSIVE';
+  // The OpenMP wait policy must be in the environment while libtorch (and its OpenMP runtime) loads.
   const override = process.env.TRAIN_LORA_ADDON;
   if (override && !fs.existsSync(override)) {
     throw new Error(`train-lora: TRAIN_LORA_ADDON=${override} does not exist. Point it at a built train_lora.node, or unset it to use build/Release.`);
@@ -349,11 +435,11 @@ export function native(): NativeBinding {
   try {
     if (override) {
       // eslint-disable-next-line @typescript-eslint/no-require-imports
-      cached = require(path.resolve(override)) as NativeBinding;
+      cached = withThreadPolicy(() => require(path.resolve(override)) as NativeBinding);
     } else {
       // eslint-disable-next-line @typescript-eslint/no-require-imports
       const load = require('node-gyp-build') as (dir: string) => unknown;
-      cached = load(root) as NativeBinding;
+      cached = withThreadPolicy(() => load(root) as NativeBinding);
     }
     return cached;
   } catch (e) {

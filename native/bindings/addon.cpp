@@ -303,6 +303,7 @@ Napi::Value CreateTrainer(const Napi::CallbackInfo& info) {
   c.seed = static_cast<uint64_t>(num_opt(o, "seed", 0));
   if (o.Get("textEmbeddingCacheMb").IsNumber())
     c.text_embedding_cache_bytes = static_cast<int64_t>(o.Get("textEmbeddingCacheMb").As<Napi::Number>().DoubleValue() * 1024 * 1024);
+  c.cuda_graphs = bool_opt(o, "cudaGraphs", false);
   if (o.Get("lossScaling").IsObject()) {
     Napi::Object ls = o.Get("lossScaling").As<Napi::Object>();
     c.init_loss_scale = num_opt(ls, "initScale", c.init_loss_scale);
@@ -331,6 +332,24 @@ Napi::Value TrainerMicroStep(const Napi::CallbackInfo& info) {
   return Engine::of(env).run(env, [t, batch, divisor] {
     double loss = t->micro_step(micro_batch(*batch, divisor));
     return Completion([loss](Napi::Env env) { return Napi::Number::New(env, loss); });
+  });
+}
+
+Napi::Value TrainerGraphStatus(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto t = unwrap_handle<Trainer>(info[0], "Trainer");
+  return Engine::of(env).run(env, [t] {
+    StepGraphStatus s = t->graph_status();
+    return Completion([s](Napi::Env env) -> Napi::Value {
+      Napi::Object r = Napi::Object::New(env);
+      r.Set("requested", s.requested);
+      r.Set("active", s.active);
+      r.Set("reason", s.reason);
+      r.Set("graphs", static_cast<double>(s.graphs));
+      r.Set("replays", static_cast<double>(s.replays));
+      r.Set("eager", static_cast<double>(s.eager));
+      return r;
+    });
   });
 }
 
@@ -513,6 +532,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("componentParamShapes", Napi::Function::New(env, ComponentParamShapes));
   exports.Set("createTrainer", Napi::Function::New(env, CreateTrainer));
   exports.Set("trainerMicroStep", Napi::Function::New(env, TrainerMicroStep));
+  exports.Set("trainerGraphStatus", Napi::Function::New(env, TrainerGraphStatus));
   exports.Set("trainerEvalLoss", Napi::Function::New(env, TrainerEvalLoss));
   exports.Set("trainerOptimizerStep", Napi::Function::New(env, TrainerOptimizerStep));
   exports.Set("trainerSaveState", Napi::Function::New(env, TrainerSaveState));

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "runtime/engine.h"
+#include "train/cuda_graph.h"
 
 namespace tl {
 namespace {
@@ -76,7 +77,16 @@ Trainer::Trainer(std::shared_ptr<Pipeline> pipeline, TrainerConfig cfg) : pipe_(
   scaler_.enabled = cfg_.mixed_precision == "fp16";
   scaler_.scale = scaler_.enabled ? cfg_.init_loss_scale : 1.0;
   reset_optimizer();
+  std::string no_graphs;
+  if (cfg_.mode != "lora") no_graphs = "full training (graphs are for LoRA)";
+  else if (cfg_.lora.dropout > 0) no_graphs = "LoRA dropout (random masks inside the step)";
+  else if (cfg_.snr_gamma) no_graphs = "min-SNR weighting (--snr-gamma)";
+  else if (cfg_.gradient_checkpointing) no_graphs = "gradient checkpointing";
+  else if (cfg_.train_text_encoder) no_graphs = "a trained text encoder (its backward is outside the graphed UNet step)";
+  graphs_ = std::make_shared<StepGraphs>(cfg_.cuda_graphs, dev, no_graphs);
 }
+
+StepGraphStatus Trainer::graph_status() const { return graphs_->status(); }
 
 void Trainer::reset_optimizer() {
   exp_avg_.clear();
@@ -89,7 +99,7 @@ void Trainer::reset_optimizer() {
   }
 }
 
-torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
+torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train, UnetInputs* inputs_only) {
   auto& p = *pipe_;
   const auto dev = p.device;
   const auto dt = p.dtype.value_or(torch::kFloat32);
@@ -187,17 +197,28 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train) {
       ehs = text_embeddings(b.input_ids);
     }
   }
+  torch::Tensor mask;  // --masked-loss: a weight per latent pixel
+  if (b.loss_mask.defined()) {
+    mask = b.loss_mask.to(dev, torch::kFloat32);
+    if (mask.dim() != 4 || mask.size(0) != B || mask.size(1) != 1 || mask.size(2) != latents.size(2) || mask.size(3) != latents.size(3))
+      throw UserError("EINPUT", "lossMask must be [B,1,h,w] at the latent size");
+  }
+  if (inputs_only) {
+    *inputs_only = UnetInputs{noisy, timesteps, ehs, target, mask};
+    return {};
+  }
+  return unet_loss(noisy, timesteps, ehs, target, mask, train);
+}
+
+torch::Tensor Trainer::unet_loss(const torch::Tensor& noisy, const torch::Tensor& timesteps, const torch::Tensor& ehs, const torch::Tensor& target,
+                                 const torch::Tensor& mask, bool train) {
+  auto& p = *pipe_;
+  const auto dev = p.device;
   torch::Tensor pred;
   {
     torch::AutoGradMode g(train);
     nn::AutocastScope autocast(dev.type(), autocast_dtype());
     pred = p.unet->forward(noisy, timesteps, ehs);
-  }
-  torch::Tensor mask;
-  if (b.loss_mask.defined()) {
-    mask = b.loss_mask.to(dev, torch::kFloat32);
-    if (mask.dim() != 4 || mask.size(0) != B || mask.size(1) != 1 || mask.size(2) != pred.size(2) || mask.size(3) != pred.size(3))
-      throw UserError("EINPUT", "lossMask must be [B,1,h,w] at the latent size");
   }
   if (!cfg_.snr_gamma && !mask.defined()) return torch::mse_loss(pred.to(torch::kFloat32), target.to(torch::kFloat32));
   if (!cfg_.snr_gamma) return (torch::mse_loss(pred.to(torch::kFloat32), target.to(torch::kFloat32), at::Reduction::None) * mask).mean();
@@ -250,6 +271,21 @@ torch::Tensor Trainer::text_embeddings(const torch::Tensor& input_ids) {
 }
 
 double Trainer::micro_step(const MicroBatch& b) {
+  // A loss mask is data of the step that the graph does not take: such micro-steps run eagerly.
+  if (graphs_->status().active && !b.loss_mask.defined()) {
+    UnetInputs in;
+    loss_for(b, true, &in);
+    std::vector<torch::Tensor> ps;
+    for (auto& [_, p] : params_) ps.push_back(p);
+    const double grad_scale = (scaler_.enabled ? scaler_.scale : 1.0) / b.loss_divisor;
+    auto fn = [this](const torch::Tensor& n, const torch::Tensor& t, const torch::Tensor& e, const torch::Tensor& y) { return unet_loss(n, t, e, y, {}, true); };
+    if (auto l = graphs_->run(in.noisy, in.timesteps, in.ehs, in.target, grad_scale, ps, fn)) return *l;
+    torch::Tensor loss = unet_loss(in.noisy, in.timesteps, in.ehs, in.target, {}, true);
+    torch::Tensor scaled = loss / b.loss_divisor;
+    if (scaler_.enabled) scaled = scaled * scaler_.scale;
+    scaled.backward();
+    return loss.item<double>();
+  }
   torch::Tensor loss = loss_for(b, true);
   torch::Tensor scaled = loss / b.loss_divisor;
   if (scaler_.enabled) scaled = scaled * scaler_.scale;

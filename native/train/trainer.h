@@ -51,7 +51,21 @@ struct TrainerConfig {
   // Each caption is encoded on its own (batch of 1), so an embedding does not depend on what shared its batch or on
   // what the cache held: a resumed run computes exactly what an uninterrupted one does.
   int64_t text_embedding_cache_bytes = int64_t(1) << 30;
+  // Capture the UNet forward + loss + backward in CUDA graphs, one per input shape (cuda_graph.h); eager elsewhere.
+  bool cuda_graphs = false;
 };
+
+// Whether the micro-steps run from CUDA graphs (native/cuda_graph.h), and why not.
+struct StepGraphStatus {
+  bool requested = false;
+  bool active = false;  // graphs are (or will be) used for new shapes
+  std::string reason;   // why not, or why the last capture failed
+  int64_t graphs = 0;   // captured shapes
+  int64_t replays = 0;  // micro-steps run from a graph
+  int64_t eager = 0;    // micro-steps run eagerly while requested (warm-up, failed shapes)
+};
+// Defined in cuda_graph.h, which only trainer.cpp includes (its layout depends on the CUDA build).
+class StepGraphs;
 
 struct MicroBatch {
   torch::Tensor pixel_values;                 // [B,3,H,W] in [-1,1], or
@@ -123,10 +137,21 @@ class Trainer {
   int64_t trainable_count() const;
   int64_t total_count() const;
   const TrainerConfig& config() const { return cfg_; }
+  // Whether the micro-steps run from CUDA graphs, and why not.
+  StepGraphStatus graph_status() const;
   Pipeline& pipeline() { return *pipe_; }
 
  private:
-  torch::Tensor loss_for(const MicroBatch& b, bool train);
+  // The UNet's inputs of a micro-batch (everything random or data-dependent, computed eagerly).
+  struct UnetInputs {
+    torch::Tensor noisy, timesteps, ehs, target, mask;
+  };
+  // With `inputs_only`, stops before the UNet and fills it (the loss returned is undefined).
+  torch::Tensor loss_for(const MicroBatch& b, bool train, UnetInputs* inputs_only = nullptr);
+  // `mask` (--masked-loss, [B,1,h,w] at the latent size) may be undefined.
+  torch::Tensor unet_loss(const torch::Tensor& noisy, const torch::Tensor& timesteps, const torch::Tensor& ehs, const torch::Tensor& target,
+                          const torch::Tensor& mask, bool train);
+  std::shared_ptr<StepGraphs> graphs_;  // shared_ptr: deleted with trainer.cpp's complete type
   torch::Tensor text_embeddings(const torch::Tensor& input_ids);
   struct CachedEmbedding {
     torch::Tensor value;

@@ -19,7 +19,7 @@ DiagonalGaussianDistribution.sample) instead of encoding pixels.
 --count-flops: before the warm-up (and before checkpointing is enabled), one step runs under
 torch.utils.flop_counter.FlopCounterMode: flops_per_step is every FLOP it counts (matmuls, convolutions and
 attention, forward and backward; the frozen weights get no weight gradients, so LoRA's backward is about one forward).
-Set DIFFUSERS_SRC to a diffusers `src` folder when diffusers is not installed.
+Set DIFFUSERS_SRC to a diffusers repository or its `src` folder when diffusers is not installed.
 """
 import argparse
 import json
@@ -30,8 +30,9 @@ import time
 
 # Spin-waiting OpenMP threads make torch crawl on a busy machine; must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-if os.environ.get("DIFFUSERS_SRC"):
-    sys.path.insert(0, os.environ["DIFFUSERS_SRC"])
+if os.environ.get("DIFFUSERS_SRC"):  # a diffusers repository or its src folder
+    _src = os.environ["DIFFUSERS_SRC"]
+    sys.path.insert(0, os.path.join(_src, "src") if os.path.isdir(os.path.join(_src, "src", "diffusers")) else _src)
 
 
 def fail(msg):
@@ -49,7 +50,7 @@ try:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 except Exception as e:  # ImportError, or e.g. a torchvision built for another torch
-    hint = " (set DIFFUSERS_SRC to a diffusers src folder)" if getattr(e, "name", None) == "diffusers" else ""
+    hint = " (set DIFFUSERS_SRC to a diffusers repository or its src folder)" if getattr(e, "name", None) == "diffusers" else ""
     fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}")
 
 

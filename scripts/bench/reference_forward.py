@@ -17,7 +17,7 @@ run: JOBS.json is a list of {"model", "inputs", "lora" (optional), "device", "dt
   (fp64: exact copies of the stored fp32 values), inputs too; TF32 is off for fp32 on CUDA. Models are loaded
   once per folder and device. Prints one JSON line: {"ok": true, "seconds": S, versions...} or {"error": "..."}.
 
-Set DIFFUSERS_SRC to a diffusers `src` folder when diffusers is not installed.
+Set DIFFUSERS_SRC to a diffusers repository or its `src` folder when diffusers is not installed.
 """
 import argparse
 import copy
@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-if os.environ.get("DIFFUSERS_SRC"):
-    sys.path.insert(0, os.environ["DIFFUSERS_SRC"])
+if os.environ.get("DIFFUSERS_SRC"):  # a diffusers repository or its src folder
+    _src = os.environ["DIFFUSERS_SRC"]
+    sys.path.insert(0, os.path.join(_src, "src") if os.path.isdir(os.path.join(_src, "src", "diffusers")) else _src)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "golden"))
 
 
@@ -58,7 +59,7 @@ try:
         versions,
     )
 except Exception as e:  # ImportError, or e.g. a torchvision built for another torch
-    hint = " (set DIFFUSERS_SRC to a diffusers src folder)" if getattr(e, "name", None) == "diffusers" else ""
+    hint = " (set DIFFUSERS_SRC to a diffusers repository or its src folder)" if getattr(e, "name", None) == "diffusers" else ""
     fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}")
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}

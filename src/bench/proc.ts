@@ -16,6 +16,8 @@ export interface ChildResult {
   /** It ran past `timeoutMs` and was killed. */
   timedOut: boolean;
   seconds: number;
+  /** Seconds from the start until `firstMatch` first matched its stdout or stderr (undefined: never). */
+  firstMatchSeconds?: number;
 }
 
 export interface ChildOptions {
@@ -26,6 +28,8 @@ export interface ChildOptions {
   timeoutMs?: number;
   /** Called with each chunk of stdout as it arrives (e.g. to signal the child at some point of its output). */
   onStdout?: (soFar: string, child: { pid?: number; kill: (sig: NodeJS.Signals) => void }) => void;
+  /** Note when this first matches the output so far (stdout or stderr): e.g. a progress bar's first step. */
+  firstMatch?: RegExp;
 }
 
 export function gpuUsedMb(index: number): Promise<number | undefined> {
@@ -78,11 +82,19 @@ export async function runChild(cmd: string, args: string[], o: ChildOptions = {}
   const limit = o.timeoutMs === undefined ? undefined : setTimeout(() => ((timedOut = true), killGroup('SIGKILL')), Math.max(0, o.timeoutMs));
   let stdout = '';
   let stderr = '';
+  let firstMatchSeconds: number | undefined;
+  const match = (text: string): void => {
+    if (o.firstMatch && firstMatchSeconds === undefined && o.firstMatch.test(text)) firstMatchSeconds = (performance.now() - t0) / 1000;
+  };
   child.stdout.on('data', (d: Buffer) => {
     stdout += d.toString();
+    match(stdout);
     o.onStdout?.(stdout, { pid: child.pid, kill: (sig) => child.kill(sig) });
   });
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  child.stderr.on('data', (d: Buffer) => {
+    stderr += d.toString();
+    match(stderr);
+  });
   const code = await new Promise<number | null>((resolve) => {
     child.on('error', (e) => {
       stderr += e.message;
@@ -93,7 +105,7 @@ export async function runChild(cmd: string, args: string[], o: ChildOptions = {}
   if (child.pid !== undefined) live.delete(child.pid);
   if (sampler) clearInterval(sampler);
   if (limit) clearTimeout(limit);
-  return { code, stdout, stderr, peakGpuMb: peak, timedOut, seconds: (performance.now() - t0) / 1000 };
+  return { code, stdout, stderr, peakGpuMb: peak, timedOut, seconds: (performance.now() - t0) / 1000, firstMatchSeconds };
 }
 
 /** The last JSON object line a child printed. */
@@ -117,6 +129,13 @@ export function childError(r: ChildResult, json?: Record<string, unknown>): stri
 
 export const num = (v: unknown): number | undefined => (typeof v === 'number' && Number.isFinite(v) ? v : undefined);
 
+/** The folder to put on PYTHONPATH for DIFFUSERS_SRC: the folder itself when it holds diffusers/, else its src/. */
+export function diffusersLibDir(src: string): string | undefined {
+  if (fs.existsSync(path.join(src, 'diffusers', '__init__.py'))) return src;
+  if (fs.existsSync(path.join(src, 'src', 'diffusers', '__init__.py'))) return path.join(src, 'src');
+  return undefined;
+}
+
 export interface Python {
   cmd: string;
   env: NodeJS.ProcessEnv;
@@ -127,16 +146,17 @@ export interface Python {
 }
 
 /**
- * The interpreter of the python references: $PYTHON or python3, with DIFFUSERS_SRC (a diffusers `src` folder) on
- * its path; `checkScript --check` must print {"ok": true, versions...}.
+ * The interpreter of the python references: $PYTHON or python3, with DIFFUSERS_SRC (a diffusers repository or its
+ * `src` folder) on its path; `checkScript --check` must print {"ok": true, versions...}.
  */
 export async function findPython(checkScript: string, threads: number): Promise<Python> {
   const cmd = process.env.PYTHON ?? 'python3';
   const env: NodeJS.ProcessEnv = { ...process.env, OMP_WAIT_POLICY: 'PASSIVE', OMP_NUM_THREADS: String(threads) };
   const src = process.env.DIFFUSERS_SRC;
   if (src) {
-    if (!fs.existsSync(path.join(src, 'diffusers'))) return { cmd, env, reason: `DIFFUSERS_SRC=${src} has no diffusers/ folder` };
-    env.PYTHONPATH = [src, process.env.PYTHONPATH].filter(Boolean).join(path.delimiter);
+    const lib = diffusersLibDir(src);
+    if (!lib) return { cmd, env, reason: `DIFFUSERS_SRC=${src} has neither diffusers/ nor src/diffusers/ (give a diffusers repository or its src folder)` };
+    env.PYTHONPATH = [lib, process.env.PYTHONPATH].filter(Boolean).join(path.delimiter);
   }
   const r = await runChild(cmd, [checkScript, '--check'], { env, timeoutMs: 120_000 });
   const j = lastJson(r.stdout);

@@ -4,11 +4,16 @@
  * the same model folder, with the same thread count.
  *
  *   node dist/bench/run.js [--quick] [--no-python] [--cached-latents] [--peak-tflops N] [--out FILE]
+ *   node dist/bench/run.js --e2e [--quick] [--out FILE]     the CLI against diffusers' training script (e2e.ts)
+ *   node dist/bench/run.js --memory [--no-python] [--out FILE]   peak memory at SD 1.5's shapes, 512 px (below)
+ *   node dist/bench/run.js --decode [decode.ts options]     image decoding throughput (decode.ts)
  *
  * CPU: the tiny model, 32 and 64 px, batch 1 and 4, fp32, with and without gradient checkpointing.
  * CUDA (when available): the SD 1.5-shaped random-weight model, 512 px, batch 1 and 8, fp32 and bf16, with and
  * without checkpointing. `--quick`: tiny, 32 px, batch 1 and 4, fp32, no checkpointing. `--cached-latents`: both
  * sides start each step from a cached VAE posterior (mean, std) instead of pixels, as `--cache-latents` trains.
+ * `--memory`: the SD 1.5-shaped model at 512 px, batch 1, fp32 on the CPU (a stand-in for GPU memory), with and
+ * without gradient checkpointing, 1 warm-up + 1 timed step: each row's peak RSS (ours and diffusers + peft).
  * Every measurement runs in its own process, so the peak host RSS (and GPU memory, sampled with nvidia-smi)
  * of a row is that row's alone; it includes loading the model. The python side finds diffusers through
  * DIFFUSERS_SRC (a diffusers `src` folder) or an installed package; PYTHON picks the interpreter.
@@ -27,6 +32,8 @@ import { makeTinyModel, type ModelPreset } from '../models/model-folder';
 import { native, type TrainBatch } from '../native';
 import { fromFloat32, fromInt64 } from '../tensors';
 import { NoiseSchedule } from '../schedules/noise';
+import { decodeMain } from './decode';
+import { e2eMain } from './e2e';
 import { childError, findPython, fmt, lastJson, markdownTable, num, runChild, stopChildrenOnSignal, type Python } from './proc';
 
 const WARMUP = 2;
@@ -46,6 +53,10 @@ export interface Case {
   checkpointing: boolean;
   /** Steps start from a cached VAE posterior (no VAE encode per step). */
   cachedLatents: boolean;
+  /** Warm-up and least timed steps and seconds (default: the protocol's). */
+  warmup?: number;
+  minSteps?: number;
+  minSeconds?: number;
 }
 
 /** One side's measurement (or why there is none). */
@@ -99,6 +110,8 @@ async function runOurs(c: Case, modelDir: string): Promise<Measurement> {
     alphasCumprod: Array.from(schedule.alphasCumprod),
     maxGradNorm: 1,
     seed: 0,
+    // CUDA rows replay the step from CUDA graphs (native/train/cuda_graph.h); the CPU trains eagerly.
+    cudaGraphs: c.device.startsWith('cuda'),
   });
   const config = (component: string): Record<string, unknown> => JSON.parse(fs.readFileSync(path.join(modelDir, component, 'config.json'), 'utf8')) as Record<string, unknown>;
   const te = config('text_encoder') as { vocab_size: number; max_position_embeddings: number };
@@ -120,10 +133,10 @@ async function runOurs(c: Case, modelDir: string): Promise<Measurement> {
     await n.trainerMicroStep(trainer, batches[i % 2], 1);
     await n.trainerOptimizerStep(trainer, 1e-4); // returns the grad norm: the device has finished the step
   };
-  for (let i = 0; i < WARMUP; i++) await step(i);
+  for (let i = 0; i < (c.warmup ?? WARMUP); i++) await step(i);
   const t0 = performance.now();
   let steps = 0;
-  while (steps < MIN_STEPS || performance.now() - t0 < MIN_SECONDS * 1000) await step(steps++);
+  while (steps < (c.minSteps ?? MIN_STEPS) || performance.now() - t0 < (c.minSeconds ?? MIN_SECONDS) * 1000) await step(steps++);
   const seconds = (performance.now() - t0) / 1000;
   return { stepsPerSec: steps / seconds, steps, peakRssMb: process.resourceUsage().maxRSS / 1024 };
 }
@@ -158,8 +171,8 @@ async function measurePython(py: Python, c: Case, modelDir: string, o: BenchOpti
   if (c.checkpointing) args.push('--gradient-checkpointing');
   if (c.cachedLatents) args.push('--cached-latents');
   if (countFlops) args.push('--count-flops');
-  args.push('--device', c.device, '--dtype', c.dtype, '--steps', String(MIN_STEPS), '--warmup', String(WARMUP));
-  args.push('--min-seconds', String(MIN_SECONDS), '--threads', String(o.threads));
+  args.push('--device', c.device, '--dtype', c.dtype, '--steps', String(c.minSteps ?? MIN_STEPS), '--warmup', String(c.warmup ?? WARMUP));
+  args.push('--min-seconds', String(c.minSeconds ?? MIN_SECONDS), '--threads', String(o.threads));
   const gpuIndex = c.device === 'cpu' ? undefined : o.gpuIndex;
   const r = await runChild(py.cmd, args, { env: py.env, gpuIndex, timeoutMs: timeLeft(o) });
   const j = lastJson(r.stdout);
@@ -268,7 +281,14 @@ function cases(quick: boolean, cuda: string | undefined, cachedLatents: boolean)
   return out;
 }
 
+/** `--memory`: SD 1.5's shapes at 512 px, batch 1, fp32 on the CPU, with and without checkpointing; 2 steps each. */
+export function memoryCases(): Case[] {
+  return [false, true].map((checkpointing) => ({ preset: 'sd15', device: 'cpu', resolution: 512, batch: 1, dtype: 'fp32', checkpointing, cachedLatents: false, warmup: 1, minSteps: 1, minSeconds: 0 }));
+}
+
 interface BenchArgs {
+  e2e: boolean;
+  memory: boolean;
   quick: boolean;
   python: boolean;
   cachedLatents: boolean;
@@ -277,21 +297,26 @@ interface BenchArgs {
 }
 
 function parseArgs(argv: string[]): BenchArgs {
-  const a: BenchArgs = { quick: false, python: true, cachedLatents: false, out: 'bench-results.json' };
+  const a: BenchArgs = { e2e: false, memory: false, quick: false, python: true, cachedLatents: false, out: 'bench-results.json' };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === '--quick') a.quick = true;
+    else if (argv[i] === '--e2e') a.e2e = true;
+    else if (argv[i] === '--memory') a.memory = true;
     else if (argv[i] === '--no-python') a.python = false;
     else if (argv[i] === '--cached-latents') a.cachedLatents = true;
     else if (argv[i] === '--peak-tflops' && Number(argv[i + 1]) > 0) a.peakTflops = Number(argv[++i]);
     else if (argv[i] === '--out' && argv[i + 1]) a.out = argv[++i];
-    else throw new Error(`unknown option ${argv[i]} (use --quick, --no-python, --cached-latents, --peak-tflops N, --out FILE)`);
+    else throw new Error(`unknown option ${argv[i]} (use --e2e, --memory, --decode, --quick, --no-python, --cached-latents, --peak-tflops N, --out FILE)`);
   }
   return a;
 }
 
 async function main(): Promise<void> {
-  const args = parseArgs(process.argv.slice(2));
+  const argv = process.argv.slice(2);
+  if (argv[0] === '--decode') return decodeMain(argv.slice(1));
+  const args = parseArgs(argv);
   stopChildrenOnSignal();
+  if (args.e2e) return e2eMain(args.quick, args.out === 'bench-results.json' ? 'bench-e2e-results.json' : args.out);
   const started = Date.now();
   const devices = await native().devices();
   const threads = devices.find((d) => d.type === 'cpu')?.threads ?? os.cpus().length;
@@ -307,9 +332,10 @@ async function main(): Promise<void> {
   else if (py?.reason) console.log(`Python reference: not available (${py.reason})`);
   else console.log(`Python reference: ${py?.versions} (${threads} threads)`);
 
-  console.log(`each row: ${WARMUP} warm-up steps, then at least ${MIN_STEPS} steps and ${MIN_SECONDS} s; one process per measurement\n`);
+  if (!args.memory) console.log(`each row: ${WARMUP} warm-up steps, then at least ${MIN_STEPS} steps and ${MIN_SECONDS} s; one process per measurement\n`);
   const log = (l: string): void => void process.stderr.write(`${l}\n`);
-  const rows = await benchmark(cases(args.quick, cuda, args.cachedLatents), { python: py, threads, gpuIndex: cudaInfo?.index, peakTflops: args.peakTflops, log });
+  if (args.memory) console.log('--memory: SD 1.5-shaped random model, 512 px, batch 1, fp32, CPU; 1 warm-up + 1 timed step; peak RSS includes loading the model\n');
+  const rows = await benchmark(args.memory ? memoryCases() : cases(args.quick, cuda, args.cachedLatents), { python: py, threads, gpuIndex: cudaInfo?.index, peakTflops: args.peakTflops, log });
 
   const seconds = (Date.now() - started) / 1000;
   console.log(benchTable(rows));

@@ -12,7 +12,7 @@ import { formatBytes } from '../checkpoint/fsutil';
 import { datasetOptions, loraAlpha, textEncoderTargets, type TrainConfig } from '../config';
 import { describeDataset, loadDataset, type Dataset } from '../data/dataset';
 import { checkModel, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
-import { native, type PipelineHandle, type TrainerHandle } from '../native';
+import { native, type DeviceInfo, type PipelineHandle, type TrainerHandle } from '../native';
 import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
 import { NoiseSchedule } from '../schedules/noise';
@@ -26,6 +26,115 @@ export interface CheckResult {
   ok: boolean | 'skip';
   detail: string;
   fix?: string;
+}
+
+// ------------------------------------------------------------------ memory estimate
+
+/** Parameters of SD 1.5's UNet: the activation sizes below are measured on it and scaled by a model's UNet size. */
+export const SD15_UNET_PARAMS = 859_520_964;
+
+/**
+ * Activation memory per sample of SD 1.5's UNet training step at 512 px in fp32 (forward kept for backward, the
+ * backward's peak, the VAE encode and the text encoder), measured as peak RSS minus weights and runtime on the CPU
+ * with `npm run bench -- --memory` (README "Performance"): without and with gradient checkpointing.
+ */
+export const ACTIVATION_BYTES_512 = { plain: 2.25 * 2 ** 30, checkpointed: 1.2 * 2 ** 30 };
+/** libtorch, its allocator's slack, the CUDA context and kernels (CUDA/MPS), node (CPU). */
+export const RUNTIME_BYTES = { cpu: 0.6 * 2 ** 30, cuda: 1.0 * 2 ** 30, mps: 1.0 * 2 ** 30 };
+
+export interface MemoryEstimateInput {
+  device: 'cpu' | 'cuda' | 'mps';
+  /** Parameter counts of the loaded components (the frozen ones and the UNet). */
+  totalParams: number;
+  unetParams: number;
+  /** Bytes per frozen weight (fp32 4, fp16/bf16 2). */
+  weightBytes: number;
+  /** LoRA parameters, or the UNet's in full mode: fp32 weight, gradient and two AdamW moments each. */
+  trainableParams: number;
+  /** Full mode keeps the UNet in fp32 master weights (counted in trainableParams, not again in the frozen ones). */
+  trainMode: 'lora' | 'full';
+  resolution: number;
+  batch: number;
+  gradientCheckpointing: boolean;
+  mixedPrecision: 'no' | 'fp16' | 'bf16';
+}
+
+export interface MemoryEstimate {
+  bytes: number;
+  parts: { weights: number; trainable: number; activations: number; runtime: number };
+}
+
+/**
+ * The peak memory of a training run, estimated: frozen weights + 16 bytes per trainable parameter (fp32 weight,
+ * gradient, AdamW's two moments) + activations + the runtime. Activations scale from SD 1.5's measured 512 px value
+ * by batch x (resolution / 512)^2 (latent pixels; attention uses memory-efficient SDPA, linear in tokens) x the UNet's
+ * size relative to SD 1.5's, and by 0.6 under fp16/bf16 autocast (activations in half precision, fp32 master
+ * copies and the loss kept). An estimate to within about 25 % for SD 1.x-shaped UNets, not a guarantee.
+ */
+export function estimateTrainingMemory(x: MemoryEstimateInput): MemoryEstimate {
+  const frozen = x.trainMode === 'full' ? x.totalParams - x.unetParams : x.totalParams;
+  const weights = frozen * x.weightBytes;
+  const trainable = x.trainableParams * 16;
+  const perSample = x.gradientCheckpointing ? ACTIVATION_BYTES_512.checkpointed : ACTIVATION_BYTES_512.plain;
+  const activations = perSample * x.batch * (x.resolution / 512) ** 2 * (x.unetParams / SD15_UNET_PARAMS) * (x.mixedPrecision === 'no' ? 1 : 0.6);
+  const runtime = RUNTIME_BYTES[x.device];
+  return { bytes: weights + trainable + activations + runtime, parts: { weights, trainable, activations, runtime } };
+}
+
+/**
+ * The memory check of test-setup: the estimate against the chosen device's memory (CUDA: the GPU's total; MPS and
+ * the CPU: the host's total, MPS shares it). Fails when the run will not fit, says so when it is tight (over 85 %),
+ * with what to change.
+ */
+export function memoryFitCheck(est: MemoryEstimate, device: string, capacityBytes: number | undefined, x: Pick<MemoryEstimateInput, 'batch' | 'resolution' | 'gradientCheckpointing' | 'mixedPrecision'>): CheckResult {
+  const p = est.parts;
+  const detail = `about ${formatBytes(est.bytes)} at batch ${x.batch}, ${x.resolution}px${x.gradientCheckpointing ? ', gradient checkpointing' : ''} (weights ${formatBytes(p.weights)}, trainable + AdamW ${formatBytes(p.trainable)}, activations ${formatBytes(p.activations)}, runtime ${formatBytes(p.runtime)})`;
+  if (!capacityBytes) return { name: 'memory estimate', ok: true, detail: `${detail}; ${device} does not report its memory` };
+  const fixes = [x.batch > 1 && 'lower --train-batch-size (raise --gradient-accumulation-steps for the same effective batch)', !x.gradientCheckpointing && 'add --gradient-checkpointing', x.mixedPrecision === 'no' && device !== 'cpu' && 'use --mixed-precision bf16 (or fp16)', 'or lower --resolution'].filter(Boolean).join(', ');
+  const share = est.bytes / capacityBytes;
+  if (share > 1) return { name: 'memory estimate', ok: false, detail: `${detail}: will not fit in ${device}'s ${formatBytes(capacityBytes)}`, fix: fixes };
+  return { name: 'memory estimate', ok: true, detail: `${detail}: ${(100 * share).toFixed(0)} % of ${device}'s ${formatBytes(capacityBytes)}${share > 0.85 ? ' (tight: ' + fixes + ')' : ''}` };
+}
+
+/** Parameter counts of a model's components from its safetensors headers (nothing is loaded), or undefined. */
+async function modelParamCounts(model: string, variant: string | undefined): Promise<{ total: number; unet: number } | undefined> {
+  const count = async (file: string, prefix?: string): Promise<number> =>
+    (await native().safetensorsHeader(file)).tensors.filter((t) => !prefix || t.name.startsWith(prefix)).reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 1), 0);
+  if (fs.statSync(model).isFile()) {
+    const unet = await count(model, 'model.diffusion_model.');
+    return { total: (await count(model, 'model.diffusion_model.')) + (await count(model, 'first_stage_model.')) + (await count(model, 'cond_stage_model.')), unet };
+  }
+  const files = (comp: string): string[] => {
+    const dir = path.join(model, comp);
+    const all = fs.existsSync(dir) ? fs.readdirSync(dir).filter((f) => f.endsWith('.safetensors')) : [];
+    const mine = all.filter((f) => (variant ? f.includes(`.${variant}.`) : !/\.[a-z0-9]+\.safetensors$/.test(f.replace(/^[^.]*/, ''))));
+    return mine.map((f) => path.join(dir, f));
+  };
+  const sum = async (comp: string): Promise<number> => {
+    let n = 0;
+    for (const f of files(comp)) n += await count(f);
+    return n;
+  };
+  const unet = await sum('unet');
+  if (!unet) return undefined;
+  return { total: unet + (await sum('vae')) + (await sum('text_encoder')), unet };
+}
+
+/** The memory estimate of `cfg` on `device` (before anything is loaded), as a check. */
+export async function memoryEstimateCheck(cfg: TrainConfig, device: string, devices: DeviceInfo[], mixed: 'no' | 'fp16' | 'bf16', weightDtype: string): Promise<CheckResult> {
+  const counts = await modelParamCounts(path.resolve(cfg.pretrained_model_name_or_path), cfg.variant).catch(() => undefined);
+  if (!counts) return { name: 'memory estimate', ok: 'skip', detail: 'no safetensors weights to count (skipped)' };
+  const type = device.split(':')[0] as 'cpu' | 'cuda' | 'mps';
+  const idx = Number(device.split(':')[1] ?? 0);
+  // LoRA: rank x (in + out) per targeted Linear is not known before the model is built: 0.1 % of the UNet is a
+  // generous bound for rank <= 64 on SD 1.5's attention projections; full: the whole UNet.
+  const trainableParams = cfg.train_mode === 'full' ? counts.unet : Math.ceil(counts.unet * 0.001 * Math.max(1, cfg.rank / 64));
+  const x: MemoryEstimateInput = {
+    device: type, totalParams: counts.total, unetParams: counts.unet, weightBytes: weightDtype === 'fp32' ? 4 : 2, trainableParams, trainMode: cfg.train_mode,
+    resolution: cfg.resolution, batch: cfg.train_batch_size, gradientCheckpointing: cfg.gradient_checkpointing, mixedPrecision: mixed,
+  };
+  const capacity = type === 'cuda' ? devices.find((d) => d.type === 'cuda' && d.index === idx)?.totalMemory : os.totalmem();
+  return memoryFitCheck(estimateTrainingMemory(x), device, capacity, x);
 }
 
 function rssBytes(): number {
@@ -88,6 +197,7 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
   const precision = planPrecision(cfg.mixed_precision, device, devices, cfg.train_mode);
   const mixed = precision.mixed;
   report({ name: 'precision', ok: true, detail: precision.description + (precision.warnings.length ? `; warning: ${precision.warnings.join('; ')}` : '') });
+  report(await memoryEstimateCheck(cfg, device, devices, mixed, precision.weightDtype));
   const modelDir = path.resolve(cfg.pretrained_model_name_or_path);
   const rss0 = rssBytes();
   try {

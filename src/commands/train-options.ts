@@ -94,6 +94,7 @@ export const TRAIN_OPTIONS: readonly Opt[] = [
   { key: 'mixed_precision', group: PRECISION, kind: 'string', describe: 'autocast dtype of the UNet (trainable weights stay fp32); auto: bf16 on CUDA GPUs with bf16 (Ampere+), fp16 on older ones, no (fp32) on MPS and CPU [default: auto]', choices: ['auto', 'no', 'fp16', 'bf16'] },
   { key: 'allow_tf32', group: PRECISION, kind: 'boolean', describe: 'TF32 matmuls and convolutions on Ampere+ GPUs: faster fp32, ~1e-3 relative error (off: results match a CPU reference)' },
   { key: 'gradient_checkpointing', group: PRECISION, kind: 'boolean', describe: 'recompute activations in backward to save memory' },
+  { key: 'cuda_graphs', group: PRECISION, kind: 'boolean', describe: 'CUDA: replay each LoRA micro-step (UNet forward + backward) from a CUDA graph per batch shape; eager where impossible, logged (not yet run on a GPU)' },
   { key: 'num_processes', group: DIST, kind: 'number', describe: 'data-parallel worker processes on this machine (one per GPU; CPU workers for testing); effective batch = batch × accumulation × all processes [default: 1]' },
   { key: 'nnodes', group: DIST, kind: 'number', describe: 'machines taking part (each runs train-lora with the same flags and its --node-rank) [default: 1]' },
   { key: 'node_rank', group: DIST, kind: 'number', describe: 'this machine\'s index, 0..nnodes-1 [default: 0]' },

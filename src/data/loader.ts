@@ -5,7 +5,7 @@
  * Parallelism comes from sharp itself: every decode/resize runs on libuv's thread pool (4 threads
  * by default, UV_THREADPOOL_SIZE), and we keep up to `concurrency` images in flight. Only the
  * final crop/flip/normalize copy (~1.5 ms for 512x512) runs on the JS thread. On the 2-core
- * reference machine this matched or beat a worker_threads pool (see bench.ts), without the cost
+ * reference machine this matched or beat a worker_threads pool (see src/bench/decode.ts), without the cost
  * of copying pixels between threads or shipping worker scripts.
  *
  * Randomness is keyed, never streamed: the crop offsets and flip of dataset item `i` in epoch `e`

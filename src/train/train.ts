@@ -42,7 +42,7 @@ import type { LoaderOptions } from '../data/loader';
 import type { SampleOrderState } from '../data/sampler';
 import { checkModel, modelConfigFile, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
 import { modelFingerprint } from '../models/fingerprint';
-import { native, type LoraFileFormat, type OptimizerStepResult, type PipelineHandle, type SafetensorsHeader, type TrainBatch, type TrainerHandle } from '../native';
+import { applyThreadPolicy, native, type LoraFileFormat, type OptimizerStepResult, type PipelineHandle, type SafetensorsHeader, type TrainBatch, type TrainerHandle } from '../native';
 import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
 import { lrForOptimizerStep, lrLambda, lrScheduleFromJSON, trainingLrSchedule, type LrScheduleSpec } from '../schedules/lr';
@@ -789,6 +789,7 @@ async function setupDevice({ cfg, report, distEnv, res }: RunSetup): Promise<{ d
   }
   const precision = planPrecision(cfg.mixed_precision, device, devices, cfg.train_mode);
   report.info(`device: ${device}; ${precision.description}`);
+  if (device === 'cpu') report.info(`CPU threads: ${devices.find((d) => d.type === 'cpu')?.threads ?? '?'} intra-op; ${applyThreadPolicy().description}`);
   for (const w of precision.warnings) report.warn(w);
   // TF32 off unless asked for: fp32 results then match a CPU reference (libtorch's own default allows it in cuDNN).
   const tf32 = await native().setAllowTf32(cfg.allow_tf32);
@@ -902,12 +903,24 @@ async function createTrainer({ cfg, report, res }: RunSetup, modelDir: string, d
     adamEpsilon: cfg.adam_epsilon,
     maxGradNorm: cfg.max_grad_norm,
     seed: cfg.seed,
+    cudaGraphs: cfg.cuda_graphs,
   });
   const { trainer, trainableParams, totalParams } = created;
+  if (cfg.cuda_graphs) await reportCudaGraphs(report, trainer);
   res.trainer = trainer;
   await res.dist.attach(trainer);
   report.info(`trainable parameters: ${trainableParams.toLocaleString('en-US')} of ${totalParams.toLocaleString('en-US')} (${((100 * trainableParams) / totalParams).toFixed(3)} %)`);
   return trainer;
+}
+
+/** --cuda-graphs: by this step every shape of a run without buckets has been captured (2 eager warm-up micro-steps). */
+const CUDA_GRAPH_REPORT_STEP = 4;
+
+/** --cuda-graphs: one line on whether the micro-steps run from CUDA graphs, and why not (eager then). */
+async function reportCudaGraphs(report: { info(m: string): void; warn(m: string): void }, trainer: TrainerHandle): Promise<void> {
+  const s = await native().trainerGraphStatus(trainer);
+  if (s.graphs > 0 || (s.active && !s.reason)) report.info(`--cuda-graphs: ${s.graphs} shape(s) captured, ${s.replays} micro-steps replayed, ${s.eager} eager${s.reason ? `; ${s.reason}` : ''}`);
+  else report.warn(`--cuda-graphs: not used: ${s.reason}`);
 }
 
 /** Where training starts: step 0, a checkpoint's state (loaded into the trainer), or a diffusers checkpoint's LoRA and step. */
@@ -1068,6 +1081,7 @@ async function trainLoop(run: RunState): Promise<void> {
     const tNow = Date.now();
     run.report.step({ step: run.globalStep, epoch, loss, lr, gradNorm: r.gradNorm, skipped: r.skipped, lossScale: r.lossScale, stepTime: (tNow - stepStart) / 1000, samplesSeen: run.samplesSeen });
     stepStart = tNow;
+    if (cfg.cuda_graphs && run.globalStep === CUDA_GRAPH_REPORT_STEP) await reportCudaGraphs(run.report, run.trainer);
     if (countNonFinite(run, r, loss) === 'stop') break;
     const stepDue = run.globalStep % cfg.checkpointing_steps === 0 || (cfg.checkpoint_every_epoch && endOfEpoch);
     const due = stepDue || timeDue;

@@ -2,7 +2,7 @@
  * Decode throughput of the image pipeline: one image at a time vs the prefetching BatchLoader
  * (sharp's libuv concurrency) vs a worker_threads pool.
  *
- *   node dist/data/bench.js [--count 64] [--width 768] [--height 512] [--resolution 512] [--threads 2] [--passes 3]
+ *   npm run bench -- --decode [--count 64] [--width 768] [--height 512] [--resolution 512] [--threads 2] [--passes 3]
  *
  * Writes `count` synthetic photo-like JPEGs to a temp folder, then reports for each strategy the
  * best wall-clock images/s over the passes and the CPU time per image summed over all threads
@@ -16,10 +16,10 @@ import { Worker, isMainThread, parentPort, workerData } from 'node:worker_thread
 
 import sharp from 'sharp';
 
-import { loadDataset } from './dataset';
-import { type ImageTransformOptions, processImage } from './images';
-import { BatchLoader } from './loader';
-import { Prng, derive } from './prng';
+import { loadDataset } from '../data/dataset';
+import { type ImageTransformOptions, processImage } from '../data/images';
+import { BatchLoader } from '../data/loader';
+import { Prng, derive } from '../data/prng';
 
 interface BenchArgs {
   count: number;
@@ -137,8 +137,8 @@ function workerMain(): void {
   });
 }
 
-async function main(): Promise<void> {
-  const a = parseArgs(process.argv.slice(2));
+export async function decodeMain(argv: readonly string[]): Promise<void> {
+  const a = parseArgs(argv);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'train-lora-bench-'));
   try {
     const files = await writeImages(dir, a);
@@ -169,7 +169,7 @@ async function main(): Promise<void> {
 if (!isMainThread) {
   workerMain();
 } else if (require.main === module) {
-  main().catch((err: unknown) => {
+  decodeMain(process.argv.slice(2)).catch((err: unknown) => {
     console.error(err);
     process.exit(1);
   });
