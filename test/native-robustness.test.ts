@@ -188,6 +188,32 @@ describe('the trainer', () => {
     return { pipe, trainer, batch };
   }
 
+  test.each([
+    ['mode', 'lorra', /mode must be one of lora, full, got "lorra"/],
+    ['mixedPrecision', 'fp8', /mixedPrecision must be one of no, fp16, bf16, got "fp8"/],
+    ['predictionType', 'sample', /predictionType must be one of epsilon, v_prediction, got "sample"/],
+  ])('createTrainer refuses %s "%s", naming the accepted values (C++ enums behind them)', async (key, value, pattern) => {
+    const noise = NoiseSchedule.fromFile(path.join(TINY_MODEL, 'scheduler', 'scheduler_config.json'));
+    const pipe = await native().loadPipeline(TINY_MODEL, { components: ['unet'] });
+    try {
+      const opts = { rank: 4, alphasCumprod: Array.from(noise.alphasCumprod), [key]: value } as unknown as Parameters<ReturnType<typeof native>['createTrainer']>[1];
+      await expect(Promise.resolve().then(() => native().createTrainer(pipe, opts))).rejects.toThrow(pattern);
+    } finally {
+      native().dispose(pipe);
+    }
+  });
+
+  test('v_prediction reaches the loss: the same batch gives another loss than epsilon', async () => {
+    const { pipe, trainer, batch } = await setup();
+    const noise = NoiseSchedule.fromFile(path.join(TINY_MODEL, 'scheduler', 'scheduler_config.json'));
+    const pipe2 = await native().loadPipeline(TINY_MODEL, { components: ['unet', 'text_encoder'] });
+    const { trainer: v } = await native().createTrainer(pipe2, { rank: 4, alphasCumprod: Array.from(noise.alphasCumprod), seed: 1, predictionType: 'v_prediction' });
+    const eps = await native().trainerMicroStep(trainer, batch);
+    const vel = await native().trainerMicroStep(v, batch);
+    expect(Math.abs(vel - eps) / eps).toBeGreaterThan(1e-3);
+    for (const h of [v, trainer, pipe2, pipe]) native().dispose(h);
+  });
+
   test('fp32: non-finite gradients are skipped (never applied), reported as nonFinite', async () => {
     const { pipe, trainer, batch } = await setup();
     const dir = (n: string) => {

@@ -265,7 +265,7 @@ Napi::Value CreateTrainer(const Napi::CallbackInfo& info) {
   auto p = unwrap_handle<Pipeline>(info[0], "Pipeline");
   Napi::Object o = obj_arg(info, 1);
   TrainerConfig c;
-  if (auto v = opt_str(o, "mode")) c.mode = *v;
+  c.mode = enum_opt(o, "mode", c.mode, kTrainModes);
   c.lora.rank = static_cast<int64_t>(num_opt(o, "rank", 4));
   c.lora.alpha = num_opt(o, "alpha", static_cast<double>(c.lora.rank));
   c.lora.dropout = num_opt(o, "dropout", 0);
@@ -287,9 +287,9 @@ Napi::Value CreateTrainer(const Napi::CallbackInfo& info) {
     Napi::Array a = o.Get("textEncoderTargets").As<Napi::Array>();
     for (uint32_t i = 0; i < a.Length(); ++i) c.text_encoder_targets.push_back(a.Get(i).As<Napi::String>().Utf8Value());
   }
-  if (auto v = opt_str(o, "mixedPrecision")) c.mixed_precision = *v;
+  c.mixed_precision = enum_opt(o, "mixedPrecision", c.mixed_precision, kMixedPrecisions);
   c.gradient_checkpointing = bool_opt(o, "gradientCheckpointing", false);
-  if (auto v = opt_str(o, "predictionType")) c.prediction_type = *v;
+  c.prediction_type = enum_opt(o, "predictionType", c.prediction_type, kPredictionTypes);
   c.noise_offset = num_opt(o, "noiseOffset", 0);
   if (o.Get("snrGamma").IsNumber()) c.snr_gamma = o.Get("snrGamma").As<Napi::Number>().DoubleValue();
   if (!o.Get("alphasCumprod").IsArray()) throw Napi::TypeError::New(env, "alphasCumprod must be an array of numbers");

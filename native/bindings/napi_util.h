@@ -9,6 +9,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace tl {
@@ -23,6 +24,19 @@ struct HostTensor {
 std::string str_arg(const Napi::CallbackInfo& info, size_t i, const char* what);
 Napi::Object obj_arg(const Napi::CallbackInfo& info, size_t i);
 std::optional<std::string> opt_str(const Napi::Object& o, const char* key);
+// o[key] as one of `table`'s names (the C++ enum behind it), `def` when absent; another name is a TypeError
+// listing the accepted ones.
+template <typename E>
+E enum_opt(const Napi::Object& o, const char* key, E def, const std::vector<std::pair<std::string, E>>& table) {
+  auto v = opt_str(o, key);
+  if (!v) return def;
+  std::string names;
+  for (const auto& [name, value] : table) {
+    if (name == *v) return value;
+    names += (names.empty() ? "" : ", ") + name;
+  }
+  throw Napi::TypeError::New(o.Env(), std::string(key) + " must be one of " + names + ", got \"" + *v + "\"");
+}
 torch::ScalarType parse_dtype(Napi::Env env, const std::string& s);
 Napi::Array shape_to_js(Napi::Env env, const std::vector<int64_t>& shape);
 Napi::Object metadata_to_js(Napi::Env env, const std::map<std::string, std::string>& m);

@@ -19,15 +19,11 @@ torch::Tensor broadcast_to_dims(torch::Tensor coef, int64_t dims) {
 Trainer::Trainer(std::shared_ptr<Pipeline> pipeline, TrainerConfig cfg) : pipe_(std::move(pipeline)), cfg_(std::move(cfg)) {
   if (!pipe_->unet) throw UserError("EINPUT", "training needs the UNet");
   if (cfg_.alphas_cumprod.empty()) throw UserError("EINPUT", "training needs the noise schedule (alphas_cumprod)");
-  if (cfg_.prediction_type != "epsilon" && cfg_.prediction_type != "v_prediction")
-    throw UserError("EINPUT", "prediction_type must be epsilon or v_prediction, got " + cfg_.prediction_type);
-  if (cfg_.mixed_precision != "no" && cfg_.mixed_precision != "fp16" && cfg_.mixed_precision != "bf16")
-    throw UserError("EINPUT", "mixed_precision must be no, fp16 or bf16, got " + cfg_.mixed_precision);
   if (!(cfg_.init_loss_scale > 0) || !(cfg_.growth_factor > 1) || !(cfg_.backoff_factor > 0 && cfg_.backoff_factor < 1) || cfg_.growth_interval < 1)
     throw UserError("EINPUT", "loss scaling needs init scale > 0, growth factor > 1, 0 < backoff factor < 1 and growth interval >= 1");
   // --train-text-encoder: checked before any adapter is added (a refused run leaves the pipeline as it was).
   if (cfg_.train_text_encoder) {
-    if (cfg_.mode != "lora")
+    if (cfg_.mode != TrainMode::Lora)
       throw UserError("EINPUT", "--train-text-encoder trains LoRA adapters on the text encoder: it needs --train-mode lora (full training covers the UNet only)");
     if (!pipe_->text_encoder) throw UserError("EINPUT", "--train-text-encoder needs the text encoder loaded");
     auto& te = *pipe_->text_encoder;
@@ -46,19 +42,17 @@ Trainer::Trainer(std::shared_ptr<Pipeline> pipeline, TrainerConfig cfg) : pipe_(
   // diffusers' set_seed(args.seed) comes before the adapters are created, so their init is seeded too.
   torch::manual_seed(cfg_.seed);
   auto& unet = *pipe_->unet;
-  if (cfg_.mode == "lora") {
+  if (cfg_.mode == TrainMode::Lora) {
     auto targets = inject_lora(unet, cfg_.lora_targets, cfg_.lora, dev, cfg_.conv_lora);
     for (const auto& t : targets) {
       params_.emplace_back(lora_key("unet", t.path, true, LoraFormat::Peft), t.layer->lora_A);
       params_.emplace_back(lora_key("unet", t.path, false, LoraFormat::Peft), t.layer->lora_B);
     }
-  } else if (cfg_.mode == "full") {
+  } else {
     // Mixed precision in full mode is autocast over these fp32 weights (their gradients and AdamW stay fp32).
     if (pipe_->dtype && *pipe_->dtype != torch::kFloat32)
       throw UserError("EINPUT", "full training keeps fp32 master weights: load the UNet in fp32");
     for (const auto& p : unet.named_parameters(true)) params_.emplace_back(p.key(), p.value());
-  } else {
-    throw UserError("EINPUT", "train mode must be lora or full, got " + cfg_.mode);
   }
   if (cfg_.train_text_encoder) {
     auto& te = *pipe_->text_encoder;
@@ -74,11 +68,11 @@ Trainer::Trainer(std::shared_ptr<Pipeline> pipeline, TrainerConfig cfg) : pipe_(
   unet.gradient_checkpointing = cfg_.gradient_checkpointing;
   unet.train();
   alphas_cumprod_ = torch::tensor(cfg_.alphas_cumprod, torch::kFloat32);
-  scaler_.enabled = cfg_.mixed_precision == "fp16";
+  scaler_.enabled = cfg_.mixed_precision == MixedPrecision::FP16;
   scaler_.scale = scaler_.enabled ? cfg_.init_loss_scale : 1.0;
   reset_optimizer();
   std::string no_graphs;
-  if (cfg_.mode != "lora") no_graphs = "full training (graphs are for LoRA)";
+  if (cfg_.mode != TrainMode::Lora) no_graphs = "full training (graphs are for LoRA)";
   else if (cfg_.lora.dropout > 0) no_graphs = "LoRA dropout (random masks inside the step)";
   else if (cfg_.snr_gamma) no_graphs = "min-SNR weighting (--snr-gamma)";
   else if (cfg_.gradient_checkpointing) no_graphs = "gradient checkpointing";
@@ -180,7 +174,7 @@ torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train, UnetInputs* inp
   torch::Tensor sqrt_alpha = broadcast_to_dims(ac.index({timesteps}).pow(0.5), latents.dim());
   torch::Tensor sqrt_one_minus = broadcast_to_dims((1 - ac.index({timesteps})).pow(0.5), latents.dim());
   torch::Tensor noisy = sqrt_alpha * latents + sqrt_one_minus * noise;
-  torch::Tensor target = cfg_.prediction_type == "epsilon" ? noise : sqrt_alpha * noise - sqrt_one_minus * latents;
+  torch::Tensor target = cfg_.prediction_type == PredictionType::Epsilon ? noise : sqrt_alpha * noise - sqrt_one_minus * latents;
 
   torch::Tensor ehs;
   if (b.encoder_hidden_states.defined()) {
@@ -228,7 +222,7 @@ torch::Tensor Trainer::unet_loss(const torch::Tensor& noisy, const torch::Tensor
   torch::Tensor sigma = (1.0 - acc).pow(0.5).index({timesteps}).to(torch::kFloat32);
   torch::Tensor snr = (alpha / sigma).pow(2);
   torch::Tensor w = torch::amin(torch::stack({snr, *cfg_.snr_gamma * torch::ones_like(snr)}, 1), 1);
-  w = cfg_.prediction_type == "epsilon" ? w / snr : w / (snr + 1);
+  w = cfg_.prediction_type == PredictionType::Epsilon ? w / snr : w / (snr + 1);
   torch::Tensor l = torch::mse_loss(pred.to(torch::kFloat32), target.to(torch::kFloat32), at::Reduction::None);
   if (mask.defined()) l = l * mask;
   std::vector<int64_t> dims;
@@ -479,8 +473,8 @@ void Trainer::set_rng_state(const std::vector<std::pair<std::string, std::vector
 }
 
 std::optional<at::ScalarType> Trainer::autocast_dtype() const {
-  if (cfg_.mixed_precision == "fp16") return torch::kFloat16;
-  if (cfg_.mixed_precision == "bf16") return torch::kBFloat16;
+  if (cfg_.mixed_precision == MixedPrecision::FP16) return torch::kFloat16;
+  if (cfg_.mixed_precision == MixedPrecision::BF16) return torch::kBFloat16;
   return std::nullopt;
 }
 

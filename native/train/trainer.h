@@ -20,8 +20,18 @@
 
 namespace tl {
 
+// The choices of a run, by the names the CLI and diffusers use (the tables are what the binding accepts).
+enum class TrainMode { Lora, Full };
+enum class PredictionType { Epsilon, VPrediction };
+enum class MixedPrecision { No, FP16, BF16 };
+inline const std::vector<std::pair<std::string, TrainMode>> kTrainModes = {{"lora", TrainMode::Lora}, {"full", TrainMode::Full}};
+inline const std::vector<std::pair<std::string, PredictionType>> kPredictionTypes = {{"epsilon", PredictionType::Epsilon},
+                                                                                      {"v_prediction", PredictionType::VPrediction}};
+inline const std::vector<std::pair<std::string, MixedPrecision>> kMixedPrecisions = {
+    {"no", MixedPrecision::No}, {"fp16", MixedPrecision::FP16}, {"bf16", MixedPrecision::BF16}};
+
 struct TrainerConfig {
-  std::string mode = "lora";  // lora | full
+  TrainMode mode = TrainMode::Lora;
   nn::LoraOptions lora;
   std::vector<std::string> lora_targets{"to_k", "to_q", "to_v", "to_out.0"};
   // --train-text-encoder: LoRA (same rank/alpha/dropout/init) on the text encoder's Linear modules matching
@@ -35,9 +45,9 @@ struct TrainerConfig {
   // no | fp16 | bf16: the UNet's forward runs under autocast in that dtype (torch.autocast, as accelerate wraps the
   // prepared model); LoRA and full-mode weights stay fp32 (master weights), frozen weights are whatever dtype the
   // pipeline was loaded in. fp16 adds dynamic loss scaling.
-  std::string mixed_precision = "no";
+  MixedPrecision mixed_precision = MixedPrecision::No;
   bool gradient_checkpointing = false;
-  std::string prediction_type = "epsilon";  // epsilon | v_prediction
+  PredictionType prediction_type = PredictionType::Epsilon;
   double noise_offset = 0;
   std::optional<double> snr_gamma;
   std::vector<float> alphas_cumprod;  // from the DDPM noise schedule (TypeScript computes it from scheduler_config.json)
