@@ -366,13 +366,14 @@ export const BOUNDED_SPIN_COUNT = 10000;
  *
  * - OMP_WAIT_POLICY or GOMP_SPINCOUNT already set: kept as given.
  * - TRAIN_LORA_THREAD_POLICY=passive | spin | bounded picks one (spin: libgomp's default).
- * - otherwise (auto): bounded spin, or passive when the machine is already busy at start (1-minute load average
- *   >= the number of cores: spinning would only take time from the other work and from our own decoding) or when
- *   several data-parallel processes share this machine (LOCAL_WORLD_SIZE > 1).
+ * - otherwise (auto): bounded spin, or passive when the machine is already busy at start (other work keeps at least
+ *   half the cores busy, sampled over 100 ms: spinning would only take time from it and from our own decoding) or
+ *   when several data-parallel processes share this machine (LOCAL_WORLD_SIZE > 1). The sample, not the 1-minute
+ *   load average: a process that has just ended (a previous run, a build) keeps the load average up for minutes.
  * The variables are set only while the addon (and libgomp, which reads them when it loads) is loading, so processes
  * started later (data-parallel workers, tests' CLI runs) decide for themselves.
  */
-export function threadPolicy(env: NodeJS.ProcessEnv = process.env, cores = os.availableParallelism(), load1 = os.loadavg()[0]): ThreadPolicy {
+export function threadPolicy(env: NodeJS.ProcessEnv = process.env, cores = os.availableParallelism(), busyCores: number | (() => number) = busyCoresNow): ThreadPolicy {
   if (env.OMP_WAIT_POLICY || env.GOMP_SPINCOUNT) {
     const given = ['OMP_WAIT_POLICY', 'GOMP_SPINCOUNT'].filter((k) => env[k]).map((k) => `${k}=${env[k]}`);
     return { env: {}, description: `OpenMP wait: ${given.join(' ')} (from the environment)` };
@@ -390,11 +391,22 @@ export function threadPolicy(env: NodeJS.ProcessEnv = process.env, cores = os.av
     case 'auto': {
       const local = Number(env.LOCAL_WORLD_SIZE ?? 1);
       if (local > 1) return { ...passive, description: `${passive.description} (${local} data-parallel processes share this machine)` };
-      return load1 >= cores ? { ...passive, description: `${passive.description} (the machine is busy: load ${load1.toFixed(1)} on ${cores} cores)` } : bounded;
+      const busy = typeof busyCores === 'function' ? busyCores() : busyCores;
+      return busy >= cores / 2 ? { ...passive, description: `${passive.description} (the machine is busy: other work keeps ${busy.toFixed(1)} of ${cores} cores busy)` } : bounded;
     }
     default:
       throw new Error(`train-lora: TRAIN_LORA_THREAD_POLICY=${asked} is not one of auto, bounded, passive, spin`);
   }
+}
+
+/** Cores busy right now, from the CPU time of every core over `ms` milliseconds (this process sleeps meanwhile). */
+export function busyCoresNow(ms = 100): number {
+  const total = () => os.cpus().reduce((t, c) => ({ idle: t.idle + c.times.idle, all: t.all + c.times.user + c.times.nice + c.times.sys + c.times.idle + c.times.irq }), { idle: 0, all: 0 });
+  const a = total();
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+  const b = total();
+  const all = b.all - a.all;
+  return all > 0 ? (1 - (b.idle - a.idle) / all) * os.cpus().length : 0;
 }
 
 let appliedPolicy: ThreadPolicy | undefined;

@@ -6,7 +6,7 @@ import * as path from 'node:path';
 
 import { bf16PeakTflops } from '../src/bench/device-check';
 import { childError, diffusersLibDir, lastJson, markdownTable, runChild } from '../src/bench/proc';
-import { BOUNDED_SPIN_COUNT, threadPolicy } from '../src/native';
+import { BOUNDED_SPIN_COUNT, busyCoresNow, threadPolicy } from '../src/native';
 
 test('dense bf16 peaks by GPU name: the specific names before the general ones', () => {
   expect(bf16PeakTflops('NVIDIA H100 80GB HBM3')).toBe(989);
@@ -112,11 +112,28 @@ describe('end-to-end bench', () => {
 });
 
 describe('thread policy', () => {
+  test('busy cores are sampled now: a busy loop in a child process shows as about one busy core', () => {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const { spawn } = require('node:child_process') as typeof import('node:child_process');
+    const child = spawn(process.execPath, ['-e', 'const t = Date.now() + 3000; while (Date.now() < t);'], { stdio: 'ignore' });
+    try {
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 300); // let it start
+      const loaded = busyCoresNow(300);
+      expect(loaded).toBeGreaterThan(0.8); // the child's core, whatever else runs
+      expect(loaded).toBeLessThanOrEqual(require('node:os').cpus().length + 1e-9);
+    } finally {
+      child.kill('SIGKILL');
+    }
+  });
+
   test('bounded spin on a quiet machine, passive on a busy one, the environment and TRAIN_LORA_THREAD_POLICY win', () => {
     expect(threadPolicy({}, 2, 0.3).env).toEqual({ GOMP_SPINCOUNT: String(BOUNDED_SPIN_COUNT) });
     const busy = threadPolicy({}, 2, 2.5);
     expect(busy.env).toEqual({ OMP_WAIT_POLICY: 'PASSIVE' });
-    expect(busy.description).toMatch(/busy: load 2.5 on 2 cores/);
+    expect(busy.description).toMatch(/busy: other work keeps 2.5 of 2 cores busy/);
+    // Half the cores is the line: one busy core of 16 is not a busy machine.
+    expect(threadPolicy({}, 2, 1).env).toEqual({ OMP_WAIT_POLICY: 'PASSIVE' });
+    expect(threadPolicy({}, 16, 1).env).toEqual({ GOMP_SPINCOUNT: String(BOUNDED_SPIN_COUNT) });
     expect(threadPolicy({ OMP_WAIT_POLICY: 'ACTIVE' }, 2, 9).env).toEqual({});
     expect(threadPolicy({ GOMP_SPINCOUNT: '100' }, 2, 0).description).toMatch(/GOMP_SPINCOUNT=100 \(from the environment\)/);
     expect(threadPolicy({ TRAIN_LORA_THREAD_POLICY: 'passive' }, 2, 0).env).toEqual({ OMP_WAIT_POLICY: 'PASSIVE' });

@@ -11,6 +11,7 @@ import * as path from 'node:path';
 import sharp from 'sharp';
 
 import { CheckpointManager } from '../src/checkpoint/manager';
+import { exportCheckpoint } from '../src/export/lora-export';
 import { makeDemoData } from '../src/data/demo-data';
 import { loadDataset } from '../src/data/dataset';
 import { findMasks } from '../src/data/masks';
@@ -124,6 +125,20 @@ test('a mixed-aspect run logs its bucket table and its masks', () => {
     { resolution: [40, 24], count: 2 },
   ]);
   expect(info.mean_img_ar_error).toBeGreaterThan(0);
+});
+
+test('`checkpoints export --format kohya` of a bucketed checkpoint writes the same ss_bucket_info as the run', async () => {
+  const latest = await new CheckpointManager(path.join(tmp, 'reference')).latest();
+  const out = path.join(tmp, 'reexport');
+  const r = await exportCheckpoint(latest!.path, { formats: ['kohya'], out });
+  const file = r.files.find((f) => f.endsWith('.safetensors'))!;
+  const header = (f: string) => {
+    const buf = fs.readFileSync(f);
+    return (JSON.parse(buf.subarray(8, 8 + Number(buf.readBigUInt64LE(0))).toString('utf8')) as { __metadata__: Record<string, string> }).__metadata__;
+  };
+  const fromRun = header(path.join(tmp, 'reference', 'lora_kohya.safetensors'));
+  expect(fromRun.ss_bucket_info).not.toBe('null');
+  expect(header(file).ss_bucket_info).toBe(fromRun.ss_bucket_info);
 });
 
 test('SIGKILL twice in a bucketed, masked run and resumed: final weights bit-identical to an uninterrupted run', async () => {

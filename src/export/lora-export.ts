@@ -42,6 +42,8 @@ import { datasetFingerprint, loadDataset } from '../data/dataset';
 import { ASSETS, checkModel, isSingleFile, modelConfig, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
 import { native, type LoraComponent, type LoraComponentSummary, type LoraFileFormat, type LoraSource, type LoraSummary } from '../native';
 import { splitDataset } from '../train/validation-loss';
+import { bucketDataset } from '../train/data-plan';
+import { bucketInfo } from '../data/buckets';
 import { addKohyaHashes, baseModelHashes, type KohyaBucketInfo, kohyaMetadata, modelSpecMetadata } from './kohya';
 
 export const LORA_FORMATS: readonly LoraFileFormat[] = ['diffusers', 'peft', 'kohya'];
@@ -536,7 +538,7 @@ export interface CheckpointExportOptions {
  * data folder read again (image headers only) and used only when it is still the one trained on (same dataset
  * fingerprint as trainer_state.json records); the --validation-split images left out as in training. Else undefined.
  */
-async function checkpointCaptions(st: CheckpointState): Promise<{ captions: string[]; held: number } | undefined> {
+async function checkpointCaptions(st: CheckpointState): Promise<{ captions: string[]; held: number; bucketInfo?: KohyaBucketInfo } | undefined> {
   const cfg = st.config;
   const dir = st.dataset.path ?? cfg.train_data_dir;
   if (!st.dataset.fingerprint || !dir || !fs.existsSync(dir)) return undefined;
@@ -545,7 +547,10 @@ async function checkpointCaptions(st: CheckpointState): Promise<{ captions: stri
     if (datasetFingerprint(full) !== st.dataset.fingerprint) return undefined;
     const { train, val } = cfg.validation_split !== undefined ? splitDataset(full, cfg.validation_split, cfg.seed) : { train: full, val: undefined };
     if (train.items.length !== st.dataset.size) return undefined;
-    return { captions: train.items.map((i) => i.captions[0] ?? ''), held: val?.items.length ?? 0 };
+    // --enable-bucket: the same table as in training (the same images, settings and rule), for ss_bucket_info.
+    const silent = { info: () => undefined, warn: () => undefined };
+    const buckets = cfg.enable_bucket ? bucketInfo(bucketDataset(cfg, train, silent, 'training').table) : undefined;
+    return { captions: train.items.map((i) => i.captions[0] ?? ''), held: val?.items.length ?? 0, ...(buckets ? { bucketInfo: buckets } : {}) };
   } catch {
     return undefined;
   }
@@ -593,6 +598,7 @@ export async function exportCheckpoint(checkpoint: string, opts: CheckpointExpor
       epoch: st.epoch,
       numTrainImages: st.dataset.size,
       captions: data?.captions,
+      ...(data?.bucketInfo ? { bucketInfo: data.bucketInfo } : {}),
       numValidationImages: data?.held,
       mixedPrecision: mixed,
       baseModelFingerprint: st.base_model.fingerprint,

@@ -32,7 +32,7 @@ interface Reporter {
 }
 
 /** Buckets one dataset: too-small images are an error naming them, or (--skip-bad-images) left out with a warning. */
-function bucketDataset(cfg: TrainConfig, ds: Dataset, report: Reporter, what: string): { dataset: Dataset; table: BucketTable } {
+export function bucketDataset(cfg: TrainConfig, ds: Dataset, report: Reporter, what: string): { dataset: Dataset; table: BucketTable } {
   const s = bucketSettings(cfg);
   let { table, tooSmall } = assignBuckets(ds.items, s);
   if (tooSmall.length === 0) return { dataset: ds, table };
