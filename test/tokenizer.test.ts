@@ -4,6 +4,10 @@ import * as path from 'node:path';
 
 import { CLIPTokenizer, normalizeText } from '../src/tokenizer';
 
+/** Every folder a test writes, removed at the end (they used to pile up in the system's temp folder). */
+const tmpRoot = fs.mkdtempSync(path.join(os.tmpdir(), 'tl-tokenizer-'));
+afterAll(() => fs.rmSync(tmpRoot, { recursive: true, force: true }));
+
 // Golden ids from transformers' CLIPTokenizer: scripts/golden/make_tokenizer_fixture.py.
 interface Case {
   text: string;
@@ -20,7 +24,7 @@ const EOS = 999;
 
 /** Makes a throw-away tokenizer folder: the tiny vocab plus `files` (null = leave out). */
 function makeFolder(files: Record<string, string | null>): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'clip-tok-'));
+  const dir = fs.mkdtempSync(path.join(tmpRoot, 'clip-tok-'));
   for (const name of ['vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json']) {
     if (!(name in files)) fs.copyFileSync(path.join(VOCAB_DIR, name), path.join(dir, name));
   }
@@ -239,7 +243,7 @@ describe('a tokenizer folder with tokenizer.json only', () => {
   test('merges written as "a b" strings (older tokenizers) load the same', () => {
     const j = JSON.parse(fs.readFileSync(path.join(JSON_DIR, 'tokenizer.json'), 'utf8'));
     j.model.merges = (j.model.merges as string[][]).map((m) => m.join(' '));
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'clip-tokjson-'));
+    const dir = fs.mkdtempSync(path.join(tmpRoot, 'clip-tokjson-'));
     fs.writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify(j));
     fs.copyFileSync(path.join(JSON_DIR, 'tokenizer_config.json'), path.join(dir, 'tokenizer_config.json'));
     const t = CLIPTokenizer.fromFolder(dir);
@@ -251,7 +255,7 @@ describe('a tokenizer folder with tokenizer.json only', () => {
     const write = (mutate: (x: any) => void): string => {
       const copy = JSON.parse(JSON.stringify(j));
       mutate(copy);
-      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'clip-tokjson-'));
+      const dir = fs.mkdtempSync(path.join(tmpRoot, 'clip-tokjson-'));
       fs.writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify(copy));
       return dir;
     };
