@@ -14,10 +14,8 @@ import { makeDemoData } from '../src/data/demo-data';
 import { SampleOrder } from '../src/data/sampler';
 import { distEnvFromProcess, launchPlan } from '../src/distributed/env';
 import { native } from '../src/native';
+import { tinyCliArgs } from './helpers/tiny-run';
 
-const root = path.resolve(__dirname, '..');
-const cli = path.join(root, 'dist', 'cli.js');
-const model = path.join(__dirname, 'fixtures', 'models', 'tiny');
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tl-dist-'));
 const data = path.join(tmp, 'data');
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
@@ -28,27 +26,11 @@ const ACCUM = 2;
 
 /** Per-device batch `batch` on `procs` processes (global micro-batch batch × procs). */
 function args(out: string, batch: number, procs: number, extra: string[] = []): string[] {
-  return [
-    cli,
-    '--pretrained-model-name-or-path', model,
-    '--train-data-dir', data,
-    '--output-dir', out,
-    '--device', 'cpu',
-    '--resolution', '32',
-    '--train-batch-size', String(batch),
-    '--gradient-accumulation-steps', String(ACCUM),
-    '--num-processes', String(procs),
-    '--max-train-steps', String(STEPS),
-    '--learning-rate', '1e-3',
-    '--lr-warmup-steps', '2',
-    '--checkpointing-steps', '2',
-    '--checkpoints-total-limit', '10',
-    '--rank', '4',
-    '--random-flip',
-    '--seed', '5',
-    '--dist-timeout', '60',
-    ...extra,
-  ];
+  const flags = {
+    train_batch_size: batch, gradient_accumulation_steps: ACCUM, num_processes: procs, max_train_steps: STEPS, learning_rate: 1e-3,
+    lr_warmup_steps: 2, checkpointing_steps: 2, checkpoints_total_limit: 10, rank: 4, random_flip: true, seed: 5, dist_timeout: 60,
+  };
+  return tinyCliArgs(out, data, flags, extra);
 }
 
 const childEnv = { ...process.env, TRAIN_LORA_KILL_GRACE_MS: '5000' };

@@ -18,10 +18,9 @@ import { findMasks } from '../src/data/masks';
 import { parseTrainConfig } from '../src/config';
 import { planData } from '../src/train/data-plan';
 import { bucketReport } from '../src/commands/test-setup';
+import { tinyCliArgs, TINY_MODEL } from './helpers/tiny-run';
 
-const root = path.resolve(__dirname, '..');
-const cli = path.join(root, 'dist', 'cli.js');
-const model = path.join(__dirname, 'fixtures', 'models', 'tiny');
+const model = TINY_MODEL;
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tl-buckets-'));
 const data = path.join(tmp, 'data');
 const masks = path.join(tmp, 'masks');
@@ -30,29 +29,12 @@ afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 const STEPS = 8;
 const BUCKET_FLAGS = ['--enable-bucket', '--bucket-reso-steps', '8', '--min-bucket-reso', '16', '--max-bucket-reso', '64'];
 function args(out: string, resume: boolean, extra: string[] = BUCKET_FLAGS): string[] {
-  return [
-    cli,
-    '--pretrained-model-name-or-path', model,
-    '--train-data-dir', data,
-    '--output-dir', out,
-    '--device', 'cpu',
-    '--resolution', '32',
-    '--train-batch-size', '2',
-    '--gradient-accumulation-steps', '2',
-    '--max-train-steps', String(STEPS),
-    '--learning-rate', '1e-3',
-    '--lr-warmup-steps', '1',
-    '--checkpointing-steps', '1',
-    '--checkpoints-total-limit', '2',
-    '--rank', '4',
-    '--random-flip',
-    '--seed', '5',
-    '--masked-loss', '--mask-dir', masks,
-    '--shuffle-caption', '--keep-tokens', '1',
-    '--save-format', 'diffusers', 'kohya',
-    ...extra,
-    ...(resume ? ['--resume-from-checkpoint', 'latest'] : []),
-  ];
+  const flags = {
+    train_batch_size: 2, gradient_accumulation_steps: 2, max_train_steps: STEPS, learning_rate: 1e-3, lr_warmup_steps: 1,
+    checkpointing_steps: 1, checkpoints_total_limit: 2, rank: 4, random_flip: true, seed: 5,
+    masked_loss: true, mask_dir: masks, shuffle_caption: true, keep_tokens: 1, save_format: ['diffusers', 'kohya'],
+  };
+  return tinyCliArgs(out, data, flags, [...extra, ...(resume ? ['--resume-from-checkpoint', 'latest'] : [])]);
 }
 
 function runToEnd(out: string, resume: boolean, extra?: string[]): { status: number | null; stdout: string; stderr: string } {
@@ -267,12 +249,11 @@ test('data parallel: 2 processes x batch 2 match 1 process x batch 4 on buckets 
     fs.copyFileSync(path.join(data, f), path.join(even, f));
     fs.copyFileSync(path.join(data, f), path.join(even, `copy_${f}`));
   }
-  const common = (out: string, batch: number, procs: number) => [
-    cli, '--pretrained-model-name-or-path', model, '--train-data-dir', even, '--output-dir', out, '--device', 'cpu', '--resolution', '32',
-    '--train-batch-size', String(batch), '--gradient-accumulation-steps', '1', '--num-processes', String(procs), '--max-train-steps', '6',
-    '--learning-rate', '1e-3', '--lr-warmup-steps', '1', '--checkpointing-steps', '3', '--rank', '4', '--random-flip', '--seed', '5', '--dist-timeout', '60',
-    ...BUCKET_FLAGS,
-  ];
+  const common = (out: string, batch: number, procs: number) =>
+    tinyCliArgs(out, even, {
+      train_batch_size: batch, gradient_accumulation_steps: 1, num_processes: procs, max_train_steps: 6, learning_rate: 1e-3,
+      lr_warmup_steps: 1, checkpointing_steps: 3, rank: 4, random_flip: true, seed: 5, dist_timeout: 60,
+    }, BUCKET_FLAGS);
   const env = { ...process.env, TRAIN_LORA_KILL_GRACE_MS: '5000' };
   const two = spawnSync(process.execPath, common(path.join(tmp, 'dp2'), 2, 2), { encoding: 'utf8', timeout: 240000, env });
   expect(two.status).toBe(0);

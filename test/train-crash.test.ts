@@ -10,35 +10,19 @@ import * as path from 'node:path';
 
 import { CheckpointManager } from '../src/checkpoint/manager';
 import { makeDemoData } from '../src/data/demo-data';
+import { tinyCliArgs } from './helpers/tiny-run';
 
-const root = path.resolve(__dirname, '..');
-const cli = path.join(root, 'dist', 'cli.js');
-const model = path.join(__dirname, 'fixtures', 'models', 'tiny');
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tl-crash-'));
 const data = path.join(tmp, 'data');
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
 const STEPS = 12;
 function args(out: string, resume: boolean): string[] {
-  return [
-    cli,
-    '--pretrained-model-name-or-path', model,
-    '--train-data-dir', data,
-    '--output-dir', out,
-    '--device', 'cpu',
-    '--resolution', '32',
-    '--train-batch-size', '2',
-    '--gradient-accumulation-steps', '2',
-    '--max-train-steps', String(STEPS),
-    '--learning-rate', '1e-3',
-    '--lr-warmup-steps', '2',
-    '--checkpointing-steps', '1',
-    '--checkpoints-total-limit', '2',
-    '--rank', '4',
-    '--random-flip',
-    '--seed', '11',
-    ...(resume ? ['--resume-from-checkpoint', 'latest'] : []),
-  ];
+  return tinyCliArgs(out, data, {
+    train_batch_size: 2, gradient_accumulation_steps: 2, max_train_steps: STEPS, learning_rate: 1e-3, lr_warmup_steps: 2,
+    checkpointing_steps: 1, checkpoints_total_limit: 2, rank: 4, random_flip: true, seed: 11,
+    resume_from_checkpoint: resume ? 'latest' : undefined,
+  });
 }
 
 function runToEnd(out: string, resume: boolean): { status: number | null; stdout: string; stderr: string } {

@@ -28,3 +28,24 @@ export function tinyRunConfig(out: string, data: string, over: Record<string, un
     ...over,
   });
 }
+
+/** The CLI as users run it (built by `npm test`'s tsc). */
+export const CLI = path.join(__dirname, '..', '..', 'dist', 'cli.js');
+
+export type CliFlags = Record<string, string | number | boolean | Array<string | number> | undefined>;
+
+/**
+ * `node` arguments for a short CPU run of the CLI on the tiny model at 32 px (the CLI's twin of tinyRunConfig).
+ * `flags`: snake_case keys written as kebab-case flags (true = a switch, false/undefined = left out, a list = several
+ * values); `extra` is appended as given.
+ */
+export function tinyCliArgs(out: string, data: string, flags: CliFlags = {}, extra: string[] = []): string[] {
+  const all: CliFlags = { pretrained_model_name_or_path: TINY_MODEL, train_data_dir: data, output_dir: out, device: 'cpu', resolution: 32, ...flags };
+  const args = [CLI];
+  for (const [k, v] of Object.entries(all)) {
+    if (v === undefined || v === false) continue;
+    args.push(`--${k.replace(/_/g, '-')}`);
+    if (v !== true) args.push(...(Array.isArray(v) ? v : [v]).map(String));
+  }
+  return [...args, ...extra];
+}
