@@ -14,6 +14,7 @@ import { byName, relativeError, toNumbers } from '../src/tensors';
 import { lrAt, resolveLrSchedule } from '../src/schedules/lr';
 import { NoiseSchedule } from '../src/schedules/noise';
 import { textEncoderLr } from '../src/train/train';
+import { tinyRunConfig } from './helpers/tiny-run';
 
 const fixtures = path.join(__dirname, 'fixtures');
 const tiny = path.join(fixtures, 'models', 'tiny');
@@ -290,12 +291,7 @@ describe('exports with text-encoder adapters: what diffusers / peft write, and w
 describe('training runs with --train-text-encoder: checkpoints and exact resume', () => {
   const data = path.join(tmp, 'data');
   const cfgFor = (out: string, over: Record<string, unknown> = {}): TrainConfig =>
-    parseTrainConfig({
-      pretrained_model_name_or_path: tiny,
-      train_data_dir: data,
-      output_dir: out,
-      device: 'cpu',
-      resolution: 32,
+    tinyRunConfig(out, data, {
       random_flip: true,
       train_batch_size: 2,
       gradient_accumulation_steps: 2,

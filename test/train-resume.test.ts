@@ -7,11 +7,12 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 
 import { CheckpointManager, RunLock } from '../src/checkpoint/manager';
-import { parseTrainConfig, type TrainConfig } from '../src/config';
+import { type TrainConfig } from '../src/config';
 import { makeDemoData } from '../src/data/demo-data';
 import { native } from '../src/native';
 import { train, type StepMetrics } from '../src/train/train';
 import { Quiet } from './helpers/quiet-reporter';
+import { tinyRunConfig } from './helpers/tiny-run';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tl-train-'));
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
@@ -20,12 +21,7 @@ const data = path.join(tmp, 'data');
 
 
 function config(out: string, over: Record<string, unknown> = {}): TrainConfig {
-  return parseTrainConfig({
-    pretrained_model_name_or_path: model,
-    train_data_dir: data,
-    output_dir: out,
-    device: 'cpu',
-    resolution: 32,
+  return tinyRunConfig(out, data, {
     random_flip: true,
     train_batch_size: 2,
     // 10 images / batch 2 = 5 micro-batches per epoch; accumulation 2 -> cycles of 2, 2, 1 per epoch.
