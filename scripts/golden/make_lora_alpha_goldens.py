@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -47,15 +48,8 @@ OUT = REPO / "test" / "fixtures" / "lora-alpha"
 RANK, ALPHA = 4, 16
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
-
-def unet_pred(unet, x) -> torch.Tensor:
-    unet = unet.to(torch.float64).eval()
-    with torch.no_grad():
-        return unet(x["latents"].double(), x["timesteps"], x["encoder_hidden_states"].double()).sample.float()
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_export_goldens import rel, unet_pred  # noqa: E402
 
 
 def main() -> None:

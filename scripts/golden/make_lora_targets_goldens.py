@@ -24,7 +24,7 @@ test/fixtures/lora-targets/golden.safetensors:
 
 and in golden.json: the peft configs diffusers and peft built (r, lora_alpha, rank_pattern/alpha_pattern sizes),
 sd-scripts' UNet module names for its default network (LoRANetwork, lora_dim 4) and with conv_dim 2 on models/tiny,
-and the same two lists on SD 1.5's real architecture (UNet2DConditionModel from test/fixtures/sd15's config, built on
+and the same two lists on SD 1.5's real architecture (UNet2DConditionModel from assets/sd15-model's config, built on
 the meta device), with each module's kind (Linear / Conv2d kernel).
 
 sd-scripts is imported as it is; its image-only dependencies (torchvision, cv2, einops, the SDXL UNet module) are
@@ -69,22 +69,10 @@ FIX = REPO / "test" / "fixtures" / "lora-targets"
 MODEL = REPO / "test" / "fixtures" / "models" / "tiny"
 INPUTS = REPO / "test" / "fixtures" / "golden" / "tiny" / "inputs.safetensors"
 LORA = FIX / "lora"
-SD15_UNET_CONFIG = Path("/work/shared/sd15/unet/config.json")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_export_goldens import pipeline, rel, unet_pred  # noqa: E402  (the same tiny model and inputs)
 
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
-
-
-def unet_pred(unet, x) -> torch.Tensor:
-    unet = unet.to(torch.float64).eval()
-    with torch.no_grad():
-        return unet(x["latents"].double(), x["timesteps"], x["encoder_hidden_states"].double()).sample.float()
-
-
-def pipeline():
-    return StableDiffusionPipeline.from_pretrained(str(MODEL), safety_checker=None, requires_safety_checker=False)
+SD15_UNET_CONFIG = REPO / "assets" / "sd15-model" / "unet" / "config.json"  # SD 1.5's real config
 
 
 def lora_config(model, name):
