@@ -157,12 +157,9 @@ std::shared_ptr<CLIPTextModel> CLIPTextModel::load_from(const CLIPTextConfig& cf
                                                         const std::function<std::string(const std::string&)>& rename_key,
                                                         std::optional<torch::ScalarType> dtype, torch::Device device) {
   auto m = std::make_shared<CLIPTextModel>(cfg);
-  LoadOptions o;
-  o.dtype = dtype;
-  o.device = device;
   // Real SD files carry the "text_model." prefix; transformers 5 writes CLIPTextModel without it. The
   // position_ids buffer and the parts of a full CLIPModel file that a CLIPTextModel does not use are ignored.
-  o.rename = [rename_key](const std::string& file_key) -> std::string {
+  auto rename = [rename_key](const std::string& file_key) -> std::string {
     const std::string key = rename_key ? rename_key(file_key) : file_key;
     if (key.empty()) return "";
     for (const char* skip : {"vision_model.", "visual_projection.", "text_projection.", "logit_scale"})
@@ -171,7 +168,7 @@ std::shared_ptr<CLIPTextModel> CLIPTextModel::load_from(const CLIPTextConfig& cf
     if (name == "text_model.embeddings.position_ids") return "";
     return name;
   };
-  load_module(*m, src, o, "text encoder");
+  load_module(*m, src, {dtype, device, rename}, "text encoder");
   return m;
 }
 

@@ -326,11 +326,7 @@ std::shared_ptr<UNet2DConditionModel> UNet2DConditionModel::load_from(const UNet
                                                                       const std::function<std::string(const std::string&)>& rename,
                                                                       std::optional<torch::ScalarType> dtype, torch::Device device) {
   auto model = std::make_shared<UNet2DConditionModel>(cfg);
-  LoadOptions opts;
-  opts.dtype = dtype;
-  opts.device = device;
-  opts.rename = rename;
-  load_module(*model, src, opts, "UNet2DConditionModel");
+  load_module(*model, src, {dtype, device, rename}, "UNet2DConditionModel");
   return model;
 }
 

@@ -266,11 +266,7 @@ std::shared_ptr<AutoencoderKL> AutoencoderKL::load_from(const AutoencoderKLConfi
       }
     }
   }
-  LoadOptions o;
-  o.dtype = dtype;
-  o.device = device;
-  o.rename = rename;
-  load_module(*m, src, o, "VAE");
+  load_module(*m, src, {dtype, device, rename}, "VAE");
   {
     torch::NoGradGuard ng;
     for (auto& [p, shape] : squeeze_back) p.set_data(p.detach().reshape(shape));
