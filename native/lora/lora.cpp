@@ -516,12 +516,20 @@ void apply_lora_weights(torch::nn::Module& model, const LoraWeights& w, torch::D
   }
 }
 
-size_t init_lora_from_file(const std::string& file, const std::map<std::string, torch::nn::Module*>& models, double alpha_if_unknown,
-                           bool text_encoder_trained, torch::Device device) {
+LoraFile read_lora_for(const std::string& file, const std::map<std::string, torch::nn::Module*>& models, std::optional<double> alpha_if_unknown) {
   std::map<std::string, std::vector<std::string>> module_paths;
-  for (const auto& [comp, m] : models) module_paths[comp] = lora_layer_paths(*m);
+  for (const auto& [comp, m] : models)
+    if (m) module_paths[comp] = lora_layer_paths(*m);
   LoraFile lf = read_lora_file(file, module_paths, alpha_if_unknown);
   if (lf.components.empty()) throw UserError("ELORAKEYS", file + ": has no LoRA weights for the UNet or the text encoder");
+  for (const auto& [comp, w] : lf.components)
+    if (!module_paths.count(comp)) throw UserError("ELORAKEYS", file + ": has " + comp + " weights but the " + comp + " is not loaded");
+  return lf;
+}
+
+size_t init_lora_from_file(const std::string& file, const std::map<std::string, torch::nn::Module*>& models, double alpha_if_unknown,
+                           bool text_encoder_trained, torch::Device device) {
+  LoraFile lf = read_lora_for(file, models, alpha_if_unknown);
   if (lf.components.count("text_encoder") && !text_encoder_trained)
     throw UserError("ELORAKEYS", file + ": has text-encoder LoRA weights (" + std::to_string(lf.components.at("text_encoder").modules.size()) +
                                      " modules), which this run would ignore: add --train-text-encoder to start the text encoder's adapters from "

@@ -92,6 +92,10 @@ std::string lora_key(const std::string& component, const std::string& module_pat
 // Throws when a module path does not exist or a shape differs.
 void apply_lora_weights(torch::nn::Module& model, const LoraWeights& w, torch::Device device, const std::string& what);
 
+// read_lora_file for the loaded models of a pipeline ("unet", "text_encoder"; null = not loaded): a file without
+// weights for them, or with weights for a model that is not loaded, is an error naming the file.
+LoraFile read_lora_for(const std::string& file, const std::map<std::string, torch::nn::Module*>& models, std::optional<double> alpha_if_unknown);
+
 // --init-lora-weights: starts a run's adapters (already injected into `models`, by component name: "unet",
 // "text_encoder") from a LoRA file. Every adapter in the file must be one of the run's (else an error naming the
 // flag that sets the targets); text-encoder weights need `text_encoder_trained` (never dropped silently). Each

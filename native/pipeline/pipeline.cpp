@@ -29,15 +29,11 @@ const torch::Tensor* find(const NamedTensors& v, const std::string& name) {
 }  // namespace
 
 size_t pipeline_apply_lora(Pipeline& p, const std::string& file, double scale, LoraFormat* format, std::optional<double> alpha_if_unknown) {
-  std::map<std::string, std::vector<std::string>> paths;
-  if (p.unet) paths["unet"] = lora_layer_paths(*p.unet);
-  if (p.text_encoder) paths["text_encoder"] = lora_layer_paths(*p.text_encoder);
-  LoraFile lora = read_lora_file(file, paths, alpha_if_unknown);
-  if (lora.components.empty()) throw UserError("ELORAKEYS", file + ": has no LoRA weights for the UNet or the text encoder");
+  const std::map<std::string, torch::nn::Module*> models{{"unet", p.unet.get()}, {"text_encoder", p.text_encoder.get()}};
+  LoraFile lora = read_lora_for(file, models, alpha_if_unknown);
   size_t n = 0;
   for (const auto& [comp, w] : lora.components) {
-    torch::nn::Module* m = comp == "unet" ? static_cast<torch::nn::Module*>(p.unet.get()) : p.text_encoder.get();
-    if (!m) throw UserError("ELORAKEYS", file + ": has " + comp + " weights but the " + comp + " is not loaded");
+    torch::nn::Module* m = models.at(comp);
     apply_lora_weights(*m, w, p.device, file);
     for (auto& t : lora_modules(*m)) t.layer->lora_multiplier = scale;
     n += w.modules.size();
