@@ -266,6 +266,7 @@ torch::Tensor Trainer::text_embeddings(const torch::Tensor& input_ids) {
 
 double Trainer::micro_step(const MicroBatch& b) {
   // A loss mask is data of the step that the graph does not take: such micro-steps run eagerly.
+  torch::Tensor loss;
   if (graphs_->status().active && !b.loss_mask.defined()) {
     UnetInputs in;
     loss_for(b, true, &in);
@@ -274,13 +275,10 @@ double Trainer::micro_step(const MicroBatch& b) {
     const double grad_scale = (scaler_.enabled ? scaler_.scale : 1.0) / b.loss_divisor;
     auto fn = [this](const torch::Tensor& n, const torch::Tensor& t, const torch::Tensor& e, const torch::Tensor& y) { return unet_loss(n, t, e, y, {}, true); };
     if (auto l = graphs_->run(in.noisy, in.timesteps, in.ehs, in.target, grad_scale, ps, fn)) return *l;
-    torch::Tensor loss = unet_loss(in.noisy, in.timesteps, in.ehs, in.target, {}, true);
-    torch::Tensor scaled = loss / b.loss_divisor;
-    if (scaler_.enabled) scaled = scaled * scaler_.scale;
-    scaled.backward();
-    return loss.item<double>();
+    loss = unet_loss(in.noisy, in.timesteps, in.ehs, in.target, {}, true);  // warm-up or no graph for this shape
+  } else {
+    loss = loss_for(b, true);
   }
-  torch::Tensor loss = loss_for(b, true);
   torch::Tensor scaled = loss / b.loss_divisor;
   if (scaler_.enabled) scaled = scaled * scaler_.scale;
   scaled.backward();
