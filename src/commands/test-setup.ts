@@ -102,7 +102,7 @@ async function modelParamCounts(model: string, variant: string | undefined): Pro
     (await native().safetensorsHeader(file)).tensors.filter((t) => !prefix || t.name.startsWith(prefix)).reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 1), 0);
   if (fs.statSync(model).isFile()) {
     const unet = await count(model, 'model.diffusion_model.');
-    return { total: (await count(model, 'model.diffusion_model.')) + (await count(model, 'first_stage_model.')) + (await count(model, 'cond_stage_model.')), unet };
+    return { total: unet + (await count(model, 'first_stage_model.')) + (await count(model, 'cond_stage_model.')), unet };
   }
   const files = (comp: string): string[] => {
     const dir = path.join(model, comp);
