@@ -56,6 +56,8 @@ export type TrainerHandle = Handle<'Trainer'>;
 /** A c10d process group (data-parallel training). */
 export type ProcessGroupHandle = Handle<'ProcessGroup'>;
 export type SamplerHandle = Handle<'Sampler'>;
+/** VAE posteriors of dataset items, kept natively (native/train/latent_cache.h). */
+export type LatentCacheHandle = Handle<'LatentCache'>;
 
 export type PipelineComponent = 'text_encoder' | 'unet' | 'vae';
 
@@ -119,6 +121,18 @@ export interface NativeBinding {
   trainerLoadLora(trainer: TrainerHandle, file: string): Promise<number>;
   /** The VAE posterior (mean, std; before scaling_factor) of pixel values [B,3,H,W] in [-1,1]. */
   vaeEncode(pipeline: PipelineHandle, pixelValues: HostTensor): Promise<[HostTensor, HostTensor]>;
+  /** An empty latent cache on the pipeline's VAE (dispose it when done). */
+  latentCacheCreate(pipeline: PipelineHandle): LatentCacheHandle;
+  /**
+   * Encodes pixel values [B,3,H,W] in [-1,1] and keeps items[k]'s posterior (row k) natively, with its --masked-loss
+   * weights [B,1,h,w] at the latent size when given; resolves with the latent shape [C,h,w].
+   */
+  latentCacheEncode(cache: LatentCacheHandle, items: number[], pixelValues: HostTensor, lossMask?: HostTensor): Promise<number[]>;
+  /**
+   * Fixes items' latents, (mean + std·z)·scaling_factor with the loaded VAE's factor, and their diffusion noise
+   * (validation loss). z and noise: [B,C,h,w], row k for items[k]. A batch of only such items uses them.
+   */
+  latentCacheFix(cache: LatentCacheHandle, items: number[], z: HostTensor, noise: HostTensor): Promise<void>;
 
   // ---- data parallelism (native/bindings/addon_distributed.cpp); every rank must issue the collectives in the same order ----
   /** Backends this build can create: 'gloo' always, 'nccl' in CUDA builds compiled with nccl.h. */
@@ -288,9 +302,15 @@ export interface CudaGraphStatus {
   eager: number;
 }
 
-/** A micro-batch: pixels (or cached latents) and token ids (or cached text embeddings); the rest are test hooks. */
+/**
+ * A micro-batch: pixels (or items of a native latent cache) and token ids (or cached text embeddings); the rest are
+ * test hooks.
+ */
 export interface TrainBatch {
   pixelValues?: HostTensor;
+  /** Items of a latent cache: their posteriors (sampled each step), or their fixed latents and noise (latentCacheFix). */
+  cached?: { cache: LatentCacheHandle; items: number[] };
+  /** Test hooks: a posterior given directly. */
   latentMean?: HostTensor;
   latentStd?: HostTensor;
   inputIds?: HostTensor;

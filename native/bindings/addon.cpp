@@ -11,6 +11,7 @@
 #include "bindings/napi_util.h"
 #include "pipeline/pipeline.h"
 #include "io/safetensors.h"
+#include "train/latent_cache.h"
 #include "train/trainer.h"
 #include "io/weights.h"
 
@@ -237,11 +238,38 @@ std::shared_ptr<std::map<std::string, HostTensor>> batch_from_js(Napi::Env env, 
   for (uint32_t i = 0; i < keys.Length(); ++i) {
     std::string k = keys.Get(i).As<Napi::String>().Utf8Value();
     Napi::Value t = o.Get(k);
-    if (t.IsUndefined() || t.IsNull()) continue;
+    if (t.IsUndefined() || t.IsNull() || k == "cached") continue;  // cached: see cached_items
     HostTensor h = host_from_js(env, t, i);
     (*out)[k] = std::move(h);
   }
   return out;
+}
+
+// Item indices as int64 (a JS array of whole numbers).
+std::vector<int64_t> items_from_js(Napi::Env env, const Napi::Value& v, const char* what) {
+  if (!v.IsArray()) throw Napi::TypeError::New(env, std::string(what) + " must be an array of item indices");
+  Napi::Array a = v.As<Napi::Array>();
+  std::vector<int64_t> out;
+  for (uint32_t i = 0; i < a.Length(); ++i) {
+    Napi::Value x = a.Get(i);
+    if (!x.IsNumber()) throw Napi::TypeError::New(env, std::string(what) + " must be an array of item indices");
+    out.push_back(x.As<Napi::Number>().Int64Value());
+  }
+  return out;
+}
+
+// A micro-batch's image part held in a native latent cache: batch.cached = {cache, items}.
+struct CachedItems {
+  std::shared_ptr<LatentCache> cache;
+  std::vector<int64_t> items;
+};
+std::optional<CachedItems> cached_items(Napi::Env env, const Napi::Value& batch) {
+  if (!batch.IsObject()) return std::nullopt;
+  Napi::Value c = batch.As<Napi::Object>().Get("cached");
+  if (c.IsUndefined() || c.IsNull()) return std::nullopt;
+  if (!c.IsObject()) throw Napi::TypeError::New(env, "batch.cached must be {cache, items}");
+  Napi::Object o = c.As<Napi::Object>();
+  return CachedItems{unwrap_handle<LatentCache>(o.Get("cache"), "LatentCache"), items_from_js(env, o.Get("items"), "batch.cached.items")};
 }
 
 MicroBatch micro_batch(const std::map<std::string, HostTensor>& m, double divisor) {
@@ -328,9 +356,12 @@ Napi::Value TrainerMicroStep(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto t = unwrap_handle<Trainer>(info[0], "Trainer");
   auto batch = batch_from_js(env, info[1]);
+  auto cached = cached_items(env, info[1]);
   double divisor = info.Length() > 2 && info[2].IsNumber() ? info[2].As<Napi::Number>().DoubleValue() : 1.0;
-  return Engine::of(env).run(env, [t, batch, divisor] {
-    double loss = t->micro_step(micro_batch(*batch, divisor));
+  return Engine::of(env).run(env, [t, batch, cached, divisor] {
+    MicroBatch b = micro_batch(*batch, divisor);
+    if (cached) cached->cache->fill(b, cached->items);
+    double loss = t->micro_step(b);
     return Completion([loss](Napi::Env env) { return Napi::Number::New(env, loss); });
   });
 }
@@ -357,8 +388,11 @@ Napi::Value TrainerEvalLoss(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto t = unwrap_handle<Trainer>(info[0], "Trainer");
   auto batch = batch_from_js(env, info[1]);
-  return Engine::of(env).run(env, [t, batch] {
-    double loss = t->eval_loss(micro_batch(*batch, 1.0));
+  auto cached = cached_items(env, info[1]);
+  return Engine::of(env).run(env, [t, batch, cached] {
+    MicroBatch b = micro_batch(*batch, 1.0);
+    if (cached) cached->cache->fill(b, cached->items);
+    double loss = t->eval_loss(b);
     return Completion([loss](Napi::Env env) { return Napi::Number::New(env, loss); });
   });
 }
@@ -493,6 +527,39 @@ Napi::Value VaeEncode(const Napi::CallbackInfo& info) {
   });
 }
 
+// latentCacheCreate(pipeline) -> an empty latent cache on the pipeline's VAE (train/latent_cache.h).
+Napi::Value LatentCacheCreate(const Napi::CallbackInfo& info) {
+  auto p = unwrap_handle<Pipeline>(info[0], "Pipeline");
+  return wrap_handle(info.Env(), std::make_shared<LatentCache>(p), "LatentCache");
+}
+
+// latentCacheEncode(cache, items, pixelValues [B,3,H,W], lossMask? [B,1,h,w]) -> the latent shape [C,h,w]
+Napi::Value LatentCacheEncode(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto c = unwrap_handle<LatentCache>(info[0], "LatentCache");
+  auto items = items_from_js(env, info[1], "items");
+  auto px = std::make_shared<HostTensor>(host_from_js(env, info[2], 2));
+  std::shared_ptr<HostTensor> mask;
+  if (info.Length() > 3 && !info[3].IsUndefined() && !info[3].IsNull()) mask = std::make_shared<HostTensor>(host_from_js(env, info[3], 3));
+  return Engine::of(env).run(env, [c, items, px, mask] {
+    auto shape = c->encode(items, host_to_tensor(*px), mask ? host_to_tensor(*mask) : torch::Tensor());
+    return Completion([shape](Napi::Env env) -> Napi::Value { return shape_to_js(env, shape); });
+  });
+}
+
+// latentCacheFix(cache, items, z, noise): the validation loss's fixed latents and noise (LatentCache::fix).
+Napi::Value LatentCacheFix(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto c = unwrap_handle<LatentCache>(info[0], "LatentCache");
+  auto items = items_from_js(env, info[1], "items");
+  auto z = std::make_shared<HostTensor>(host_from_js(env, info[2], 2));
+  auto noise = std::make_shared<HostTensor>(host_from_js(env, info[3], 3));
+  return Engine::of(env).run(env, [c, items, z, noise] {
+    c->fix(items, host_to_tensor(*z), host_to_tensor(*noise));
+    return Completion();
+  });
+}
+
 // trainerLoadLora(trainer, file): initial adapter weights from a LoRA file (diffusers, PEFT or kohya keys); the rules
 // are init_lora_from_file's (lora/lora.h).
 Napi::Value TrainerLoadLora(const Napi::CallbackInfo& info) {
@@ -539,6 +606,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("trainerLoadState", Napi::Function::New(env, TrainerLoadState));
   exports.Set("trainerLoadLora", Napi::Function::New(env, TrainerLoadLora));
   exports.Set("vaeEncode", Napi::Function::New(env, VaeEncode));
+  exports.Set("latentCacheCreate", Napi::Function::New(env, LatentCacheCreate));
+  exports.Set("latentCacheEncode", Napi::Function::New(env, LatentCacheEncode));
+  exports.Set("latentCacheFix", Napi::Function::New(env, LatentCacheFix));
   return exports;
 }
 

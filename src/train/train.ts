@@ -53,7 +53,7 @@ import { batchesPerEpochOnRank, BUCKET_KEYS, bucketChanges, type DataPlan, loade
 import { BucketOrder, bucketInfo } from '../data/buckets';
 import { Validator, type ValidationResult } from './validation';
 import { makeImageRenderer } from './validation-images';
-import { splitDataset, ValidationLoss, vaeScalingFactor } from './validation-loss';
+import { splitDataset, ValidationLoss } from './validation-loss';
 
 // The checkpoint's state files live in src/checkpoint/state.ts; these stay importable from here.
 export { assertFiniteWeights, TRAINER_STATE_VERSION, type TrainerStateFile } from '../checkpoint/state';
@@ -485,6 +485,8 @@ function rankReporter(report: TrainReporter, rank: number): TrainReporter {
 interface Resources {
   dist: DistContext;
   loader?: MicroBatchSource;
+  /** The held-out images' native latents (val_loss). */
+  valLoss?: ValidationLoss;
   pipe?: PipelineHandle;
   trainer?: TrainerHandle;
 }
@@ -588,6 +590,7 @@ export async function train(cfg: TrainConfig, report: TrainReporter, opts: Train
     return await finish(run);
   } finally {
     await res.loader?.close();
+    res.valLoss?.dispose();
     await res.dist.destroy().catch(() => undefined);
     // Release the native trainer (weights, AdamW state, gradients) and pipeline now, not when the GC gets to them:
     // a library user may train again in the same process.
@@ -705,9 +708,9 @@ async function prepare(s: RunSetup): Promise<RunState> {
       loader: heldOutLoaderOptions(loaderOpts, dataPlan),
       seed: cfg.validation_seed ?? cfg.seed,
       numTrainTimesteps: noise.alphasCumprod.length,
-      scalingFactor: vaeScalingFactor(modelDir),
       batchSize,
     });
+    res.valLoss = valLossSet;
     report.info(`val_loss: ${valLossSet.size} held-out images encoded in ${((Date.now() - t1) / 1000).toFixed(1)} s (fixed noise and timesteps)`);
   }
   const validator = new Validator(cfg, valLossSet, res.dist.isMain ? makeImageRenderer(cfg, res.pipe!, tokenizer, modelDir, s.outputDir) : undefined);

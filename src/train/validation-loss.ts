@@ -1,21 +1,19 @@
 /**
  * Validation loss on held-out images (`--validation-split F` or `--validation-data-dir DIR`).
  *
- * Every held-out sample gets, once, a fixed latent (VAE posterior mean + std·z with a seeded z), a fixed diffusion
- * noise and a fixed timestep, drawn from our own seeded PRNG. The loss is then a deterministic function of the
+ * Every held-out sample gets, once, a fixed latent (VAE posterior mean + std·z with a seeded z, scaled natively), a
+ * fixed diffusion noise and a fixed timestep, drawn from our own seeded PRNG (the same numbers on every platform and
+ * device; they cross into the addon once, when the set is prepared). The loss is then a deterministic function of the
  * trainable weights: comparable across steps (usable as `--monitor val_loss`), and evaluating it draws nothing from
  * the training RNG streams, so training follows the same trajectory with or without it.
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
-
 import type { Dataset } from '../data/dataset';
 import type { LoaderOptions } from '../data/loader';
 import { derive, type Prng } from '../data/prng';
 import { native, type PipelineHandle, type TrainBatch, type TrainerHandle } from '../native';
 import { fromFloat32, fromInt64, numel } from '../tensors';
 import type { CLIPTokenizer } from '../tokenizer';
-import { buildLatentCache } from './sources';
+import { buildLatentCache, type LatentCache } from './sources';
 
 /** PRNG stream keys (derive(seed, key, ...)). */
 const SPLIT_KEY = 0x5917;
@@ -51,62 +49,50 @@ function gaussians(rng: Prng, n: number): Float32Array {
   return out;
 }
 
-/** The VAE's scaling_factor from its config.json (0.18215 when absent, as SD 1.x). */
-export function vaeScalingFactor(modelDir: string): number {
-  try {
-    const c = JSON.parse(fs.readFileSync(path.join(modelDir, 'vae', 'config.json'), 'utf8')) as { scaling_factor?: number };
-    return typeof c.scaling_factor === 'number' ? c.scaling_factor : 0.18215;
-  } catch {
-    return 0.18215;
-  }
-}
-
 export interface ValidationLossOptions {
   loader: LoaderOptions;
   seed: number;
   numTrainTimesteps: number;
-  scalingFactor: number;
   batchSize: number;
 }
 
 export class ValidationLoss {
   private constructor(
-    private readonly shapes: number[][],
-    private readonly masks: Array<Float32Array | undefined> | undefined,
-    private readonly latents: Float32Array[],
-    private readonly noise: Float32Array[],
+    private readonly cache: LatentCache,
     private readonly timesteps: number[],
     private readonly inputIds: number[][],
     private readonly batchSize: number,
   ) {}
 
   get size(): number {
-    return this.latents.length;
+    return this.timesteps.length;
   }
 
-  /** Encodes the held-out images once (center crop, no flip) and fixes each sample's latent, noise and timestep. */
+  /**
+   * Encodes the held-out images once (center crop, no flip) into a native latent cache and fixes each sample's
+   * latent (the addon computes (mean + std·z)·scaling_factor with the loaded VAE's factor), noise and timestep.
+   */
   static async prepare(pipe: PipelineHandle, tokenizer: CLIPTokenizer, val: Dataset, o: ValidationLossOptions): Promise<ValidationLoss> {
     const cache = await buildLatentCache(pipe, val, { ...o.loader, centerCrop: true, randomFlip: false, cursor: undefined });
-    const latents: Float32Array[] = [];
-    const noise: Float32Array[] = [];
-    const timesteps: number[] = [];
-    val.items.forEach((_, i) => {
-      const per = numel(cache.shapes[i]);
-      const rng = derive(o.seed, VAL_NOISE_KEY, i);
-      const z = gaussians(rng, per);
-      const lat = new Float32Array(per);
-      const m = cache.mean[i];
-      const s = cache.std[i];
-      for (let j = 0; j < per; j++) lat[j] = (m[j] + s[j] * z[j]) * o.scalingFactor;
-      latents.push(lat);
-      noise.push(gaussians(rng, per));
-      timesteps.push(rng.int(o.numTrainTimesteps));
-    });
-    const inputIds = tokenizer.encodeBatch(
-      val.items.map((it) => it.captions[0]),
-      { maxLength: tokenizer.modelMaxLength, padding: 'max_length' },
-    );
-    return new ValidationLoss(cache.shapes, cache.masks, latents, noise, timesteps, inputIds, o.batchSize);
+    try {
+      const timesteps: number[] = [];
+      for (let i = 0; i < val.items.length; i++) {
+        const shape = [1, ...cache.shapes[i]];
+        const rng = derive(o.seed, VAL_NOISE_KEY, i);
+        const z = gaussians(rng, numel(shape));
+        const noise = gaussians(rng, numel(shape));
+        timesteps.push(rng.int(o.numTrainTimesteps));
+        await native().latentCacheFix(cache.handle, [i], fromFloat32('z', shape, z), fromFloat32('noise', shape, noise));
+      }
+      const inputIds = tokenizer.encodeBatch(
+        val.items.map((it) => it.captions[0]),
+        { maxLength: tokenizer.modelMaxLength, padding: 'max_length' },
+      );
+      return new ValidationLoss(cache, timesteps, inputIds, o.batchSize);
+    } catch (e) {
+      native().dispose(cache.handle);
+      throw e;
+    }
   }
 
   /**
@@ -115,40 +101,28 @@ export class ValidationLoss {
    */
   async evaluate(trainer: TrainerHandle): Promise<number> {
     const groups = new Map<string, number[]>();
-    this.shapes.forEach((sh, i) => {
+    this.cache.shapes.forEach((sh, i) => {
       const k = sh.join('x');
       if (!groups.has(k)) groups.set(k, []);
       groups.get(k)!.push(i);
     });
     let total = 0;
     for (const members of groups.values()) {
-      const shape = this.shapes[members[0]];
-      const per = numel(shape);
       for (let start = 0; start < members.length; start += this.batchSize) {
-        const idx = members.slice(start, start + this.batchSize);
-        const b = idx.length;
-        const lat = new Float32Array(b * per);
-        const nz = new Float32Array(b * per);
-        idx.forEach((i, k) => {
-          lat.set(this.latents[i], k * per);
-          nz.set(this.noise[i], k * per);
-        });
+        const items = members.slice(start, start + this.batchSize);
         const batch: TrainBatch = {
-          latents: fromFloat32('latents', [b, ...shape], lat),
-          noise: fromFloat32('noise', [b, ...shape], nz),
-          timesteps: fromInt64('timesteps', [b], idx.map((i) => this.timesteps[i])),
-          inputIds: fromInt64('input_ids', [b, this.inputIds[0].length], idx.flatMap((i) => this.inputIds[i])),
+          cached: { cache: this.cache.handle, items },
+          timesteps: fromInt64('timesteps', [items.length], items.map((i) => this.timesteps[i])),
+          inputIds: fromInt64('input_ids', [items.length, this.inputIds[0].length], items.flatMap((i) => this.inputIds[i])),
         };
-        if (this.masks) {
-          const cells = shape[1] * shape[2];
-          const m = new Float32Array(b * cells).fill(1);
-          idx.forEach((i, k) => this.masks![i] && m.set(this.masks![i]!, k * cells));
-          batch.lossMask = fromFloat32('loss_mask', [b, 1, shape[1], shape[2]], m);
-        }
-        const loss = await native().trainerEvalLoss(trainer, batch);
-        total += loss * b;
+        total += (await native().trainerEvalLoss(trainer, batch)) * items.length;
       }
     }
     return total / this.size;
+  }
+
+  /** Releases the native latents. */
+  dispose(): void {
+    native().dispose(this.cache.handle);
   }
 }
