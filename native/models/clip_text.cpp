@@ -145,14 +145,6 @@ Tensor CLIPTextModel::forward(const Tensor& input_ids, bool gradient_checkpointi
   return text_model->final_layer_norm->forward(h);
 }
 
-std::shared_ptr<CLIPTextModel> CLIPTextModel::load(const std::string& dir, const std::string& variant,
-                                                   std::optional<torch::ScalarType> dtype, torch::Device device) {
-  const std::string cfg_path = dir + "/config.json";
-  CLIPTextConfig cfg = CLIPTextConfig::from_json(read_json_file(cfg_path), cfg_path);
-  WeightSource src = WeightSource::open_component(dir, "model", variant);
-  return load_from(cfg, src, nullptr, dtype, device);
-}
-
 std::shared_ptr<CLIPTextModel> CLIPTextModel::load_from(const CLIPTextConfig& cfg, const WeightSource& src,
                                                         const std::function<std::string(const std::string&)>& rename_key,
                                                         std::optional<torch::ScalarType> dtype, torch::Device device) {

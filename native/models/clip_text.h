@@ -1,7 +1,7 @@
 // transformers' CLIPTextModel (the Stable Diffusion text encoder), numerically matching transformers 5.x with
 // SDPA attention: token + position embeddings, pre-LN encoder layers with causal self-attention, final LayerNorm.
 // Parameters are registered under the names of real checkpoints, with the `text_model.` prefix
-// (`text_model.encoder.layers.3.mlp.fc1.weight`); load() also accepts files without it (transformers 5 writes
+// (`text_model.encoder.layers.3.mlp.fc1.weight`); load_from() also accepts files without it (transformers 5 writes
 // CLIPTextModel without the prefix).
 #pragma once
 #include <torch/torch.h>
@@ -95,12 +95,12 @@ struct CLIPTextModel : torch::nn::Module {
   // gradient_checkpointing: each encoder layer is recomputed in backward (only when grad mode is on).
   torch::Tensor forward(const torch::Tensor& input_ids, bool gradient_checkpointing = false) const;
 
-  // dir = the text_encoder/ folder: config.json + model.safetensors (or model.<variant>.safetensors, or shards).
-  // Floating weights are converted to dtype when given, and placed on device.
-  static std::shared_ptr<CLIPTextModel> load(const std::string& dir, const std::string& variant,
-                                             std::optional<torch::ScalarType> dtype, torch::Device device);
+  // Its folder (text_encoder/): config.json + model.safetensors (or model.<variant>.safetensors, or shards).
+  using Config = CLIPTextConfig;
+  static constexpr const char* kWeightsStem = "model";
   // From a config and a weight source whose keys `rename` maps to this folder layout's names ("" = not the text
-  // encoder's; the text_model. prefix is added when missing, as load() does).
+  // encoder's; the text_model. prefix is added when missing). Floating weights are converted to dtype when given,
+  // and placed on device.
   static std::shared_ptr<CLIPTextModel> load_from(const CLIPTextConfig& cfg, const WeightSource& src,
                                                   const std::function<std::string(const std::string&)>& rename,
                                                   std::optional<torch::ScalarType> dtype, torch::Device device);

@@ -314,14 +314,6 @@ torch::Tensor UNet2DConditionModel::forward(const torch::Tensor& sample_in, cons
   return h;
 }
 
-std::shared_ptr<UNet2DConditionModel> UNet2DConditionModel::load(const std::string& dir, const std::string& variant,
-                                                                 std::optional<torch::ScalarType> dtype, torch::Device device) {
-  const std::string cfg_path = dir + "/config.json";
-  auto cfg = UNet2DConditionConfig::from_json(read_json_file(cfg_path), cfg_path);
-  auto src = WeightSource::open_component(dir, "diffusion_pytorch_model", variant);
-  return load_from(cfg, src, nullptr, dtype, device);
-}
-
 std::shared_ptr<UNet2DConditionModel> UNet2DConditionModel::load_from(const UNet2DConditionConfig& cfg, const WeightSource& src,
                                                                       const std::function<std::string(const std::string&)>& rename,
                                                                       std::optional<torch::ScalarType> dtype, torch::Device device) {

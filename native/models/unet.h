@@ -79,11 +79,11 @@ struct UNet2DConditionModel : torch::nn::Module {
   // sample [B,C,h,w]; timesteps int/float [B] or scalar; encoder_hidden_states [B,T,D] -> noise prediction.
   torch::Tensor forward(const torch::Tensor& sample, const torch::Tensor& timesteps, const torch::Tensor& encoder_hidden_states) const;
 
-  // dir = the unet/ folder (config.json + diffusion_pytorch_model[.variant].safetensors or shards).
-  static std::shared_ptr<UNet2DConditionModel> load(const std::string& dir, const std::string& variant,
-                                                    std::optional<torch::ScalarType> dtype, torch::Device device);
-  // The same from a config and a weight source whose keys `rename` maps to diffusers names ("" = not this model's
-  // key): a single-file checkpoint (single_file.cpp).
+  // Its folder (unet/): config.json + diffusion_pytorch_model[.variant].safetensors (or shards).
+  using Config = UNet2DConditionConfig;
+  static constexpr const char* kWeightsStem = "diffusion_pytorch_model";
+  // From a config and a weight source whose keys `rename` maps to diffusers names ("" = not this model's key; a
+  // single-file checkpoint's names are mapped this way, single_file.cpp).
   static std::shared_ptr<UNet2DConditionModel> load_from(const UNet2DConditionConfig& cfg, const WeightSource& src,
                                                          const std::function<std::string(const std::string&)>& rename,
                                                          std::optional<torch::ScalarType> dtype, torch::Device device);

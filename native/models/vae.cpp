@@ -226,14 +226,6 @@ std::string rename_vae_key(const std::string& key) {
 }
 }  // namespace
 
-std::shared_ptr<AutoencoderKL> AutoencoderKL::load(const std::string& dir, const std::string& variant,
-                                                   std::optional<torch::ScalarType> dtype, torch::Device device) {
-  const std::string cfg_path = dir + "/config.json";
-  AutoencoderKLConfig cfg = AutoencoderKLConfig::from_json(read_json_file(cfg_path), cfg_path);
-  WeightSource src = WeightSource::open_component(dir, "diffusion_pytorch_model", variant);
-  return load_from(cfg, src, nullptr, dtype, device);
-}
-
 std::shared_ptr<AutoencoderKL> AutoencoderKL::load_from(const AutoencoderKLConfig& cfg, const WeightSource& src,
                                                         const std::function<std::string(const std::string&)>& rename_key,
                                                         std::optional<torch::ScalarType> dtype, torch::Device device) {

@@ -105,11 +105,11 @@ struct AutoencoderKL : torch::nn::Module {
   // z: [B, latent_channels, h, w], already divided by scaling_factor -> [B, out_channels, H, W].
   torch::Tensor decode(const torch::Tensor& z) const;
 
-  // dir = the vae/ folder: config.json + diffusion_pytorch_model.safetensors (or a variant, or shards).
-  // Accepts the old attention names query/key/value/proj_attn (and 1x1-conv-shaped [C, C, 1, 1] weights).
-  static std::shared_ptr<AutoencoderKL> load(const std::string& dir, const std::string& variant,
-                                             std::optional<torch::ScalarType> dtype, torch::Device device);
-  // From a config and a weight source whose keys `rename` maps to diffusers names ("" = not the VAE's).
+  // Its folder (vae/): config.json + diffusion_pytorch_model.safetensors (or a variant, or shards).
+  using Config = AutoencoderKLConfig;
+  static constexpr const char* kWeightsStem = "diffusion_pytorch_model";
+  // From a config and a weight source whose keys `rename` maps to diffusers names ("" = not the VAE's). Accepts the
+  // old attention names query/key/value/proj_attn (and 1x1-conv-shaped [C, C, 1, 1] weights).
   static std::shared_ptr<AutoencoderKL> load_from(const AutoencoderKLConfig& cfg, const WeightSource& src,
                                                   const std::function<std::string(const std::string&)>& rename,
                                                   std::optional<torch::ScalarType> dtype, torch::Device device);

@@ -16,8 +16,25 @@ bool is_dir(const std::string& p) {
   return ::stat(p.c_str(), &sb) == 0 && S_ISDIR(sb.st_mode);
 }
 
-void freeze(torch::nn::Module& m) {
-  for (auto& p : m.parameters(true)) p.set_requires_grad(false);
+// One component through Model::load_from in the pipeline's dtype and device, frozen and in eval mode.
+template <class Model>
+std::shared_ptr<Model> frozen_component(const typename Model::Config& cfg, const WeightSource& src,
+                                        const std::function<std::string(const std::string&)>& rename, const Pipeline& p) {
+  auto m = Model::load_from(cfg, src, rename, p.dtype, p.device);
+  for (auto& t : m->parameters(true)) t.set_requires_grad(false);
+  m->eval();
+  return m;
+}
+
+// A component folder: config.json + <Model::kWeightsStem>[.<variant>].safetensors (or shards).
+template <class Model>
+typename Model::Config folder_config(const std::string& dir) {
+  const std::string cfg_path = dir + "/config.json";
+  return Model::Config::from_json(read_json_file(cfg_path), cfg_path);
+}
+template <class Model>
+std::shared_ptr<Model> folder_component(const std::string& dir, const std::string& variant, const Pipeline& p) {
+  return frozen_component<Model>(folder_config<Model>(dir), WeightSource::open_component(dir, Model::kWeightsStem, variant), nullptr, p);
 }
 
 const torch::Tensor* find(const NamedTensors& v, const std::string& name) {
@@ -56,23 +73,10 @@ std::shared_ptr<Pipeline> load_single_file(const std::string& file, const Pipeli
   p->dtype = opts.dtype.value_or(torch::kFloat32);
   auto need = [&](const std::string& c) { return opts.components.count(c) > 0; };
   const std::string where = file + " (inferred ";
-  if (need("text_encoder")) {
-    p->text_encoder = CLIPTextModel::load_from(CLIPTextConfig::from_json(sf.text_encoder, where + "text encoder config)"), src,
-                                               sf.text_encoder_key, p->dtype, p->device);
-    freeze(*p->text_encoder);
-    p->text_encoder->eval();
-  }
-  if (need("unet")) {
-    p->unet = UNet2DConditionModel::load_from(UNet2DConditionConfig::from_json(sf.unet, where + "UNet config)"), src, sf.unet_key,
-                                              p->dtype, p->device);
-    freeze(*p->unet);
-    p->unet->eval();
-  }
-  if (need("vae")) {
-    p->vae = AutoencoderKL::load_from(AutoencoderKLConfig::from_json(sf.vae, where + "VAE config)"), src, sf.vae_key, p->dtype, p->device);
-    freeze(*p->vae);
-    p->vae->eval();
-  }
+  if (need("text_encoder"))
+    p->text_encoder = frozen_component<CLIPTextModel>(CLIPTextConfig::from_json(sf.text_encoder, where + "text encoder config)"), src, sf.text_encoder_key, *p);
+  if (need("unet")) p->unet = frozen_component<UNet2DConditionModel>(UNet2DConditionConfig::from_json(sf.unet, where + "UNet config)"), src, sf.unet_key, *p);
+  if (need("vae")) p->vae = frozen_component<AutoencoderKL>(AutoencoderKLConfig::from_json(sf.vae, where + "VAE config)"), src, sf.vae_key, *p);
   return p;
 }
 
@@ -93,38 +97,22 @@ std::shared_ptr<Pipeline> load_pipeline(const std::string& dir, const PipelineOp
   p->device = opts.device;
   // Like diffusers without torch_dtype: weights are converted to fp32 whatever the file holds (e.g. an fp16 variant).
   p->dtype = opts.dtype.value_or(torch::kFloat32);
-  PipelineOptions o = opts;
-  o.dtype = p->dtype;
   auto need = [&](const std::string& c) { return opts.components.count(c) > 0; };
   auto check_dir = [&](const std::string& c) {
     if (!is_dir(dir + "/" + c))
       throw UserError("ENOENT", dir + "/" + c + ": missing; a Stable Diffusion folder in diffusers layout has unet/, vae/, text_encoder/ and tokenizer/");
     return dir + "/" + c;
   };
-  if (need("text_encoder")) {
-    p->text_encoder = CLIPTextModel::load(check_dir("text_encoder"), o.variant, o.dtype, o.device);
-    freeze(*p->text_encoder);
-    p->text_encoder->eval();
-  }
-  if (need("unet")) {
-    p->unet = UNet2DConditionModel::load(check_dir("unet"), o.variant, o.dtype, o.device);
-    freeze(*p->unet);
-    p->unet->eval();
-  }
-  if (need("vae")) {
-    p->vae = AutoencoderKL::load(check_dir("vae"), o.variant, o.dtype, o.device);
-    freeze(*p->vae);
-    p->vae->eval();
-  }
+  if (need("text_encoder")) p->text_encoder = folder_component<CLIPTextModel>(check_dir("text_encoder"), opts.variant, *p);
+  if (need("unet")) p->unet = folder_component<UNet2DConditionModel>(check_dir("unet"), opts.variant, *p);
+  if (need("vae")) p->vae = folder_component<AutoencoderKL>(check_dir("vae"), opts.variant, *p);
   return p;
 }
 
 std::shared_ptr<torch::nn::Module> build_component(const std::string& dir, const std::string& kind) {
-  const std::string cfg_path = dir + "/config.json";
-  Json cfg = read_json_file(cfg_path);
-  if (kind == "unet") return std::make_shared<UNet2DConditionModel>(UNet2DConditionConfig::from_json(cfg, cfg_path));
-  if (kind == "vae") return std::make_shared<AutoencoderKL>(AutoencoderKLConfig::from_json(cfg, cfg_path));
-  if (kind == "text_encoder") return std::make_shared<CLIPTextModel>(CLIPTextConfig::from_json(cfg, cfg_path));
+  if (kind == "unet") return std::make_shared<UNet2DConditionModel>(folder_config<UNet2DConditionModel>(dir));
+  if (kind == "vae") return std::make_shared<AutoencoderKL>(folder_config<AutoencoderKL>(dir));
+  if (kind == "text_encoder") return std::make_shared<CLIPTextModel>(folder_config<CLIPTextModel>(dir));
   throw UserError("EINPUT", "unknown model component \"" + kind + "\" (unet, vae, text_encoder)");
 }
 
@@ -133,7 +121,7 @@ void write_random_weights(const std::string& dir, const std::string& kind, uint6
   nn::init_random(*m, seed);
   NamedTensors ts;
   for (const auto& p : m->named_parameters(true)) ts.emplace_back(p.key(), p.value());
-  st::save(dir + "/" + (kind == "text_encoder" ? "model" : "diffusion_pytorch_model") + ".safetensors", ts, {{"format", "pt"}});
+  st::save(dir + "/" + (kind == "text_encoder" ? CLIPTextModel::kWeightsStem : UNet2DConditionModel::kWeightsStem) + ".safetensors", ts, {{"format", "pt"}});
 }
 
 NamedTensors run_forward(Pipeline& p, const NamedTensors& inputs, const ForwardOptions& opts) {
