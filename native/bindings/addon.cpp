@@ -229,22 +229,6 @@ Napi::Value ComponentParamShapes(const Napi::CallbackInfo& info) {
 
 // ---- training ----
 
-// Named host tensors from an object {name: HostTensor}.
-std::shared_ptr<std::map<std::string, HostTensor>> batch_from_js(Napi::Env env, const Napi::Value& v) {
-  auto out = std::make_shared<std::map<std::string, HostTensor>>();
-  if (!v.IsObject()) throw Napi::TypeError::New(env, "batch must be an object of tensors");
-  Napi::Object o = v.As<Napi::Object>();
-  Napi::Array keys = o.GetPropertyNames();
-  for (uint32_t i = 0; i < keys.Length(); ++i) {
-    std::string k = keys.Get(i).As<Napi::String>().Utf8Value();
-    Napi::Value t = o.Get(k);
-    if (t.IsUndefined() || t.IsNull() || k == "cached") continue;  // cached: see cached_items
-    HostTensor h = host_from_js(env, t, i);
-    (*out)[k] = std::move(h);
-  }
-  return out;
-}
-
 // Item indices as int64 (a JS array of whole numbers).
 std::vector<int64_t> items_from_js(Napi::Env env, const Napi::Value& v, const char* what) {
   if (!v.IsArray()) throw Napi::TypeError::New(env, std::string(what) + " must be an array of item indices");
@@ -258,35 +242,47 @@ std::vector<int64_t> items_from_js(Napi::Env env, const Napi::Value& v, const ch
   return out;
 }
 
-// A micro-batch's image part held in a native latent cache: batch.cached = {cache, items}.
-struct CachedItems {
-  std::shared_ptr<LatentCache> cache;
-  std::vector<int64_t> items;
-};
-std::optional<CachedItems> cached_items(Napi::Env env, const Napi::Value& batch) {
-  if (!batch.IsObject()) return std::nullopt;
-  Napi::Value c = batch.As<Napi::Object>().Get("cached");
-  if (c.IsUndefined() || c.IsNull()) return std::nullopt;
-  if (!c.IsObject()) throw Napi::TypeError::New(env, "batch.cached must be {cache, items}");
-  Napi::Object o = c.As<Napi::Object>();
-  return CachedItems{unwrap_handle<LatentCache>(o.Get("cache"), "LatentCache"), items_from_js(env, o.Get("items"), "batch.cached.items")};
-}
+// A micro-batch argument (src/native.ts TrainBatch): {name: HostTensor, ..., cached?: {cache, items}}. The tensors
+// are copied on the JS thread; build() makes the MicroBatch in the job, gathering the cached items' latents there.
+class BatchArg {
+ public:
+  BatchArg(Napi::Env env, const Napi::Value& v) {
+    if (!v.IsObject()) throw Napi::TypeError::New(env, "batch must be an object of tensors");
+    uint32_t i = 0;
+    for_each_property(v.As<Napi::Object>(), [&](const std::string& k, const Napi::Value& t) {
+      ++i;
+      if (t.IsUndefined() || t.IsNull()) return;
+      if (k != "cached") {
+        tensors_[k] = host_from_js(env, t, i - 1);
+        return;
+      }
+      if (!t.IsObject()) throw Napi::TypeError::New(env, "batch.cached must be {cache, items}");
+      cache_ = unwrap_handle<LatentCache>(t.As<Napi::Object>().Get("cache"), "LatentCache");
+      items_ = items_from_js(env, t.As<Napi::Object>().Get("items"), "batch.cached.items");
+    });
+  }
+  MicroBatch build(double divisor) const {
+    MicroBatch b;
+    auto get = [&](const char* k) { auto it = tensors_.find(k); return it == tensors_.end() ? torch::Tensor() : host_to_tensor(it->second); };
+    b.pixel_values = get("pixelValues");
+    b.latent_mean = get("latentMean");
+    b.latent_std = get("latentStd");
+    b.input_ids = get("inputIds");
+    b.encoder_hidden_states = get("encoderHiddenStates");
+    b.latents = get("latents");
+    b.noise = get("noise");
+    b.timesteps = get("timesteps");
+    b.loss_mask = get("lossMask");
+    b.loss_divisor = divisor;
+    if (cache_) cache_->fill(b, items_);
+    return b;
+  }
 
-MicroBatch micro_batch(const std::map<std::string, HostTensor>& m, double divisor) {
-  MicroBatch b;
-  auto get = [&](const char* k) { auto it = m.find(k); return it == m.end() ? torch::Tensor() : host_to_tensor(it->second); };
-  b.pixel_values = get("pixelValues");
-  b.latent_mean = get("latentMean");
-  b.latent_std = get("latentStd");
-  b.input_ids = get("inputIds");
-  b.encoder_hidden_states = get("encoderHiddenStates");
-  b.latents = get("latents");
-  b.noise = get("noise");
-  b.timesteps = get("timesteps");
-  b.loss_mask = get("lossMask");
-  b.loss_divisor = divisor;
-  return b;
-}
+ private:
+  std::map<std::string, HostTensor> tensors_;
+  std::shared_ptr<LatentCache> cache_;  // with items_: batch.cached
+  std::vector<int64_t> items_;
+};
 
 Napi::Value CreateTrainer(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -355,13 +351,10 @@ Napi::Value CreateTrainer(const Napi::CallbackInfo& info) {
 Napi::Value TrainerMicroStep(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto t = unwrap_handle<Trainer>(info[0], "Trainer");
-  auto batch = batch_from_js(env, info[1]);
-  auto cached = cached_items(env, info[1]);
+  auto batch = std::make_shared<BatchArg>(env, info[1]);
   double divisor = info.Length() > 2 && info[2].IsNumber() ? info[2].As<Napi::Number>().DoubleValue() : 1.0;
-  return Engine::of(env).run(env, [t, batch, cached, divisor] {
-    MicroBatch b = micro_batch(*batch, divisor);
-    if (cached) cached->cache->fill(b, cached->items);
-    double loss = t->micro_step(b);
+  return Engine::of(env).run(env, [t, batch, divisor] {
+    double loss = t->micro_step(batch->build(divisor));
     return Completion([loss](Napi::Env env) { return Napi::Number::New(env, loss); });
   });
 }
@@ -387,12 +380,9 @@ Napi::Value TrainerGraphStatus(const Napi::CallbackInfo& info) {
 Napi::Value TrainerEvalLoss(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto t = unwrap_handle<Trainer>(info[0], "Trainer");
-  auto batch = batch_from_js(env, info[1]);
-  auto cached = cached_items(env, info[1]);
-  return Engine::of(env).run(env, [t, batch, cached] {
-    MicroBatch b = micro_batch(*batch, 1.0);
-    if (cached) cached->cache->fill(b, cached->items);
-    double loss = t->eval_loss(b);
+  auto batch = std::make_shared<BatchArg>(env, info[1]);
+  return Engine::of(env).run(env, [t, batch] {
+    double loss = t->eval_loss(batch->build(1.0));
     return Completion([loss](Napi::Env env) { return Napi::Number::New(env, loss); });
   });
 }
@@ -481,12 +471,7 @@ Napi::Value TrainerLoadState(const Napi::CallbackInfo& info) {
   std::optional<std::map<std::string, int64_t>> steps;
   if (o.Get("optimizerSteps").IsObject()) {
     steps.emplace();
-    Napi::Object so = o.Get("optimizerSteps").As<Napi::Object>();
-    Napi::Array keys = so.GetPropertyNames();
-    for (uint32_t i = 0; i < keys.Length(); ++i) {
-      std::string k = keys.Get(i).As<Napi::String>().Utf8Value();
-      (*steps)[k] = so.Get(k).As<Napi::Number>().Int64Value();
-    }
+    for_each_property(o.Get("optimizerSteps").As<Napi::Object>(), [&](const std::string& k, const Napi::Value& v) { (*steps)[k] = v.As<Napi::Number>().Int64Value(); });
   }
   std::optional<Trainer::ScalerState> scaler;
   if (o.Get("scaler").IsObject()) {
@@ -495,12 +480,7 @@ Napi::Value TrainerLoadState(const Napi::CallbackInfo& info) {
   }
   std::vector<std::pair<std::string, std::vector<uint8_t>>> rng;
   if (o.Get("rng").IsObject()) {
-    Napi::Object ro = o.Get("rng").As<Napi::Object>();
-    Napi::Array keys = ro.GetPropertyNames();
-    for (uint32_t i = 0; i < keys.Length(); ++i) {
-      std::string k = keys.Get(i).As<Napi::String>().Utf8Value();
-      rng.emplace_back(k, unbase64(env, ro.Get(k).As<Napi::String>().Utf8Value()));
-    }
+    for_each_property(o.Get("rng").As<Napi::Object>(), [&](const std::string& k, const Napi::Value& v) { rng.emplace_back(k, unbase64(env, v.As<Napi::String>().Utf8Value())); });
   }
   return Engine::of(env).run(env, [t, dir, steps, scaler, rng] {
     t->load_trainable_state(st::load(dir + "/model.safetensors"), dir + "/model.safetensors");
@@ -584,31 +564,18 @@ Napi::Value Dispose(const Napi::CallbackInfo& info) {
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   register_area_bindings(env, exports);
   env.SetInstanceData<Engine>(new Engine(env));
-  exports.Set("version", Napi::Function::New(env, Version));
-  exports.Set("devices", Napi::Function::New(env, Devices));
-  exports.Set("safetensorsHeader", Napi::Function::New(env, SafetensorsHeader));
-  exports.Set("safetensorsRead", Napi::Function::New(env, SafetensorsRead));
-  exports.Set("safetensorsWrite", Napi::Function::New(env, SafetensorsWrite));
-  exports.Set("dispose", Napi::Function::New(env, Dispose));
-  exports.Set("loadPipeline", Napi::Function::New(env, LoadPipeline));
-  exports.Set("setAllowTf32", Napi::Function::New(env, SetAllowTf32));
-  exports.Set("shutdown", Napi::Function::New(env, Shutdown));
-  exports.Set("liveHandles", Napi::Function::New(env, LiveHandles));
-  exports.Set("forward", Napi::Function::New(env, Forward));
-  exports.Set("writeRandomWeights", Napi::Function::New(env, WriteRandomWeights));
-  exports.Set("componentParamShapes", Napi::Function::New(env, ComponentParamShapes));
-  exports.Set("createTrainer", Napi::Function::New(env, CreateTrainer));
-  exports.Set("trainerMicroStep", Napi::Function::New(env, TrainerMicroStep));
-  exports.Set("trainerGraphStatus", Napi::Function::New(env, TrainerGraphStatus));
-  exports.Set("trainerEvalLoss", Napi::Function::New(env, TrainerEvalLoss));
-  exports.Set("trainerOptimizerStep", Napi::Function::New(env, TrainerOptimizerStep));
-  exports.Set("trainerSaveState", Napi::Function::New(env, TrainerSaveState));
-  exports.Set("trainerLoadState", Napi::Function::New(env, TrainerLoadState));
-  exports.Set("trainerLoadLora", Napi::Function::New(env, TrainerLoadLora));
-  exports.Set("vaeEncode", Napi::Function::New(env, VaeEncode));
-  exports.Set("latentCacheCreate", Napi::Function::New(env, LatentCacheCreate));
-  exports.Set("latentCacheEncode", Napi::Function::New(env, LatentCacheEncode));
-  exports.Set("latentCacheFix", Napi::Function::New(env, LatentCacheFix));
+  export_bindings(env, exports, {
+      {"version", Version}, {"devices", Devices}, {"safetensorsHeader", SafetensorsHeader},
+      {"safetensorsRead", SafetensorsRead}, {"safetensorsWrite", SafetensorsWrite}, {"dispose", Dispose},
+      {"loadPipeline", LoadPipeline}, {"setAllowTf32", SetAllowTf32}, {"shutdown", Shutdown},
+      {"liveHandles", LiveHandles}, {"forward", Forward}, {"writeRandomWeights", WriteRandomWeights},
+      {"componentParamShapes", ComponentParamShapes}, {"createTrainer", CreateTrainer},
+      {"trainerMicroStep", TrainerMicroStep}, {"trainerGraphStatus", TrainerGraphStatus},
+      {"trainerEvalLoss", TrainerEvalLoss}, {"trainerOptimizerStep", TrainerOptimizerStep},
+      {"trainerSaveState", TrainerSaveState}, {"trainerLoadState", TrainerLoadState},
+      {"trainerLoadLora", TrainerLoadLora}, {"vaeEncode", VaeEncode}, {"latentCacheCreate", LatentCacheCreate},
+      {"latentCacheEncode", LatentCacheEncode}, {"latentCacheFix", LatentCacheFix}
+  });
   return exports;
 }
 

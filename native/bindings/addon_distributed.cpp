@@ -118,13 +118,11 @@ Napi::Value TrainerRngState(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void register_distributed(Napi::Env env, Napi::Object exports) {
-  exports.Set("distBackends", Napi::Function::New(env, DistBackends));
-  exports.Set("distInit", Napi::Function::New(env, DistInit));
-  exports.Set("distAttachTrainer", Napi::Function::New(env, DistAttachTrainer));
-  exports.Set("distAllReduce", Napi::Function::New(env, DistAllReduce));
-  exports.Set("distBarrier", Napi::Function::New(env, DistBarrier));
-  exports.Set("distDestroy", Napi::Function::New(env, DistDestroy));
-  exports.Set("trainerRngState", Napi::Function::New(env, TrainerRngState));
+  export_bindings(env, exports, {
+      {"distBackends", DistBackends}, {"distInit", DistInit}, {"distAttachTrainer", DistAttachTrainer},
+      {"distAllReduce", DistAllReduce}, {"distBarrier", DistBarrier}, {"distDestroy", DistDestroy},
+      {"trainerRngState", TrainerRngState}
+  });
 }
 
 }  // namespace tl

@@ -185,9 +185,9 @@ Napi::Value LoraMergeComponent(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void register_export(Napi::Env env, Napi::Object exports) {
-  exports.Set("loraSummary", Napi::Function::New(env, LoraSummary));
-  exports.Set("loraExport", Napi::Function::New(env, LoraExport));
-  exports.Set("loraMergeComponent", Napi::Function::New(env, LoraMergeComponent));
+  export_bindings(env, exports, {
+      {"loraSummary", LoraSummary}, {"loraExport", LoraExport}, {"loraMergeComponent", LoraMergeComponent}
+  });
 }
 
 }  // namespace tl

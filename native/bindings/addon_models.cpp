@@ -22,6 +22,6 @@ Napi::Value SingleFileConfigs(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-void register_models(Napi::Env env, Napi::Object exports) { exports.Set("singleFileConfigs", Napi::Function::New(env, SingleFileConfigs)); }
+void register_models(Napi::Env env, Napi::Object exports) { export_bindings(env, exports, {{"singleFileConfigs", SingleFileConfigs}}); }
 
 }  // namespace tl

@@ -152,11 +152,10 @@ Napi::Value PipelineApplyLora(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void register_sampling(Napi::Env env, Napi::Object exports) {
-  exports.Set("samplerCreate", Napi::Function::New(env, SamplerCreate));
-  exports.Set("samplerStep", Napi::Function::New(env, SamplerStep));
-  exports.Set("samplerDecode", Napi::Function::New(env, SamplerDecode));
-  exports.Set("samplerLatents", Napi::Function::New(env, SamplerLatents));
-  exports.Set("pipelineApplyLora", Napi::Function::New(env, PipelineApplyLora));
+  export_bindings(env, exports, {
+      {"samplerCreate", SamplerCreate}, {"samplerStep", SamplerStep}, {"samplerDecode", SamplerDecode},
+      {"samplerLatents", SamplerLatents}, {"pipelineApplyLora", PipelineApplyLora}
+  });
 }
 
 }  // namespace tl

@@ -136,14 +136,10 @@ std::map<std::string, std::string> metadata_from_js(Napi::Env env, const Napi::V
   std::map<std::string, std::string> m;
   if (v.IsUndefined() || v.IsNull()) return m;
   if (!v.IsObject()) throw Napi::TypeError::New(env, "metadata must be an object of strings");
-  Napi::Object o = v.As<Napi::Object>();
-  Napi::Array keys = o.GetPropertyNames();
-  for (uint32_t i = 0; i < keys.Length(); ++i) {
-    std::string k = keys.Get(i).As<Napi::String>().Utf8Value();
-    Napi::Value val = o.Get(k);
+  for_each_property(v.As<Napi::Object>(), [&](const std::string& k, const Napi::Value& val) {
     if (!val.IsString()) throw Napi::TypeError::New(env, "metadata[\"" + k + "\"] must be a string");
     m[k] = val.As<Napi::String>().Utf8Value();
-  }
+  });
   return m;
 }
 

@@ -49,6 +49,15 @@ torch::Device parse_device(Napi::Env env, const std::string& s);
 std::vector<HostTensor> hosts_from_js(Napi::Env env, const Napi::Value& v, const char* what);
 Napi::Value hosts_to_js(Napi::Env env, const std::vector<HostTensor>& hs);
 double num_opt(const Napi::Object& o, const char* key, double def);
+// f(key, value) for each enumerable property of o, in JS order.
+template <class F>
+void for_each_property(const Napi::Object& o, F&& f) {
+  Napi::Array keys = o.GetPropertyNames();
+  for (uint32_t i = 0; i < keys.Length(); ++i) {
+    std::string k = keys.Get(i).As<Napi::String>().Utf8Value();
+    f(k, o.Get(k));
+  }
+}
 bool bool_opt(const Napi::Object& o, const char* key, bool def);
 // Standard base64, both ways (RNG states travel to JSON this way).
 std::string base64(const std::vector<uint8_t>& in);

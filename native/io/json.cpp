@@ -61,41 +61,38 @@ class Parser {
     return Json(parse_number());
   }
 
-  Json parse_object(int depth) {
-    expect('{');
-    Json::Object o;
-    if (peek() == '}') {
+  // The members of an object or the elements of an array: item() for each, separated by ',' up to `close`.
+  template <class F>
+  void parse_items(char open, char close, F&& item) {
+    expect(open);
+    if (peek() == close) {
       ++i_;
-      return Json(std::move(o));
+      return;
     }
     while (true) {
+      item();
+      char c = peek();
+      ++i_;
+      if (c == close) return;
+      if (c != ',') fail(std::string("expected ',' or '") + close + "'");
+    }
+  }
+
+  Json parse_object(int depth) {
+    Json::Object o;
+    parse_items('{', '}', [&] {
       if (peek() != '"') fail("expected a string key");
       std::string key = parse_string();
       if (o.count(key)) fail("duplicate key \"" + key + "\"");
       expect(':');
       o.emplace(std::move(key), parse_value(depth + 1));
-      char c = peek();
-      ++i_;
-      if (c == '}') break;
-      if (c != ',') fail("expected ',' or '}'");
-    }
+    });
     return Json(std::move(o));
   }
 
   Json parse_array(int depth) {
-    expect('[');
     Json::Array a;
-    if (peek() == ']') {
-      ++i_;
-      return Json(std::move(a));
-    }
-    while (true) {
-      a.push_back(parse_value(depth + 1));
-      char c = peek();
-      ++i_;
-      if (c == ']') break;
-      if (c != ',') fail("expected ',' or ']'");
-    }
+    parse_items('[', ']', [&] { a.push_back(parse_value(depth + 1)); });
     return Json(std::move(a));
   }
 
