@@ -182,6 +182,12 @@ export function parseTrainFlags(args: readonly string[]): Record<string, unknown
     .parseSync() as Record<string, unknown>;
 }
 
+/** The options `forward` and `generate` share: the model they run, the LoRA's alpha, the device and dtype. */
+const MODEL_FOLDER = { type: 'string', demandOption: true, describe: 'diffusers model folder' } as const;
+const LORA_ALPHA = { type: 'number', describe: 'alpha of a LoRA file that does not carry it (a bare PEFT-format file); the scale is alpha / rank' } as const;
+const RUN_DEVICE = { type: 'string', default: 'cpu' } as const;
+const RUN_DTYPE = { choices: ['fp32', 'fp16', 'bf16'] as const, default: 'fp32' as const };
+
 export async function main(argv: string[]): Promise<void> {
   await yargs(normalizeArgs(argv))
     .scriptName('train-lora')
@@ -273,15 +279,15 @@ export async function main(argv: string[]): Promise<void> {
       'Run the networks on tensors from a safetensors file (parity checks against diffusers)',
       (y) =>
         y
-          .option('model', { type: 'string', demandOption: true, describe: 'diffusers model folder' })
+          .option('model', MODEL_FOLDER)
           .option('inputs', { type: 'string', describe: 'safetensors with input_ids / latents+timesteps+encoder_hidden_states / image / vae_latents [/ target]' })
           .option('output', { type: 'string', demandOption: true, describe: 'where to write the outputs (safetensors)' })
           .option('lora', { type: 'string', describe: 'LoRA file (diffusers, peft or kohya keys), PEFT adapter folder or checkpoint folder, applied to the UNet' })
           .option('lora-scale', { type: 'number', default: 1 })
-          .option('lora-alpha', { type: 'number', describe: 'alpha of a LoRA file that does not carry it (a bare PEFT-format file); the scale is alpha / rank' })
+          .option('lora-alpha', LORA_ALPHA)
           .option('prompt', { type: 'string', array: true, describe: 'tokenize with the folder tokenizer; writes input_ids and text_embeddings' })
-          .option('device', { type: 'string', default: 'cpu' })
-          .option('dtype', { choices: ['fp32', 'fp16', 'bf16'] as const, default: 'fp32' as const })
+          .option('device', RUN_DEVICE)
+          .option('dtype', RUN_DTYPE)
           .option('variant', { type: 'string', describe: 'weights variant, e.g. fp16 for *.fp16.safetensors' })
           .option('backward', { type: 'boolean', default: false, describe: 'with --lora and a `target` input: write loss and grad.<key> of every LoRA parameter' }),
       async (a) => {
@@ -306,10 +312,10 @@ export async function main(argv: string[]): Promise<void> {
       'Generate images from prompts with a model and optionally a LoRA (writes OUT/<prompt-index>_<image-index>.png)',
       (y) =>
         y
-          .option('model', { type: 'string', demandOption: true, describe: 'diffusers model folder' })
+          .option('model', MODEL_FOLDER)
           .option('lora', { type: 'string', describe: 'LoRA .safetensors (diffusers, peft or kohya keys), a PEFT adapter folder or a training checkpoint folder' })
           .option('lora-scale', { type: 'number', default: 1, describe: 'LoRA strength' })
-          .option('lora-alpha', { type: 'number', describe: 'alpha of a LoRA file that does not carry it (a bare PEFT-format file); the scale is alpha / rank' })
+          .option('lora-alpha', LORA_ALPHA)
           .option('prediction-type', { choices: ['epsilon', 'v_prediction'] as const, describe: "override the scheduler config's (v_prediction for a v-prediction single-file model)" })
           .option('prompt', { type: 'string', array: true, demandOption: true, describe: 'prompt (repeat for several)' })
           .option('negative-prompt', { type: 'string', describe: 'one negative prompt for every image' })
@@ -320,8 +326,8 @@ export async function main(argv: string[]): Promise<void> {
           .option('width', { type: 'number', describe: 'pixels, a multiple of 8 (default: the UNet sample_size * VAE scale)' })
           .option('height', { type: 'number', describe: 'pixels, a multiple of 8 (default: the UNet sample_size * VAE scale)' })
           .option('scheduler', { choices: SCHEDULER_NAMES, default: 'pndm' as SchedulerName })
-          .option('device', { type: 'string', default: 'cpu' })
-          .option('dtype', { choices: ['fp32', 'fp16', 'bf16'] as const, default: 'fp32' as const })
+          .option('device', RUN_DEVICE)
+          .option('dtype', RUN_DTYPE)
           .option('out', { type: 'string', default: 'generated', describe: 'output folder' })
           .option('grid', { type: 'boolean', default: false, describe: 'also write OUT/grid.png with the prompts as labels' }),
       async (a) => {

@@ -70,6 +70,15 @@ async function loadError(dir: string, options = {}): Promise<DatasetError> {
 }
 
 const summary = (ds: Dataset): Array<[string, string[]]> => ds.items.map((it) => [it.file, it.captions]);
+const fileList = (ds: Dataset): string[] => ds.items.map((it) => it.file);
+
+/** Loads `dir` and checks the layout it is read as and its (file, captions) list, in file-name order. */
+async function expectLayout(dir: string, layout: Dataset['layout'], want: Array<[string, string[]]>): Promise<Dataset> {
+  const ds = await loadDataset(dir);
+  expect(ds.layout).toBe(layout);
+  expect(summary(ds)).toEqual(want);
+  return ds;
+}
 
 describe('layout (a): captions.json + images/', () => {
   test('object form, sorted by file name, with sizes from the image headers', async () => {
@@ -79,14 +88,12 @@ describe('layout (a): captions.json + images/', () => {
       'images/sub/c.png': 'png',
       'captions.json': JSON.stringify({ 'b.png': 'a bee', 'a.jpg': ['an ant', 'one ant'], 'sub/c.png': 'a cat' }),
     });
-    const ds = await loadDataset(dir);
-    expect(ds.layout).toBe('captions.json');
-    expect(ds.captionSource).toBe(path.join(dir, 'captions.json'));
-    expect(summary(ds)).toEqual([
+    const ds = await expectLayout(dir, 'captions.json', [
       ['images/a.jpg', ['an ant', 'one ant']],
       ['images/b.png', ['a bee']],
       ['images/sub/c.png', ['a cat']],
     ]);
+    expect(ds.captionSource).toBe(path.join(dir, 'captions.json'));
     expect(ds.items[0]).toMatchObject({ path: path.join(dir, 'images', 'a.jpg'), width: 9, height: 14, format: 'jpeg', bytes: jpg.length });
     expect(ds.counts).toEqual({ images: 3, captions: 4, multiCaption: 1, skippedBad: 0, skippedUncaptioned: 0, leftOut: 0 });
     expect(describeDataset(ds)).toBe('3 images, 4 captions (1 with variants), layout captions.json');
@@ -154,9 +161,7 @@ describe('layout (b): metadata.jsonl imagefolder', () => {
       'a.png': 'png',
       'metadata.jsonl': '{"file_name": "b.png", "text": "bee"}\n\n{"file_name": "a.png", "text": ["ay", "eh"]}\n',
     });
-    const ds = await loadDataset(dir);
-    expect(ds.layout).toBe('metadata.jsonl');
-    expect(summary(ds)).toEqual([
+    await expectLayout(dir, 'metadata.jsonl', [
       ['a.png', ['ay', 'eh']],
       ['b.png', ['bee']],
     ]);
@@ -200,9 +205,7 @@ describe('layout (c): same-name .txt files', () => {
       'c.txt': '',
       'notes.txt': 'not a caption',
     });
-    const ds = await loadDataset(dir);
-    expect(ds.layout).toBe('txt');
-    expect(summary(ds)).toEqual([
+    const ds = await expectLayout(dir, 'txt', [
       ['a.png', ['first caption', 'second caption']],
       ['c.png', ['']],
       ['sub/b.JPG', ['padded']],
@@ -252,7 +255,7 @@ describe('malformed datasets', () => {
     expect(err.badImages.map((b) => b.file)).toEqual(['images/gone1.png', 'images/gone2.jpg']);
     expect(err.fix).toMatch(/skipBadImages/);
     const ds = await loadDataset(folder(files), { skipBadImages: true });
-    expect(ds.items.map((i) => i.file)).toEqual(['images/a.png', 'images/b.png']);
+    expect(fileList(ds)).toEqual(['images/a.png', 'images/b.png']);
     expect(ds.skipped.map((b) => b.file)).toEqual(['images/gone1.png', 'images/gone2.jpg']);
     expect(ds.counts.skippedBad).toBe(2);
   });
@@ -274,7 +277,7 @@ describe('malformed datasets', () => {
     expect(err.message).toMatch(/garbage.png: unreadable image/);
     expect(err.message).toMatch(/empty.jpg: empty file/);
     const ds = await loadDataset(folder(files), { skipBadImages: true });
-    expect(ds.items.map((i) => i.file)).toEqual(['a.png']);
+    expect(fileList(ds)).toEqual(['a.png']);
     expect(ds.counts).toMatchObject({ images: 1, skippedBad: 3 });
   });
 
@@ -290,13 +293,13 @@ describe('malformed datasets', () => {
     expect(err.message).toContain('--skip-bad-images');
     const dir = folder(files);
     const first = await loadDataset(dir, { skipBadImages: true });
-    expect(first.items.map((i) => i.file)).toEqual(['a.png', 'c.png']);
+    expect(fileList(first)).toEqual(['a.png', 'c.png']);
     expect(first.skipped).toEqual([{ file: 'b.png', reason: expect.stringMatching(/^damaged pixel data/) }]);
     // A resume loads the folder again: the same images, the same fingerprint, so the data order continues exactly.
     const again = await loadDataset(dir, { skipBadImages: true });
     expect(datasetFingerprint(again)).toBe(datasetFingerprint(first));
     // The header-only check (validateImages: 'header') is what missed it.
-    expect((await loadDataset(dir, { validateImages: 'header' })).items.map((i) => i.file)).toEqual(['a.png', 'b.png', 'c.png']);
+    expect(fileList(await loadDataset(dir, { validateImages: 'header' }))).toEqual(['a.png', 'b.png', 'c.png']);
   });
 
   test('every image bad, even when skipping, is an error', async () => {
@@ -310,7 +313,7 @@ describe('malformed datasets', () => {
     expect(err.message).toMatch(/2 image\(s\) have no caption: lonely.png, sub\/alone.jpg/);
     expect(err.fix).toMatch(/skipUncaptioned/);
     const ds = await loadDataset(folder(files), { skipUncaptioned: true });
-    expect(ds.items.map((i) => i.file)).toEqual(['images/a.png']);
+    expect(fileList(ds)).toEqual(['images/a.png']);
     expect(ds.uncaptioned).toEqual(['lonely.png', 'sub/alone.jpg']);
 
     const txt = await loadError(folder({ 'a.png': 'png', 'a.txt': 'a', 'b.png': 'png' }));
@@ -339,12 +342,12 @@ describe('maxTrainSamples', () => {
     const a = await loadDataset(dir, { maxTrainSamples: 5, seed: 1 });
     const b = await loadDataset(dir, { maxTrainSamples: 5, seed: 1 });
     const c = await loadDataset(dir, { maxTrainSamples: 5, seed: 2 });
-    expect(a.items.map((i) => i.file)).toEqual(b.items.map((i) => i.file));
-    expect(a.items.map((i) => i.file)).not.toEqual(c.items.map((i) => i.file));
+    expect(fileList(a)).toEqual(fileList(b));
+    expect(fileList(a)).not.toEqual(fileList(c));
     expect(a.items).toHaveLength(5);
-    const files = a.items.map((i) => i.file);
+    const files = fileList(a);
     expect([...files].sort()).toEqual(files);
-    expect(a.items.map((i) => i.file)).not.toEqual(['i00.png', 'i01.png', 'i02.png', 'i03.png', 'i04.png']);
+    expect(fileList(a)).not.toEqual(['i00.png', 'i01.png', 'i02.png', 'i03.png', 'i04.png']);
     expect(a.counts.leftOut).toBe(15);
     expect((await loadDataset(dir, { maxTrainSamples: 50 })).items).toHaveLength(20);
     await expect(loadDataset(dir, { maxTrainSamples: 0 })).rejects.toThrow(RangeError);

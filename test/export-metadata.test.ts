@@ -17,10 +17,13 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 
 import { parseTrainConfig } from '../src/config';
+import { makeDemoData } from '../src/data/demo-data';
 import { baseModelHashes, kohyaHashes, pyJson, tagFrequency } from '../src/export/kohya';
 import { baseModelHashFile, exportCheckpoint, exportLora, LORA_FILES, mergedFileName } from '../src/export/lora-export';
 import { native, type HostTensor } from '../src/native';
 import { byName, relativeError } from '../src/tensors';
+import { quietTrain } from './helpers/quiet-reporter';
+import { tinyRunConfig } from './helpers/tiny-run';
 
 const fixtures = path.join(__dirname, 'fixtures');
 const FIX = path.join(fixtures, 'export');
@@ -189,9 +192,6 @@ describe('(6) kohya metadata as sd-scripts writes it', () => {
   });
 
   test('end of training and `checkpoints export` of its checkpoint: tag frequency of the run\'s captions, 1-based epoch', async () => {
-    const { makeDemoData } = await import('../src/data/demo-data');
-    const { train } = await import('../src/train/train');
-    const { Quiet } = await import('./helpers/quiet-reporter');
     const data = path.join(tmp, 'shapes');
     await makeDemoData(data, { count: 4, size: 32, seed: 0 });
     // Known captions: one a list of variants (the first one counts, as sd-scripts reads a caption file's first line).
@@ -201,11 +201,7 @@ describe('(6) kohya metadata as sd-scripts writes it', () => {
     const caps: unknown[] = ['red, circle', ['Red, square', 'blue, ignored'], 'circle , white background', 'star'];
     fs.writeFileSync(capFile, JSON.stringify(Object.fromEntries(files.map((f, i) => [f, caps[i]]))));
     const out = path.join(tmp, 'run');
-    const cfg = parseTrainConfig({
-      pretrained_model_name_or_path: tiny, train_data_dir: data, output_dir: out, device: 'cpu', resolution: 32, train_batch_size: 2,
-      gradient_accumulation_steps: 1, max_train_steps: 3, rank: 4, save_format: ['kohya'], checkpointing_steps: 3,
-    });
-    const r = await train(cfg, new Quiet(), { installSignalHandlers: false });
+    const { result: r } = await quietTrain(tinyRunConfig(out, data, { train_batch_size: 2, max_train_steps: 3, save_format: ['kohya'], checkpointing_steps: 3 }));
     const want = '{"shapes": {"red": 2, "circle": 2, "square": 1, "white background": 1, "star": 1}}';
     const m = await meta(path.join(out, 'lora_kohya.safetensors'));
     checkKeys(m);

@@ -12,10 +12,13 @@ import * as path from 'node:path';
 
 import { CheckpointManager } from '../src/checkpoint/manager';
 import { parseTrainConfig } from '../src/config';
+import { makeDemoData } from '../src/data/demo-data';
 import { kohyaHashes, pyFloat } from '../src/export/kohya';
 import { exportCheckpoint, exportLora, LORA_FILES, targetNames } from '../src/export/lora-export';
 import { native, type HostTensor, type LoraFileFormat, type PipelineHandle } from '../src/native';
 import { byName, fromFloat32, relativeError } from '../src/tensors';
+import { quietTrain } from './helpers/quiet-reporter';
+import { tinyRunConfig } from './helpers/tiny-run';
 
 const cli = path.resolve(__dirname, '..', 'dist', 'cli.js');
 const fixtures = path.join(__dirname, 'fixtures');
@@ -337,18 +340,10 @@ describe('checkpoints export (CLI)', () => {
 
 describe('end of training', () => {
   test('train() with --merge and --save-format kohya: one export call writes the LoRA and final_pipeline, logged once', async () => {
-    const { makeDemoData } = await import('../src/data/demo-data');
-    const { train } = await import('../src/train/train');
-    const { Quiet } = await import('./helpers/quiet-reporter');
     const data = path.join(tmp, 'train-data');
     await makeDemoData(data, { count: 2, size: 32, seed: 0 });
     const out = path.join(tmp, 'train-run');
-    const rep = new Quiet();
-    const cfg = parseTrainConfig({
-      pretrained_model_name_or_path: tiny, train_data_dir: data, output_dir: out, device: 'cpu', resolution: 32, train_batch_size: 2,
-      gradient_accumulation_steps: 1, max_train_steps: 1, rank: 4, save_format: ['kohya'], merge: true,
-    });
-    const r = await train(cfg, rep, { installSignalHandlers: false });
+    const { result: r, rep } = await quietTrain(tinyRunConfig(out, data, { train_batch_size: 2, max_train_steps: 1, save_format: ['kohya'], merge: true }));
     expect(r.loraFiles).toEqual([path.join(out, 'lora_kohya.safetensors'), path.join(out, 'final_pipeline', 'unet', 'diffusion_pytorch_model.safetensors')]);
     const { meta } = await read(path.join(out, 'lora_kohya.safetensors'));
     expect([meta.ss_steps, meta.ss_network_dim, meta.ss_network_alpha, meta.ss_num_train_images]).toEqual(['1', '4', '4.0', '2']);

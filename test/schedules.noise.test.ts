@@ -211,13 +211,13 @@ describe('float helpers', () => {
 
 describe('config handling and min-SNR semantics', () => {
   test('DDPMScheduler defaults for missing keys; PNDM-only keys are ignored', () => {
+    // The reference: the golden's ddpm_linear config spells out DDPMScheduler's defaults, and diffusers gave an empty
+    // config (linear_defaults) the very same schedule.
+    const ddpm = G.configs.ddpm_linear;
+    expect([G.configs.linear_defaults.betas, G.configs.linear_defaults.prediction_type]).toEqual([ddpm.betas, ddpm.prediction_type]);
     expect(parseSchedulerConfig({ skip_prk_steps: true, _class_name: 'PNDMScheduler' })).toEqual({
-      numTrainTimesteps: 1000,
-      betaStart: 0.0001,
-      betaEnd: 0.02,
-      betaSchedule: 'linear',
+      ...parseSchedulerConfig(ddpm.config),
       trainedBetas: null,
-      predictionType: 'epsilon',
       rescaleBetasZeroSnr: false,
     });
   });

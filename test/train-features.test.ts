@@ -4,29 +4,19 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 
 import { makeDemoData } from '../src/data/demo-data';
-import { native, type HostTensor } from '../src/native';
+import { native } from '../src/native';
 import { relativeErrorOf } from '../src/tensors';
 import { train, type StepMetrics } from '../src/train/train';
 import { Quiet } from './helpers/quiet-reporter';
 import { TINY_MODEL, tinyRunConfig } from './helpers/tiny-run';
+import { tinyUnetOut } from './helpers/tiny-unet';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tl-feat-'));
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 const model = TINY_MODEL;
 const data = path.join(tmp, 'data');
 
-
 const cfg = (out: string, over: Record<string, unknown> = {}) => tinyRunConfig(out, data, over);
-
-async function unetOut(lora: string): Promise<Buffer> {
-  const inputs = (await native().safetensorsRead(path.join(__dirname, 'fixtures', 'golden', 'tiny', 'inputs.safetensors'))).tensors.filter((t: HostTensor) =>
-    ['latents', 'timesteps', 'encoder_hidden_states'].includes(t.name),
-  );
-  const p = await native().loadPipeline(model, { components: ['unet'] });
-  const out = Buffer.from((await native().forward(p, inputs, { lora }))[0].data);
-  native().dispose(p);
-  return out;
-}
 
 beforeAll(async () => {
   await makeDemoData(data, { count: 24, size: 32, seed: 2 });
@@ -68,14 +58,14 @@ describe('--cache-latents', () => {
 test('--init-lora-weights starts from a LoRA file in any format (diffusers, PEFT, kohya)', async () => {
   const src = path.join(tmp, 'init-src');
   await train(cfg(src, { lora_alpha: 8, save_format: ['diffusers', 'peft', 'kohya'] }), new Quiet(), { installSignalHandlers: false });
-  const want = await unetOut(path.join(src, 'pytorch_lora_weights.safetensors'));
+  const want = await tinyUnetOut(path.join(src, 'pytorch_lora_weights.safetensors'));
   for (const f of ['pytorch_lora_weights.safetensors', 'lora_weights/adapter_model.safetensors', 'lora_kohya.safetensors']) {
     // lr 0 and one step: the adapters stay exactly what was loaded (alpha 16 here: B is rescaled to keep the function).
     const out = path.join(tmp, `init-${path.basename(f, '.safetensors')}`);
     const rep = new Quiet();
     await train(cfg(out, { init_lora_weights: path.join(src, f), lora_alpha: 16, learning_rate: 1e-12, max_train_steps: 1, adam_weight_decay: 0 }), rep, { installSignalHandlers: false });
     expect(rep.messages.some((m) => /initialized 48 LoRA modules/.test(m))).toBe(true);
-    const got = await unetOut(path.join(out, 'pytorch_lora_weights.safetensors'));
+    const got = await tinyUnetOut(path.join(out, 'pytorch_lora_weights.safetensors'));
     const a = new Float32Array(got.buffer, got.byteOffset, got.length / 4);
     const b = new Float32Array(want.buffer, want.byteOffset, want.length / 4);
     expect({ f, rel: relativeErrorOf(a, b) < 1e-5 }).toEqual({ f, rel: true });

@@ -11,10 +11,11 @@ import * as path from 'node:path';
 
 import { CheckpointManager } from '../src/checkpoint/manager';
 import { makeDemoData } from '../src/data/demo-data';
-import { native, type HostTensor } from '../src/native';
+import { native } from '../src/native';
 import { train, type TrainerStateFile } from '../src/train/train';
 import { Quiet } from './helpers/quiet-reporter';
 import { TINY_MODEL, tinyRunConfig } from './helpers/tiny-run';
+import { tinyUnetOut } from './helpers/tiny-unet';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tl-runs-'));
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
@@ -36,16 +37,6 @@ function hashes(dir: string): Record<string, string> {
     }
   };
   walk(dir);
-  return out;
-}
-
-async function unetOut(lora: string): Promise<Buffer> {
-  const inputs = (await native().safetensorsRead(path.join(__dirname, 'fixtures', 'golden', 'tiny', 'inputs.safetensors'))).tensors.filter((t: HostTensor) =>
-    ['latents', 'timesteps', 'encoder_hidden_states'].includes(t.name),
-  );
-  const p = await native().loadPipeline(TINY_MODEL, { components: ['unet'] });
-  const out = Buffer.from((await native().forward(p, inputs, { lora }))[0].data);
-  native().dispose(p);
   return out;
 }
 
@@ -156,7 +147,7 @@ describe('a diffusers/accelerate output folder', () => {
     const r = await train(cfg(out, { max_train_steps: 4, resume_from_checkpoint: path.join(out, 'checkpoint-4') }), new Quiet(), noSignals);
     expect(r.globalStep).toBe(4);
     const exported = path.join(out, 'exports', 'checkpoint-4', 'pytorch_lora_weights.safetensors');
-    expect((await unetOut(exported)).equals(await unetOut(path.join(out, 'checkpoint-4', 'pytorch_lora_weights.safetensors')))).toBe(true);
+    expect((await tinyUnetOut(exported)).equals(await tinyUnetOut(path.join(out, 'checkpoint-4', 'pytorch_lora_weights.safetensors')))).toBe(true);
   }, 300000);
 
   test('a diffusers checkpoint of another rank is refused naming --rank', async () => {

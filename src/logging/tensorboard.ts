@@ -71,7 +71,6 @@ message Summary {
     bytes encoded_image_string = 4;
   }
   message Value {
-    string node_name = 7;
     string tag = 1;
     oneof value {
       float simple_value = 2;

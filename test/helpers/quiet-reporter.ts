@@ -1,4 +1,5 @@
-import type { StepMetrics, TrainReporter } from '../../src/train/train';
+import type { TrainConfig } from '../../src/config';
+import type { StepMetrics, TrainOptions, TrainReporter, TrainResult } from '../../src/train/train';
 import type { ValidationResult } from '../../src/train/validation';
 
 /** A TrainReporter that records steps and messages instead of printing them. */
@@ -21,4 +22,11 @@ export class Quiet implements TrainReporter {
   validation(r: ValidationResult): void {
     this.validations.push(r);
   }
+}
+
+/** train(cfg) reporting to a new Quiet, without signal handlers: what it returns and what it reported. */
+export async function quietTrain(cfg: TrainConfig, opts: TrainOptions = {}): Promise<{ result: TrainResult; rep: Quiet }> {
+  const { train } = await import('../../src/train/train');
+  const rep = new Quiet();
+  return { result: await train(cfg, rep, { installSignalHandlers: false, ...opts }), rep };
 }
