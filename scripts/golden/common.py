@@ -55,9 +55,13 @@ def deterministic(max_threads: int):
     torch.set_num_threads(max(1, min(max_threads, os.cpu_count() or 1)))
 
 
+LIBRARIES = ("torch", "transformers", "peft", "diffusers", "safetensors")  # what a golden's stats record by default
+
+
 def versions(*packages: str) -> dict:
-    """{package: its __version__}, in the order given (some scripts write this dict unsorted)."""
-    return {name: importlib.import_module(name).__version__ for name in packages}
+    """{package: its __version__} for the packages given (default LIBRARIES), in that order (some scripts write the
+    dict unsorted)."""
+    return {name: importlib.import_module(name).__version__ for name in packages or LIBRARIES}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
