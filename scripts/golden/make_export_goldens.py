@@ -39,18 +39,8 @@ from io import BytesIO
 
 import torch
 
-from common import (
-    ADAPTER,
-    FIXTURES,
-    TINY_INPUTS,
-    export_merged,
-    rel_err,
-    tiny_peft_unet,
-    tiny_pipeline,
-    tiny_unet,
-    unet_pred,
-    versions,
-)
+from common import (ADAPTER, FIXTURES, TINY_INPUTS, export_merged, rel_err, tiny_peft_unet, tiny_pipeline, tiny_unet,
+                    unet_pred, versions)
 import safetensors.torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers

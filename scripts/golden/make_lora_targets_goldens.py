@@ -42,7 +42,8 @@ from unittest import mock
 
 import torch
 
-from common import ADAPTER, FIXTURES, REPO, TINY_INPUTS, export_merged, rel_err, tiny_peft_unet, tiny_pipeline, tiny_unet, unet_pred, versions
+from common import (ADAPTER, FIXTURES, REPO, TINY_INPUTS, export_merged, rel_err, tiny_peft_unet, tiny_pipeline,
+                    tiny_unet, unet_pred, versions)
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 

@@ -223,7 +223,7 @@ def part_b(meta: dict) -> dict:
 def main():
     deterministic(max_threads=4)
     OUT.mkdir(parents=True, exist_ok=True)
-    vers = versions(*tg.LIBRARIES)
+    vers = versions(*tg.TRAIN_LIBRARIES)
     meta = {"generator": "scripts/golden/make_te_lora_goldens.py"}
     stats = {"versions": vers, "train": part_a(meta), "export": part_b(meta)}
     with open(OUT / "stats.json", "w") as fh:

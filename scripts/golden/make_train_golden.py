@@ -53,18 +53,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common import (
-    FIXTURES,
-    LIBRARIES,
-    REPO,
-    TINY_MODEL,
-    canonicalize_header,
-    deterministic,
-    load_frozen_models,
-    rel_err,
-    save_tensors,
-    versions,
-)
+from common import (FIXTURES, LIBRARIES, REPO, TINY_MODEL, canonicalize_header, deterministic, load_frozen_models,
+                    rel_err, save_tensors, versions)
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
@@ -76,7 +66,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 OUT = FIXTURES / "golden" / "train"
-LIBRARIES = LIBRARIES + ("accelerate",)  # the versions its stats record
+TRAIN_LIBRARIES = LIBRARIES + ("accelerate",)  # the versions its stats record
 
 # ---- training configuration (the script's argument names) -------------------------------------------------
 RANK = 4
@@ -346,7 +336,7 @@ def main():
 
     deterministic(max_threads=8)
     OUT.mkdir(parents=True, exist_ok=True)
-    vers = versions(*LIBRARIES)
+    vers = versions(*TRAIN_LIBRARIES)
     meta = {"generator": "scripts/golden/make_train_golden.py", **vers}
 
     # ---- inputs + initial LoRA (peft's gaussian init: A ~ N(0, 1/r), B = 0) ---------------------------------
