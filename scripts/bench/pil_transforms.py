@@ -68,30 +68,30 @@ class Resize:
         return img.resize((ow, oh), _PIL[self.interpolation])
 
 
-def _crop(img, top, left, h, w):
-    return img.crop((left, top, left + w, top + h))
+class _SquareCrop:
+    """A size x size crop (torchvision's F.crop on a PIL image) at the (top, left) offsets `_offsets` picks."""
 
-
-class CenterCrop:
     def __init__(self, size):
         self.size = size
 
     def __call__(self, img):
         w, h = img.size
-        th = tw = self.size
-        return _crop(img, int(round((h - th) / 2.0)), int(round((w - tw) / 2.0)), th, tw)
+        top, left = self._offsets(h, w, self.size)
+        return img.crop((left, top, left + self.size, top + self.size))
 
 
-class RandomCrop:
-    def __init__(self, size):
-        self.size = size
+class CenterCrop(_SquareCrop):
+    @staticmethod
+    def _offsets(h, w, size):
+        return int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
 
-    def __call__(self, img):
-        w, h = img.size
-        th = tw = self.size
-        i = int(torch.randint(0, h - th + 1, size=(1,)).item())
-        j = int(torch.randint(0, w - tw + 1, size=(1,)).item())
-        return _crop(img, i, j, th, tw)
+
+class RandomCrop(_SquareCrop):
+    @staticmethod
+    def _offsets(h, w, size):
+        top = int(torch.randint(0, h - size + 1, size=(1,)).item())
+        left = int(torch.randint(0, w - size + 1, size=(1,)).item())
+        return top, left
 
 
 class RandomHorizontalFlip:

@@ -34,34 +34,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import tempfile
 from io import BytesIO
-from pathlib import Path
 
 import torch
 
-try:
-    import diffusers
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
-except ImportError:  # pragma: no cover
-    sys.exit("diffusers not importable: run with PYTHONPATH=/path/to/diffusers/src")
-
-import peft
-import safetensors
+from common import (ADAPTER, FIXTURES, TINY_INPUTS, export_merged, rel_err, tiny_peft_unet, tiny_pipeline, tiny_unet,
+                    unet_pred, versions)
 import safetensors.torch
-import transformers
-from peft import PeftModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-REPO = Path(__file__).resolve().parents[2]
-FIX = REPO / "test" / "fixtures" / "export"
-MODEL = REPO / "test" / "fixtures" / "models" / "tiny"
-INPUTS = REPO / "test" / "fixtures" / "golden" / "tiny" / "inputs.safetensors"
+FIX = FIXTURES / "export"
 LORA = FIX / "lora"
 
 
@@ -89,23 +76,8 @@ def addnet_hash_safetensors(b):
     return h.hexdigest()
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
-
-
-def unet_pred(unet, x) -> torch.Tensor:
-    unet = unet.to(torch.float64).eval()
-    with torch.no_grad():
-        return unet(x["latents"].double(), x["timesteps"], x["encoder_hidden_states"].double()).sample.float()
-
-
-def pipeline():
-    return StableDiffusionPipeline.from_pretrained(str(MODEL), safety_checker=None, requires_safety_checker=False)
-
-
-def lora_config(model, name):
-    c = model.peft_config[name]
+def lora_config(model):
+    c = model.peft_config[ADAPTER]
     return {"r": c.r, "lora_alpha": c.lora_alpha, "target_modules": sorted(c.target_modules)}
 
 
@@ -124,24 +96,15 @@ def synthetic_kohya():
 
 def main():
     torch.manual_seed(0)
-    x = load_file(str(INPUTS))
+    x = load_file(str(TINY_INPUTS))
     out: dict[str, torch.Tensor] = {}
-    info: dict = {
-        "versions": {
-            "diffusers": diffusers.__version__,
-            "peft": peft.__version__,
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-            "safetensors": safetensors.__version__,
-        }
-    }
+    info: dict = {"versions": versions("diffusers", "peft", "transformers", "torch", "safetensors")}
 
-    out["noise_pred_base"] = unet_pred(UNet2DConditionModel.from_pretrained(str(MODEL / "unet")), x)
+    out["noise_pred_base"] = unet_pred(tiny_unet(), x)
 
     # diffusers format: the pipeline loader, rank/alpha from lora_adapter_metadata.
-    pipe = pipeline()
-    pipe.load_lora_weights(str(LORA), weight_name="pytorch_lora_weights.safetensors", adapter_name="exported")
-    info["diffusers_config"] = lora_config(pipe.unet, "exported")
+    pipe = tiny_pipeline(LORA, "pytorch_lora_weights.safetensors")
+    info["diffusers_config"] = lora_config(pipe.unet)
     out["noise_pred_diffusers"] = unet_pred(pipe.unet, x)
     # diffusers' own fuse, to compare with our merged weights below.
     pipe.fuse_lora(components=["unet"], lora_scale=1.0)
@@ -150,21 +113,19 @@ def main():
     del pipe
 
     # peft adapter folder.
-    unet = UNet2DConditionModel.from_pretrained(str(MODEL / "unet"))
-    pm = PeftModel.from_pretrained(unet, str(LORA / "lora_weights"), adapter_name="exported")
-    info["peft_config"] = lora_config(pm, "exported")
+    pm = tiny_peft_unet(LORA / "lora_weights")
+    info["peft_config"] = lora_config(pm)
     out["noise_pred_peft"] = unet_pred(pm.base_model.model, x)
-    del pm, unet
+    del pm
 
     # kohya file: the pipeline loader converts it; also the converter's own key map and alphas.
     kohya_file = LORA / "lora_kohya.safetensors"
-    pipe = pipeline()
-    pipe.load_lora_weights(str(LORA), weight_name="lora_kohya.safetensors", adapter_name="exported")
-    info["kohya_config"] = lora_config(pipe.unet, "exported")
+    pipe = tiny_pipeline(LORA, "lora_kohya.safetensors")
+    info["kohya_config"] = lora_config(pipe.unet)
     out["noise_pred_kohya"] = unet_pred(pipe.unet, x)
     # Where each kohya tensor ended up: the PEFT key of the UNet's adapter (diffusers' converter keeps the values
     # and passes alpha separately, so the tensors are found by value).
-    peft_sd = get_peft_model_state_dict(pipe.unet, adapter_name="exported")
+    peft_sd = get_peft_model_state_dict(pipe.unet, adapter_name=ADAPTER)
     del pipe
     sd = load_file(str(kohya_file))
     _, alphas = _convert_non_diffusers_lora_to_diffusers(dict(sd))
@@ -188,22 +149,19 @@ def main():
 
     # The merged pipeline, written by our CLI, loaded by diffusers.
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = ["node", str(REPO / "dist" / "cli.js"), "checkpoints", "export", str(FIX / "checkpoint-3"), "--format", "diffusers",
-               "--merge", "--out", tmp, "--model", str(MODEL)]
-        subprocess.run(cmd, check=True, cwd=REPO)
-        final = Path(tmp) / "final_pipeline"
+        final = export_merged(FIX / "checkpoint-3", tmp)
         merged_pipe = StableDiffusionPipeline.from_pretrained(str(final), safety_checker=None, requires_safety_checker=False)
         info["final_pipeline_components"] = sorted(k for k, v in merged_pipe.components.items() if v is not None)
         del merged_pipe
         merged = UNet2DConditionModel.from_pretrained(str(final / "unet"))
         ours = {k: v.float() for k, v in merged.state_dict().items()}
-        info["merged_vs_fuse_lora_max_rel"] = max(rel(ours[k], fused[k]) for k in fused if fused[k].norm() > 0)
+        info["merged_vs_fuse_lora_max_rel"] = max(rel_err(ours[k], fused[k]) for k in fused if fused[k].norm() > 0)
         assert set(ours) == set(fused)
         out["noise_pred_merged"] = unet_pred(merged, x)
 
     for k in ["noise_pred_diffusers", "noise_pred_peft", "noise_pred_kohya", "noise_pred_merged"]:
-        info.setdefault("rel_vs_diffusers", {})[k] = rel(out[k], out["noise_pred_diffusers"])
-        info.setdefault("rel_vs_base", {})[k] = rel(out[k], out["noise_pred_base"])
+        info.setdefault("rel_vs_diffusers", {})[k] = rel_err(out[k], out["noise_pred_diffusers"])
+        info.setdefault("rel_vs_base", {})[k] = rel_err(out[k], out["noise_pred_base"])
     for k, v in info["rel_vs_diffusers"].items():
         assert v < 1e-6, (k, v)
     assert info["merged_vs_fuse_lora_max_rel"] < 1e-6, info["merged_vs_fuse_lora_max_rel"]

@@ -38,34 +38,23 @@ import argparse
 import copy
 import json
 import math
-import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import diffusers
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-except ImportError:  # pragma: no cover
-    sys.exit("diffusers not importable: run with PYTHONPATH=/path/to/diffusers/src")
-
-import peft
-import safetensors
-import transformers
+from common import FIXTURES, REPO, canonicalize_header, deterministic, rel_err, save_tensors, versions
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-REPO = Path(__file__).resolve().parents[2]
 ASSETS_TINY = REPO / "assets" / "tiny-model"
-FIXTURES = REPO / "test" / "fixtures"
 DEFAULT_TOKENIZER = REPO / "assets" / "tiny-clip-tokenizer"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,88 +78,43 @@ SD15_SCHEDULER = dict(
 )
 
 # Everything not given here is the class default, which for UNet2DConditionModel / AutoencoderKL equals SD 1.5
-# (flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, act_fn=silu, downsample_padding=1, ...).
+# (flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, act_fn=silu, downsample_padding=1, ...).  What every fixture
+# model shares with SD 1.5 (latent and image channels, VAE scaling factor, the up blocks mirroring the down blocks,
+# the CLIP context length and special tokens of the tiny 1000-token vocabulary) is filled in by these three.
+UP_BLOCK = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+
+
+def unet_config(down_block_types: list, **kw) -> dict:
+    up_block_types = [UP_BLOCK[t] for t in reversed(down_block_types)]
+    return dict(sample_size=32, in_channels=4, out_channels=4, down_block_types=down_block_types, up_block_types=up_block_types, **kw)
+
+
+def vae_config(block_out_channels: list, **kw) -> dict:
+    n = len(block_out_channels)
+    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                block_out_channels=block_out_channels, latent_channels=4, scaling_factor=0.18215, **kw)
+
+
+def text_encoder_config(hidden_size: int, **kw) -> dict:
+    return dict(vocab_size=1000, hidden_size=hidden_size, projection_dim=hidden_size, max_position_embeddings=77,
+                bos_token_id=998, eos_token_id=999, pad_token_id=1, **kw)
+
+
 CONFIGS = {
     "tiny": dict(
-        unet=dict(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-            block_out_channels=[32, 64],
-            layers_per_block=2,
-            cross_attention_dim=32,
-            attention_head_dim=8,  # SD-1.x naming: this is the number of heads (see README)
-            norm_num_groups=32,
-        ),
-        vae=dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-            block_out_channels=[32, 64],
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=64,
-            scaling_factor=0.18215,
-        ),
-        text_encoder=dict(
-            vocab_size=1000,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=5,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=998,
-            eos_token_id=999,
-            pad_token_id=1,
-            projection_dim=32,
-        ),
+        # attention_head_dim: SD-1.x naming, this is the number of heads (see README)
+        unet=unet_config(["CrossAttnDownBlock2D", "DownBlock2D"], block_out_channels=[32, 64], layers_per_block=2,
+                         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32),
+        vae=vae_config([32, 64], layers_per_block=1, norm_num_groups=32, sample_size=64),
+        text_encoder=text_encoder_config(32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4, hidden_act="quick_gelu"),
     ),
     "alt": dict(
-        unet=dict(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            block_out_channels=[32, 48, 64],
-            layers_per_block=1,
-            cross_attention_dim=24,
-            # per-block number of heads (SD-1.x/2.x naming); down: 2, 4, (8); mid: 8; up reversed: (8), 4, 2
-            attention_head_dim=[2, 4, 8],
-            use_linear_projection=True,
-            upcast_attention=True,
-            norm_num_groups=16,
-        ),
-        vae=dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 3,
-            up_block_types=["UpDecoderBlock2D"] * 3,
-            block_out_channels=[16, 32, 32],
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-            scaling_factor=0.18215,
-        ),
-        text_encoder=dict(
-            vocab_size=1000,
-            hidden_size=24,
-            intermediate_size=50,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            bos_token_id=998,
-            eos_token_id=999,
-            pad_token_id=1,
-            projection_dim=24,
-        ),
+        # per-block number of heads (SD-1.x/2.x naming); down: 2, 4, (8); mid: 8; up reversed: (8), 4, 2
+        unet=unet_config(["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"], block_out_channels=[32, 48, 64],
+                         layers_per_block=1, cross_attention_dim=24, attention_head_dim=[2, 4, 8], use_linear_projection=True,
+                         upcast_attention=True, norm_num_groups=16),
+        vae=vae_config([16, 32, 32], layers_per_block=2, norm_num_groups=8, sample_size=32),
+        text_encoder=text_encoder_config(24, intermediate_size=50, num_hidden_layers=3, num_attention_heads=2, hidden_act="gelu"),
     ),
 }
 
@@ -261,13 +205,6 @@ def make_nontrivial(model: torch.nn.Module, gen: torch.Generator):
                 p.copy_(noise / math.sqrt(fan_in))
             else:
                 p.add_(0.25 * std * noise)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a = a.double()
-    b = b.double()
-    d = float(torch.linalg.vector_norm(b))
-    return float(torch.linalg.vector_norm(a - b)) / (d if d > 0 else 1.0)
 
 
 def rms(t: torch.Tensor) -> float:
@@ -413,58 +350,31 @@ def to_kohya(peft_sd: dict, prefix: str, alpha: float) -> dict:
     return out
 
 
-def kohya_metadata(rank: int, alpha: float) -> dict:
-    # a few of the ss_* keys kohya-ss/sd-scripts writes (all values are strings); informational only
-    return {
+def save_diffusers_lora(path: Path, component: str, layers: dict, metadata: dict):
+    """One component's LoRA ("unet" or "text_encoder") as StableDiffusionPipeline.save_lora_weights writes it."""
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=path.parent,
+        weight_name=path.name,
+        safe_serialization=True,
+        **{f"{component}_lora_layers": layers, f"{component}_lora_adapter_metadata": metadata},
+    )
+
+
+def save_kohya_lora(path: Path, peft_sd: dict, prefix: str, lora: dict):
+    """peft_sd in kohya's format (to_kohya) with a few of the ss_* metadata keys kohya-ss/sd-scripts writes (all values
+    strings; informational only); lora: the LoraConfig arguments (r, lora_alpha)."""
+    metadata = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(float(alpha)),
+        "ss_network_dim": str(lora["r"]),
+        "ss_network_alpha": str(float(lora["lora_alpha"])),
         "ss_v2": "False",
         "ss_base_model_version": "sd_v1",
     }
-
-
-def save_tensors(path: Path, tensors: dict, extra_meta: dict | None = None):
-    meta = {"format": "pt"}
-    if extra_meta:
-        meta.update(extra_meta)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
-
-
-def canonicalize_header(path: Path):
-    """Sort the `__metadata__` entries of a safetensors header in place.
-
-    The safetensors writer keeps the metadata in a hash map, so their order in the header (not their values,
-    not the tensors) changes from run to run.  Sorting them makes re-generated files byte-identical.  Only done
-    when re-serializing the parsed header reproduces the original bytes exactly (so nothing else changes).
-    """
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = raw[8 : 8 + n]
-    text = header.rstrip(b" ")
-    obj = json.loads(text, object_pairs_hook=lambda kv: dict(kv))
-    if json.dumps(obj, separators=(",", ":")).encode() != text:
-        raise RuntimeError(f"{path}: unexpected header serialization; not canonicalizing")
-    if "__metadata__" not in obj:
-        return
-    obj = {"__metadata__": dict(sorted(obj["__metadata__"].items())), **{k: v for k, v in obj.items() if k != "__metadata__"}}
-    new = json.dumps(obj, separators=(",", ":")).encode()
-    assert len(new) == len(text)
-    path.write_bytes(raw[:8] + new + header[len(text) :] + raw[8 + n :])
+    save_file(to_kohya(peft_sd, prefix, lora["lora_alpha"]), str(path), metadata=metadata)
 
 
 def dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
-def versions() -> dict:
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "diffusers": diffusers.__version__,
-        "safetensors": safetensors.__version__,
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -538,24 +448,9 @@ def make_one(name: str, tokenizer_dir: Path, b_std_unet: float, b_std_text: floa
         (dk,) = [d for d, v in diff_sd.items() if v is peft_sd[k]]
         peft_to_diff[k] = dk
     meta = adapter_metadata(unet)
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=golden_dir,
-        unet_lora_layers=diff_sd,
-        unet_lora_adapter_metadata=dict(meta),
-        safe_serialization=True,
-    )  # -> pytorch_lora_weights.safetensors
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=golden_dir,
-        unet_lora_layers=peft_sd,
-        unet_lora_adapter_metadata=dict(meta),
-        weight_name="lora_peft.safetensors",
-        safe_serialization=True,
-    )
-    save_file(
-        to_kohya(peft_sd, "lora_unet", UNET_LORA["lora_alpha"]),
-        str(golden_dir / "lora_kohya.safetensors"),
-        metadata=kohya_metadata(UNET_LORA["r"], UNET_LORA["lora_alpha"]),
-    )
+    save_diffusers_lora(golden_dir / "pytorch_lora_weights.safetensors", "unet", diff_sd, dict(meta))
+    save_diffusers_lora(golden_dir / "lora_peft.safetensors", "unet", peft_sd, dict(meta))
+    save_kohya_lora(golden_dir / "lora_kohya.safetensors", peft_sd, "lora_unet", UNET_LORA)
 
     ref["noise_pred_lora"] = pred64
     ref["loss_lora"] = loss64
@@ -577,18 +472,8 @@ def make_one(name: str, tokenizer_dir: Path, b_std_unet: float, b_std_text: floa
         # transformers 5 has no `text_model.` level; write the real-checkpoint module paths
         # (text_model.encoder.layers.N.self_attn.q_proj) that every SD 1.5 text-encoder LoRA uses.
         te_sd = {("text_model." + k if not k.startswith("text_model.") else k): v for k, v in te_sd.items()}
-        StableDiffusionPipeline.save_lora_weights(
-            save_directory=golden_dir,
-            text_encoder_lora_layers=te_sd,
-            text_encoder_lora_adapter_metadata=adapter_metadata(te),
-            weight_name="text_lora_peft.safetensors",
-            safe_serialization=True,
-        )
-        save_file(
-            to_kohya(te_sd, "lora_te", TEXT_LORA["lora_alpha"]),
-            str(golden_dir / "text_lora_kohya.safetensors"),
-            metadata=kohya_metadata(TEXT_LORA["r"], TEXT_LORA["lora_alpha"]),
-        )
+        save_diffusers_lora(golden_dir / "text_lora_peft.safetensors", "text_encoder", te_sd, adapter_metadata(te))
+        save_kohya_lora(golden_dir / "text_lora_kohya.safetensors", te_sd, "lora_te", TEXT_LORA)
 
     # ---- store outputs (fp64 reference as fp32) -----------------------------------------------------------
     outputs = {k: v.detach().to(torch.float32).contiguous() for k, v in ref.items()}
@@ -718,8 +603,7 @@ def main():
     ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
     args = ap.parse_args()
 
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
+    deterministic(max_threads=8)
     write_assets_tiny()
     if args.only_assets:
         return

@@ -27,40 +27,27 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import torch
 
-try:
-    from diffusers import UNet2DConditionModel
-except ImportError:  # pragma: no cover
-    raise SystemExit("diffusers not importable: run with PYTHONPATH=/path/to/diffusers/src")
-
-import peft
+from common import FIXTURES, TINY_INPUTS, rel_err, tiny_unet, unet_pred, versions
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-REPO = Path(__file__).resolve().parents[2]
-MODEL = REPO / "test" / "fixtures" / "models" / "tiny"
-INPUTS = REPO / "test" / "fixtures" / "golden" / "tiny" / "inputs.safetensors"
-OUT = REPO / "test" / "fixtures" / "lora-alpha"
+OUT = FIXTURES / "lora-alpha"
 RANK, ALPHA = 4, 16
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_export_goldens import rel, unet_pred  # noqa: E402
 
 
 def main() -> None:
     torch.manual_seed(0)
-    x = load_file(str(INPUTS))
+    x = load_file(str(TINY_INPUTS))
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
 
-    base = unet_pred(UNet2DConditionModel.from_pretrained(str(MODEL / "unet")), x)
+    base = unet_pred(tiny_unet(), x)
 
-    unet = UNet2DConditionModel.from_pretrained(str(MODEL / "unet"))
+    unet = tiny_unet()
     cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights="gaussian")
     pm = get_peft_model(unet, cfg)
     g = torch.Generator().manual_seed(1)
@@ -73,7 +60,7 @@ def main() -> None:
     del pm, unet
 
     # The reference: peft loading the folder it wrote.
-    unet = UNet2DConditionModel.from_pretrained(str(MODEL / "unet"))
+    unet = tiny_unet()
     pm = PeftModel.from_pretrained(unet, str(OUT / "peft_adapter"))
     c = pm.peft_config["default"]
     assert (c.r, c.lora_alpha) == (RANK, ALPHA), (c.r, c.lora_alpha)
@@ -94,8 +81,8 @@ def main() -> None:
     info = {
         "r": RANK,
         "lora_alpha": ALPHA,
-        "rel_peft_vs_base": rel(pred, base),
-        "versions": {"torch": torch.__version__, "peft": peft.__version__},
+        "rel_peft_vs_base": rel_err(pred, base),
+        "versions": versions("torch", "peft"),
     }
     assert info["rel_peft_vs_base"] > 0.05, info
     save_file({"noise_pred_base": base.contiguous(), "noise_pred_peft": pred.contiguous()}, str(OUT / "golden.safetensors"),

@@ -35,23 +35,16 @@ Nothing of diffusers or sd-scripts is copied into the repository.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import types
-from pathlib import Path
 from unittest import mock
 
 import torch
 
-try:
-    import diffusers
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-except ImportError:  # pragma: no cover
-    sys.exit("diffusers not importable: run with PYTHONPATH=/path/to/diffusers/src:/path/to/sd-scripts")
-import peft
-import transformers
-from peft import PeftModel
+from common import (ADAPTER, FIXTURES, REPO, TINY_INPUTS, export_merged, rel_err, tiny_peft_unet, tiny_pipeline,
+                    tiny_unet, unet_pred, versions)
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 for _name in ["torchvision", "torchvision.transforms", "cv2", "einops"]:
@@ -64,19 +57,13 @@ try:
 except ImportError:  # pragma: no cover
     sys.exit("sd-scripts not importable: put its checkout on PYTHONPATH")
 
-REPO = Path(__file__).resolve().parents[2]
-FIX = REPO / "test" / "fixtures" / "lora-targets"
-MODEL = REPO / "test" / "fixtures" / "models" / "tiny"
-INPUTS = REPO / "test" / "fixtures" / "golden" / "tiny" / "inputs.safetensors"
+FIX = FIXTURES / "lora-targets"
 LORA = FIX / "lora"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_export_goldens import pipeline, rel, unet_pred  # noqa: E402  (the same tiny model and inputs)
-
 SD15_UNET_CONFIG = REPO / "assets" / "sd15-model" / "unet" / "config.json"  # SD 1.5's real config
 
 
-def lora_config(model, name):
-    c = model.peft_config[name]
+def lora_config(model):
+    c = model.peft_config[ADAPTER]
     return {"r": c.r, "lora_alpha": c.lora_alpha, "rank_pattern": len(c.rank_pattern), "alpha_pattern": len(c.alpha_pattern)}
 
 
@@ -97,31 +84,28 @@ def kohya_modules(unet, conv_dim=None):
 
 def main():
     torch.manual_seed(0)
-    x = load_file(str(INPUTS))
+    x = load_file(str(TINY_INPUTS))
     out: dict[str, torch.Tensor] = {}
-    info: dict = {"versions": {"diffusers": diffusers.__version__, "peft": peft.__version__, "transformers": transformers.__version__, "torch": torch.__version__}}
+    info: dict = {"versions": versions("diffusers", "peft", "transformers", "torch")}
 
-    out["noise_pred_base"] = unet_pred(UNet2DConditionModel.from_pretrained(str(MODEL / "unet")), x)
+    out["noise_pred_base"] = unet_pred(tiny_unet(), x)
 
-    pipe = pipeline()
-    pipe.load_lora_weights(str(LORA), weight_name="pytorch_lora_weights.safetensors", adapter_name="exported")
-    info["diffusers_config"] = lora_config(pipe.unet, "exported")
+    pipe = tiny_pipeline(LORA, "pytorch_lora_weights.safetensors")
+    info["diffusers_config"] = lora_config(pipe.unet)
     out["noise_pred_diffusers"] = unet_pred(pipe.unet, x)
     del pipe
 
-    unet = UNet2DConditionModel.from_pretrained(str(MODEL / "unet"))
-    pm = PeftModel.from_pretrained(unet, str(LORA / "lora_weights"), adapter_name="exported")
-    info["peft_config"] = lora_config(pm, "exported")
+    pm = tiny_peft_unet(LORA / "lora_weights")
+    info["peft_config"] = lora_config(pm)
     out["noise_pred_peft"] = unet_pred(pm.base_model.model, x)
-    del pm, unet
+    del pm
 
-    pipe = pipeline()
-    pipe.load_lora_weights(str(LORA), weight_name="lora_kohya.safetensors", adapter_name="exported")
+    pipe = tiny_pipeline(LORA, "lora_kohya.safetensors")
     out["noise_pred_kohya"] = unet_pred(pipe.unet, x)
     del pipe
 
     # sd-scripts: the network built from the file's own module dims/alphas, applied to the UNet, weights loaded.
-    unet = UNet2DConditionModel.from_pretrained(str(MODEL / "unet"))
+    unet = tiny_unet()
     kohya_file = str(LORA / "lora_kohya.safetensors")
     net, sd = kohya_lora.create_network_from_weights(1.0, kohya_file, None, _NoTextEncoder(), unet, for_inference=True)
     net.apply_to(_NoTextEncoder(), unet, apply_text_encoder=False, apply_unet=True)
@@ -133,15 +117,12 @@ def main():
     del net, unet
 
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = ["node", str(REPO / "dist" / "cli.js"), "checkpoints", "export", str(FIX / "checkpoint-3"), "--format", "diffusers",
-               "--merge", "--out", tmp, "--model", str(MODEL)]
-        subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-        out["noise_pred_merged"] = unet_pred(UNet2DConditionModel.from_pretrained(str(Path(tmp) / "final_pipeline" / "unet")), x)
+        out["noise_pred_merged"] = unet_pred(UNet2DConditionModel.from_pretrained(str(export_merged(FIX / "checkpoint-3", tmp) / "unet")), x)
 
     # A LoCon file written by sd-scripts itself (what users download): LoRANetwork with its defaults (alpha 1,
     # conv_alpha 1) at dim 2 / conv_dim 1 on models/tiny, lora_up drawn at random so every module matters, saved as
     # save_weights saves it (its state_dict in float32; the sshs_* hash metadata is left out), and applied by sd-scripts.
-    unet = UNet2DConditionModel.from_pretrained(str(MODEL / "unet"))
+    unet = tiny_unet()
     kohya_lora.LoRANetwork.UNET_TARGET_REPLACE_MODULE = ["Transformer2DModel"]
     torch.manual_seed(1)
     net = kohya_lora.LoRANetwork(_NoTextEncoder(), unet, lora_dim=2, alpha=1, conv_lora_dim=1, conv_alpha=1)
@@ -154,11 +135,11 @@ def main():
     save_file(sd, str(FIX / "sdscripts_locon.safetensors"), metadata={"ss_network_module": "networks.lora", "ss_network_dim": "2", "ss_network_alpha": "1.0"})
     net.to(torch.float64)
     out["noise_pred_sdscripts_file"] = unet_pred(unet, x)
-    info["sdscripts_file_vs_base"] = rel(out["noise_pred_sdscripts_file"], out["noise_pred_base"])
+    info["sdscripts_file_vs_base"] = rel_err(out["noise_pred_sdscripts_file"], out["noise_pred_base"])
     del net, unet
 
     # sd-scripts' module sets: models/tiny, and SD 1.5's real architecture (no weights needed: the meta device).
-    tiny = UNet2DConditionModel.from_pretrained(str(MODEL / "unet"))
+    tiny = tiny_unet()
     info["sdscripts_tiny_default"] = kohya_modules(tiny)
     info["sdscripts_tiny_conv"] = kohya_modules(tiny, conv_dim=2)
     with torch.device("meta"):
@@ -168,8 +149,8 @@ def main():
     info["sd15_counts"] = {"default": len(info["sdscripts_sd15_default"]), "conv": len(info["sdscripts_sd15_conv"])}
 
     for k in ["noise_pred_peft", "noise_pred_kohya", "noise_pred_sdscripts", "noise_pred_merged"]:
-        info.setdefault("rel_vs_diffusers", {})[k] = rel(out[k], out["noise_pred_diffusers"])
-    info["rel_lora_vs_base"] = rel(out["noise_pred_diffusers"], out["noise_pred_base"])
+        info.setdefault("rel_vs_diffusers", {})[k] = rel_err(out[k], out["noise_pred_diffusers"])
+    info["rel_lora_vs_base"] = rel_err(out["noise_pred_diffusers"], out["noise_pred_base"])
     for k, v in info["rel_vs_diffusers"].items():
         assert v < 1e-6, (k, v)
 

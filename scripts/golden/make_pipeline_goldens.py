@@ -9,24 +9,15 @@ The pipeline is built from test/fixtures/models/tiny (safety_checker None); each
 generator=torch.Generator().manual_seed(seed) on the CPU, in fp32.
 """
 import json
-import os
 import sys
 
 sys.modules.setdefault("torchvision", None)
 
 import torch  # noqa: E402
-from diffusers import (  # noqa: E402
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-)
+from common import FIXTURES, REPO, SCHEDULERS, tiny_pipeline, versions  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-MODEL = os.path.join(ROOT, "test", "fixtures", "models", "tiny")
-LORA_DIR = os.path.join(ROOT, "test", "fixtures", "golden", "tiny")
-OUT = os.path.join(ROOT, "test", "fixtures", "sampling", "pipeline_golden.safetensors")
+OUT = FIXTURES / "sampling" / "pipeline_golden.safetensors"
 
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at night"]
 NEGATIVE = "blurry, low quality"
@@ -40,20 +31,16 @@ CASES = [
 COMMON = {"prompts": PROMPTS, "negativePrompt": NEGATIVE, "width": 64, "height": 64, "numInferenceSteps": 5,
           "guidanceScale": 7.5, "seed": 0}
 
-CLASSES = {"pndm": PNDMScheduler, "euler_a": EulerAncestralDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
-
 
 def main():
     tensors = {}
     cases = []
     for case in CASES:
-        pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None, requires_safety_checker=False)
-        pipe.scheduler = CLASSES[case["scheduler"]].from_config(pipe.scheduler.config)
+        lora = REPO / case["lora"] if case["lora"] else None
+        pipe = tiny_pipeline(lora.parent, lora.name) if lora else tiny_pipeline()
+        pipe.scheduler = SCHEDULERS[case["scheduler"]].from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        kwargs = {}
-        if case["lora"]:
-            pipe.load_lora_weights(LORA_DIR, weight_name=os.path.basename(case["lora"]))
-            kwargs["cross_attention_kwargs"] = {"scale": case["loraScale"]}
+        kwargs = {"cross_attention_kwargs": {"scale": case["loraScale"]}} if lora else {}
         tok = pipe.tokenizer
         ids = tok(PROMPTS, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
         neg = tok([NEGATIVE] * len(PROMPTS), padding="max_length", max_length=ids.shape[1], truncation=True, return_tensors="pt").input_ids
@@ -75,9 +62,9 @@ def main():
         tensors[case["name"] + ".negative_input_ids"] = neg.to(torch.int64).contiguous()
         cases.append({**COMMON, **case})
         print(case["name"], tuple(images.shape), float(images.mean()), float(images.std()))
-    meta = {"cases": json.dumps(cases), "torch": torch.__version__, "diffusers": __import__("diffusers").__version__}
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    save_file(tensors, OUT, metadata=meta)
+    meta = {"cases": json.dumps(cases), **versions("torch", "diffusers")}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(OUT), metadata=meta)
     print(f"wrote {OUT}")
 
 

@@ -13,35 +13,19 @@ Float32 arrays are base64 of little-endian float32 bytes.
 """
 import base64
 import json
-import os
 import sys
 
 sys.modules.setdefault("torchvision", None)
 
 import torch  # noqa: E402
-from diffusers import (  # noqa: E402
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-)
+from common import FIXTURES, REPO, SCHEDULERS, versions  # noqa: E402
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-CONFIG = os.path.join(ROOT, "assets", "sd15-model", "scheduler", "scheduler_config.json")
-OUT = os.path.join(ROOT, "test", "fixtures", "sampling", "scheduler_golden.json")
+CONFIG = REPO / "assets" / "sd15-model" / "scheduler" / "scheduler_config.json"
+OUT = FIXTURES / "sampling" / "scheduler_golden.json"
 SHAPE = (2, 4, 8, 8)
 STEPS = 10
 SEED = 123
 INPUT_SCALE = 0.05
-
-CLASSES = {
-    "pndm": PNDMScheduler,
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
-}
 
 
 def f32(t):
@@ -51,7 +35,7 @@ def f32(t):
 def run(name, overrides, init, base):
     with open(CONFIG) as f:
         config = json.load(f)
-    sched = CLASSES[name].from_config(config, **overrides)
+    sched = SCHEDULERS[name].from_config(config, **overrides)
     sched.set_timesteps(STEPS)
     gen = torch.Generator().manual_seed(SEED)
     x = init * sched.init_noise_sigma
@@ -81,7 +65,7 @@ def main():
     init = torch.randn(SHAPE, generator=g)
     base = torch.randn(SHAPE, generator=g)
     cases = []
-    for name in CLASSES:
+    for name in SCHEDULERS:
         cases.append(run(name, {}, init, base))
         cases.append(run(name, {"prediction_type": "v_prediction"}, init, base))
     for name, spacing in [("pndm", "linspace"), ("ddim", "trailing"), ("ddim", "linspace"), ("euler", "linspace"),
@@ -95,9 +79,9 @@ def main():
         "init": f32(init),
         "base": f32(base),
         "cases": cases,
-        "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__},
+        "versions": versions("torch", "diffusers"),
     }
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
     with open(OUT, "w") as f:
         json.dump(out, f, indent=1)
         f.write("\n")

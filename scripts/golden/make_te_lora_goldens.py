@@ -35,30 +35,24 @@ B. Exports (test/fixtures/golden/te_lora/export/): a LoRA with non-zero B (check
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_train_golden as tg  # noqa: E402  (the UNet golden's inputs, loss and helpers)
+import make_train_golden as tg  # the UNet golden's inputs, loss and helpers
+from common import FIXTURES, TINY_MODEL, deterministic, load_frozen_models, rel_err, save_tensors, tiny_pipeline, versions
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel
 
-from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from diffusers.optimization import get_scheduler  # noqa: E402
-from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers  # noqa: E402
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft  # noqa: E402
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import CLIPTextModel  # noqa: E402
-
-REPO = tg.REPO
-MODEL = tg.MODEL
-OUT = REPO / "test" / "fixtures" / "golden" / "te_lora"
+OUT = FIXTURES / "golden" / "te_lora"
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 UNET_LR, TE_LR = 1e-3, 5e-4
 MAX_GRAD_NORM = 0.1
@@ -70,12 +64,7 @@ def te_params(te) -> dict:
 
 
 def load_models(dtype, unet_init: dict, te_init: dict | None):
-    unet = UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet")
-    te = CLIPTextModel.from_pretrained(MODEL, subfolder="text_encoder", dtype=torch.float32)
-    unet.requires_grad_(False)
-    te.requires_grad_(False)
-    unet.to(dtype=dtype)
-    te.to(dtype=dtype)
+    unet, te = load_frozen_models(dtype)
     tg.set_seed(tg.SEED)
     unet.add_adapter(LoraConfig(r=tg.RANK, lora_alpha=tg.LORA_ALPHA, init_lora_weights="gaussian", target_modules=tg.TARGET_MODULES))
     te.add_adapter(LoraConfig(r=tg.RANK, lora_alpha=tg.LORA_ALPHA, init_lora_weights="gaussian", target_modules=TE_TARGETS))
@@ -89,7 +78,7 @@ def load_models(dtype, unet_init: dict, te_init: dict | None):
 
 
 def train(x: dict, unet_init: dict, te_init: dict, dtype) -> dict:
-    noise_scheduler = DDPMScheduler.from_pretrained(MODEL, subfolder="scheduler")
+    noise_scheduler = DDPMScheduler.from_pretrained(TINY_MODEL, subfolder="scheduler")
     unet, te = load_models(dtype, unet_init, te_init)
     up, tp = list(tg.lora_params(unet).values()), list(te_params(te).values())
     optimizer = torch.optim.AdamW(
@@ -117,7 +106,7 @@ def train(x: dict, unet_init: dict, te_init: dict, dtype) -> dict:
 
 
 def part_a(meta: dict) -> dict:
-    inputs = load_file(str(REPO / "test" / "fixtures" / "golden" / "train" / "inputs.safetensors"))
+    inputs = load_file(str(tg.OUT / "inputs.safetensors"))
     x = {k: v for k, v in inputs.items() if not k.startswith("lora_init.")}
     unet_init = {k[len("lora_init."):]: v for k, v in inputs.items() if k.startswith("lora_init.")}
     _, te = load_models(torch.float32, unet_init, None)
@@ -129,8 +118,7 @@ def part_a(meta: dict) -> dict:
     assert any(clipped) and not all(clipped), ref["grad_norm"]
     tensors = {"te_lora_init." + k: v for k, v in te_init.items()}
     tensors.update({"lora." + k: v.float() for k, v in ref["lora"].items()})
-    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(OUT / "expected_train.safetensors"), metadata={"format": "pt", **meta})
-    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    save_tensors(OUT / "expected_train.safetensors", tensors, meta)
     info = {
         "te_targets": TE_TARGETS, "unet_lr": UNET_LR, "te_lr": TE_LR, "max_grad_norm": MAX_GRAD_NORM,
         **{f"loss.{i}": v for i, v in enumerate(ref["loss"])},
@@ -144,9 +132,9 @@ def part_a(meta: dict) -> dict:
         fh.write("\n")
     te_keys = [k for k in ref["lora"] if k.startswith("text_encoder.")]
     return {
-        "fp32_vs_fp64_lora_max_rel": max(rel(f32["lora"][k].double(), ref["lora"][k]) for k in ref["lora"] if ref["lora"][k].norm() > 0),
+        "fp32_vs_fp64_lora_max_rel": max(rel_err(f32["lora"][k].double(), ref["lora"][k]) for k in ref["lora"] if ref["lora"][k].norm() > 0),
         "fp32_vs_fp64_loss_max_rel": max(abs(a - b) / abs(b) for a, b in zip(f32["loss"], ref["loss"])),
-        "te_update_rel": max(rel(ref["lora"][k], te_init[k].double()) for k in te_keys if te_init[k].norm() > 0),
+        "te_update_rel": max(rel_err(ref["lora"][k], te_init[k].double()) for k in te_keys if te_init[k].norm() > 0),
         "te_B_norm_after": max(float(ref["lora"][k].norm()) for k in te_keys if ".lora_B." in k),
         "grad_norm": ref["grad_norm"],
     }
@@ -156,7 +144,7 @@ def part_b(meta: dict) -> dict:
     d = OUT / "export"
     d.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(777)
-    pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None)
+    pipe = tiny_pipeline()
     te, unet = pipe.text_encoder, pipe.unet
     ids = torch.randint(2, 998, (2, 77), generator=g)
     ids[:, 0] = 998
@@ -174,7 +162,7 @@ def part_b(meta: dict) -> dict:
                     p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "lora_A" in n else 0.2))
         want = te(ids)[0]
     ckpt = {**{k: v.detach().clone() for k, v in tg.lora_params(unet).items()}, **{k: v.detach().clone() for k, v in te_params(te).items()}}
-    save_file({k: v.contiguous() for k, v in sorted(ckpt.items())}, str(d / "checkpoint.safetensors"), metadata={"format": "pt", "lora_alpha": "8", **meta})
+    save_tensors(d / "checkpoint.safetensors", ckpt, {"lora_alpha": "8", **meta})
     # diffusers, as the dreambooth LoRA script saves it (+ the adapter metadata diffusers writes for rank/alpha)
     te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
     unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
@@ -186,7 +174,7 @@ def part_b(meta: dict) -> dict:
     dfile = d / "diffusers.safetensors"
     os.replace(tmp / "pytorch_lora_weights.safetensors", dfile)
     # peft, the text encoder's adapter folder
-    te2 = CLIPTextModel.from_pretrained(MODEL, subfolder="text_encoder")
+    te2 = CLIPTextModel.from_pretrained(TINY_MODEL, subfolder="text_encoder")
     pm = get_peft_model(te2, LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
     res = set_peft_model_state_dict(pm, {"base_model.model." + k: v for k, v in get_peft_model_state_dict(te).items()})
     assert not res.unexpected_keys, res.unexpected_keys
@@ -209,8 +197,7 @@ def part_b(meta: dict) -> dict:
 
     outs = {}
     with torch.no_grad():
-        p1 = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None)
-        p1.load_lora_weights(str(dfile))
+        p1 = tiny_pipeline(d, dfile.name)
         outs["diffusers"] = p1.text_encoder(ids)[0]
         # kohya: diffusers' own kohya converter maps every name to its module (pipe.load_lora_weights of a kohya file
         # with text-encoder keys fails under transformers 5 inside diffusers, which looks the modules up with the
@@ -220,24 +207,23 @@ def part_b(meta: dict) -> dict:
         assert len(te_conv) == len([k for k in kohya if k.startswith("lora_te_") and not k.endswith(".alpha")]), len(te_conv)
         te_alphas = {float(v) for k, v in alphas.items() if k.startswith("text_encoder.")}
         assert te_alphas == {8.0}, te_alphas
-        tk = get_peft_model(CLIPTextModel.from_pretrained(MODEL, subfolder="text_encoder"),
+        tk = get_peft_model(CLIPTextModel.from_pretrained(TINY_MODEL, subfolder="text_encoder"),
                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
         res = set_peft_model_state_dict(tk, {"base_model.model." + k.removeprefix("text_model."): v for k, v in te_conv.items()})
         assert not [k for k in res.missing_keys if "lora_" in k] and not res.unexpected_keys, res
         outs["kohya"] = tk(ids)[0]
-        pp = PeftModel.from_pretrained(CLIPTextModel.from_pretrained(MODEL, subfolder="text_encoder"), str(d / "peft_text_encoder"))
+        pp = PeftModel.from_pretrained(CLIPTextModel.from_pretrained(TINY_MODEL, subfolder="text_encoder"), str(d / "peft_text_encoder"))
         outs["peft"] = pp(ids)[0]
     diffs = {k: float((v - want).abs().max()) for k, v in outs.items()}
     assert all(v < 1e-5 for v in diffs.values()), diffs
-    save_file({"input_ids": ids, "base": base.contiguous(), "lora": want.contiguous()}, str(d / "outputs.safetensors"), metadata={"format": "pt", **meta})
+    save_tensors(d / "outputs.safetensors", {"input_ids": ids, "base": base, "lora": want}, meta)
     return {"loaders_vs_peft_forward_max_abs": diffs, "lora_vs_base_rel": float((want - base).norm() / base.norm())}
 
 
 def main():
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    deterministic(max_threads=4)
     OUT.mkdir(parents=True, exist_ok=True)
-    vers = tg.versions()
+    vers = versions(*tg.TRAIN_LIBRARIES)
     meta = {"generator": "scripts/golden/make_te_lora_goldens.py"}
     stats = {"versions": vers, "train": part_a(meta), "export": part_b(meta)}
     with open(OUT / "stats.json", "w") as fh:

@@ -49,36 +49,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import diffusers
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
-except ImportError:  # pragma: no cover
-    sys.exit("diffusers not importable: run with PYTHONPATH=/path/to/diffusers/src")
-
-import accelerate
-import peft
-import safetensors
-import transformers
+from common import (FIXTURES, LIBRARIES, REPO, TINY_MODEL, canonicalize_header, deterministic, load_frozen_models,
+                    rel_err, save_tensors, versions)
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params, compute_snr
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModel
+from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
-MODEL = REPO / "test" / "fixtures" / "models" / "tiny"
-OUT = REPO / "test" / "fixtures" / "golden" / "train"
+OUT = FIXTURES / "golden" / "train"
+TRAIN_LIBRARIES = LIBRARIES + ("accelerate",)  # the versions its stats record
 
 # ---- training configuration (the script's argument names) -------------------------------------------------
 RANK = 4
@@ -143,12 +131,7 @@ def lora_params(unet) -> dict:
 
 def load_models(dtype, lora_init: dict | None):
     """As the script: load, freeze, cast to weight_dtype, then set_seed + add_adapter, then cast_training_params."""
-    unet = UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet")
-    text_encoder = CLIPTextModel.from_pretrained(MODEL, subfolder="text_encoder", dtype=torch.float32)
-    unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    unet.to(dtype=dtype)
-    text_encoder.to(dtype=dtype)
+    unet, text_encoder = load_frozen_models(dtype)
     set_seed(SEED)
     unet.add_adapter(
         LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, init_lora_weights="gaussian", target_modules=TARGET_MODULES)
@@ -228,7 +211,7 @@ def train_accelerate(x: dict, lora_init: dict, cfg: dict, dtype, clip_like_scrip
     accelerator = Accelerator(
         gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS, mixed_precision="no", cpu=True
     )
-    noise_scheduler = DDPMScheduler.from_pretrained(MODEL, subfolder="scheduler")
+    noise_scheduler = DDPMScheduler.from_pretrained(TINY_MODEL, subfolder="scheduler")
     unet, text_encoder = load_models(dtype, lora_init)
 
     lora_layers = filter(lambda p: p.requires_grad, unet.parameters())  # as the script
@@ -292,7 +275,7 @@ def train_by_hand(x: dict, lora_init: dict, cfg: dict, dtype) -> dict:
     then the grads are zeroed.
     """
     prediction_type, snr_gamma = cfg["prediction_type"], cfg["snr_gamma"]
-    noise_scheduler = DDPMScheduler.from_pretrained(MODEL, subfolder="scheduler")
+    noise_scheduler = DDPMScheduler.from_pretrained(TINY_MODEL, subfolder="scheduler")
     unet, text_encoder = load_models(dtype, lora_init)
     unet.train()
     params = list(lora_params(unet).values())
@@ -330,12 +313,6 @@ def train_by_hand(x: dict, lora_init: dict, cfg: dict, dtype) -> dict:
 # ---- helpers -----------------------------------------------------------------------------------------------
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    d = float(torch.linalg.vector_norm(b))
-    return float(torch.linalg.vector_norm(a - b)) / (d if d > 0 else 1.0)
-
-
 def max_rel_lora(a: dict, b: dict, init: dict | None = None) -> float:
     """max over tensors of ||a - b|| / ||b||, or / ||b - init|| (relative to the training update) if init given."""
     out = 0.0
@@ -349,38 +326,6 @@ def max_rel_scalars(a: list, b: list) -> float:
     return max(abs(p - q) / max(abs(q), 1e-30) for p, q in zip(a, b))
 
 
-def versions() -> dict:
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "diffusers": diffusers.__version__,
-        "accelerate": accelerate.__version__,
-        "safetensors": safetensors.__version__,
-    }
-
-
-def save_tensors(path: Path, tensors: dict, meta: dict):
-    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(path), metadata={"format": "pt", **meta})
-
-
-def canonicalize_header(path: Path):
-    """Sort the header's `__metadata__` entries (their order varies run to run) so re-runs are byte-identical."""
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = raw[8 : 8 + n]
-    text = header.rstrip(b" ")
-    obj = json.loads(text)
-    if json.dumps(obj, separators=(",", ":")).encode() != text:
-        raise RuntimeError(f"{path}: unexpected header serialization; not canonicalizing")
-    if "__metadata__" not in obj:
-        return
-    obj = {"__metadata__": dict(sorted(obj["__metadata__"].items())), **{k: v for k, v in obj.items() if k != "__metadata__"}}
-    new = json.dumps(obj, separators=(",", ":")).encode()
-    assert len(new) == len(text)
-    path.write_bytes(raw[:8] + new + header[len(text) :] + raw[8 + n :])
-
-
 # ---- main --------------------------------------------------------------------------------------------------
 
 
@@ -389,10 +334,9 @@ def main():
     ap.add_argument("--skip-checks", action="store_true", help="skip the by-hand and script-literal runs")
     args = ap.parse_args()
 
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
+    deterministic(max_threads=8)
     OUT.mkdir(parents=True, exist_ok=True)
-    vers = versions()
+    vers = versions(*TRAIN_LIBRARIES)
     meta = {"generator": "scripts/golden/make_train_golden.py", **vers}
 
     # ---- inputs + initial LoRA (peft's gaussian init: A ~ N(0, 1/r), B = 0) ---------------------------------
