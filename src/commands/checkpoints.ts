@@ -2,11 +2,13 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
+import type { Argv } from 'yargs';
+
 import { CheckpointManager, inspectLock, markKeep, verifyCheckpoint, type CheckpointEntry } from '../checkpoint/manager';
 import { formatBytes } from '../checkpoint/fsutil';
 import { MODEL_FILE, TRAINER_STATE_FILE } from '../checkpoint/state';
 import { exportCheckpoint, type CheckpointExportOptions } from '../export/lora-export';
-import { native } from '../native';
+import { type LoraFileFormat, native } from '../native';
 import type { TrainerStateFile } from '../train/train';
 
 function readState(dir: string): TrainerStateFile | undefined {
@@ -128,4 +130,36 @@ export async function listRuns(root = 'outputs'): Promise<string> {
   if (rows.length === 1) return `${root}: no runs`;
   const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
   return rows.map((r) => r.map((c, i) => c.padEnd(widths[i])).join('  ')).join('\n');
+}
+
+/** `checkpoints list|verify|keep|export`. */
+export function checkpointsCommand<T>(cli: Argv<T>): Argv<T> {
+  return cli.command('checkpoints', 'Inspect, verify, keep and export checkpoints', (y) =>
+    y
+      .command('list <run>', 'List a run\'s checkpoints (step, epoch, time, size, loss, latest/best, valid)', (c) =>
+        c.positional('run', { type: 'string', demandOption: true }).option('full', { type: 'boolean', default: false, describe: 'verify sha256 of every file' }),
+        async (a) => console.log(await listCheckpoints(a.run, a.full)))
+      .command('verify <path>', 'Verify a checkpoint: manifest hashes, every file parses, shapes match (exit 0/1)', (c) => c.positional('path', { type: 'string', demandOption: true }),
+        async (a) => {
+          const r = await verifyCommand(a.path);
+          console.log(r.text);
+          if (!r.ok) process.exitCode = 1;
+        })
+      .command('keep <path>', 'Never delete this checkpoint in retention', (c) => c.positional('path', { type: 'string', demandOption: true }),
+        (a) => console.log(keepCommand(a.path)))
+      .command('export <path>', 'Write the LoRA of a checkpoint for inference (diffusers, peft, kohya), optionally a merged pipeline', (c) =>
+        c.positional('path', { type: 'string', demandOption: true, describe: 'a checkpoint-<step> folder' })
+          .option('format', { type: 'string', array: true, choices: ['diffusers', 'peft', 'kohya'], default: ['diffusers'], describe: 'one or more formats' })
+          .option('merge', { type: 'boolean', default: false, describe: 'also write OUT/final_pipeline/: the base pipeline with the LoRA merged into the UNet' })
+          .option('out', { type: 'string', describe: 'output folder [default: <run>/exports/<checkpoint>], or a .safetensors file for one format' })
+          .option('model', { type: 'string', describe: 'the base model folder, if it moved since training (for --merge)' }),
+        async (a) => console.log(await exportCommand(a.path, { formats: a.format as LoraFileFormat[], merge: a.merge, out: a.out, model: a.model })))
+      .demandCommand(1, 'name a checkpoints subcommand: list, verify, keep or export'),
+  );
+}
+
+/** `list-runs [root]`. */
+export function listRunsCommand<T>(cli: Argv<T>): Argv<T> {
+  return cli.command('list-runs [root]', 'List the runs under a folder (default outputs/)', (y) => y.positional('root', { type: 'string', default: 'outputs' }),
+    async (a) => console.log(await listRuns(a.root)));
 }

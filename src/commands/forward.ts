@@ -4,11 +4,14 @@
  */
 import * as path from 'node:path';
 
+import type { Argv } from 'yargs';
+
 import { CLIPTokenizer } from '../tokenizer';
 import { checkModel, modelTokenizerDir, type Component } from '../models/model-folder';
 import { native, type HostTensor, type Precision } from '../native';
 import { fromInt64 } from '../tensors';
 import { resolveDevice } from '../device';
+import { LORA_ALPHA, MODEL_FOLDER, RUN_DEVICE, RUN_DTYPE } from './model-options';
 
 export interface ForwardArgs {
   model: string;
@@ -62,4 +65,41 @@ export async function runForwardCommand(args: ForwardArgs): Promise<string[]> {
   } finally {
     native().dispose(pipe); // also when forward fails (a bad LoRA file, wrong input shapes)
   }
+}
+
+/** `forward`: the networks on tensors from a safetensors file. */
+export function forwardCommand<T>(cli: Argv<T>): Argv<T> {
+  return cli.command(
+    'forward',
+    'Run the networks on tensors from a safetensors file (parity checks against diffusers)',
+    (y) =>
+      y
+        .option('model', MODEL_FOLDER)
+        .option('inputs', { type: 'string', describe: 'safetensors with input_ids / latents+timesteps+encoder_hidden_states / image / vae_latents [/ target]' })
+        .option('output', { type: 'string', demandOption: true, describe: 'where to write the outputs (safetensors)' })
+        .option('lora', { type: 'string', describe: 'LoRA file (diffusers, peft or kohya keys), PEFT adapter folder or checkpoint folder, applied to the UNet' })
+        .option('lora-scale', { type: 'number', default: 1 })
+        .option('lora-alpha', LORA_ALPHA)
+        .option('prompt', { type: 'string', array: true, describe: 'tokenize with the folder tokenizer; writes input_ids and text_embeddings' })
+        .option('device', RUN_DEVICE)
+        .option('dtype', RUN_DTYPE)
+        .option('variant', { type: 'string', describe: 'weights variant, e.g. fp16 for *.fp16.safetensors' })
+        .option('backward', { type: 'boolean', default: false, describe: 'with --lora and a `target` input: write loss and grad.<key> of every LoRA parameter' }),
+    async (a) => {
+      const names = await runForwardCommand({
+        model: a.model,
+        inputs: a.inputs,
+        output: a.output,
+        lora: a.lora,
+        loraScale: a['lora-scale'],
+        loraAlpha: a['lora-alpha'],
+        prompt: a.prompt,
+        device: a.device,
+        dtype: a.dtype as Precision,
+        variant: a.variant,
+        backward: a.backward,
+      });
+      console.log(`wrote ${a.output}: ${names.join(', ')}`);
+    },
+  );
 }

@@ -6,9 +6,12 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
+import type { Argv } from 'yargs';
+
 import { checkModel, modelConfig, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
 import { native, type Precision } from '../native';
 import { resolveDevice } from '../device';
+import { LORA_ALPHA, MODEL_FOLDER, RUN_DEVICE, RUN_DTYPE } from './model-options';
 import { ProgressBar } from '../logging/progress';
 import { CLIPTokenizer } from '../tokenizer';
 import { SCHEDULER_NAMES, type SchedulerName } from '../inference/schedulers';
@@ -128,4 +131,55 @@ export async function runGenerateCommand(args: GenerateArgs): Promise<string[]> 
   } finally {
     n.dispose(pipe);
   }
+}
+
+/** `generate`: images from prompts. */
+export function generateCommand<T>(cli: Argv<T>): Argv<T> {
+  return cli.command(
+    'generate',
+    'Generate images from prompts with a model and optionally a LoRA (writes OUT/<prompt-index>_<image-index>.png)',
+    (y) =>
+      y
+        .option('model', MODEL_FOLDER)
+        .option('lora', { type: 'string', describe: 'LoRA .safetensors (diffusers, peft or kohya keys), a PEFT adapter folder or a training checkpoint folder' })
+        .option('lora-scale', { type: 'number', default: 1, describe: 'LoRA strength' })
+        .option('lora-alpha', LORA_ALPHA)
+        .option('prediction-type', { choices: ['epsilon', 'v_prediction'] as const, describe: "override the scheduler config's (v_prediction for a v-prediction single-file model)" })
+        .option('prompt', { type: 'string', array: true, demandOption: true, describe: 'prompt (repeat for several)' })
+        .option('negative-prompt', { type: 'string', describe: 'one negative prompt for every image' })
+        .option('num-images', { type: 'number', default: 1, describe: 'images per prompt' })
+        .option('seed', { type: 'number', default: 0 })
+        .option('num-inference-steps', { type: 'number', default: 25, alias: 'steps' })
+        .option('guidance-scale', { type: 'number', default: 7.5 })
+        .option('width', { type: 'number', describe: 'pixels, a multiple of 8 (default: the UNet sample_size * VAE scale)' })
+        .option('height', { type: 'number', describe: 'pixels, a multiple of 8 (default: the UNet sample_size * VAE scale)' })
+        .option('scheduler', { choices: SCHEDULER_NAMES, default: 'pndm' as SchedulerName })
+        .option('device', RUN_DEVICE)
+        .option('dtype', RUN_DTYPE)
+        .option('out', { type: 'string', default: 'generated', describe: 'output folder' })
+        .option('grid', { type: 'boolean', default: false, describe: 'also write OUT/grid.png with the prompts as labels' }),
+    async (a) => {
+      const files = await runGenerateCommand({
+        model: a.model,
+        lora: a.lora,
+        loraScale: a['lora-scale'],
+        loraAlpha: a['lora-alpha'],
+        predictionType: a['prediction-type'],
+        prompt: a.prompt.map(String),
+        negativePrompt: a['negative-prompt'],
+        numImages: a['num-images'],
+        seed: a.seed,
+        numInferenceSteps: a['num-inference-steps'],
+        guidanceScale: a['guidance-scale'],
+        width: a.width,
+        height: a.height,
+        scheduler: a.scheduler as SchedulerName,
+        device: a.device,
+        dtype: a.dtype as Precision,
+        out: a.out,
+        grid: a.grid,
+      });
+      console.log(`wrote ${files.length} file(s): ${files.join(', ')}`);
+    },
+  );
 }

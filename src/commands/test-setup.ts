@@ -6,6 +6,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
+import type { Argv } from 'yargs';
+
 import { CheckpointManager, verifyCheckpoint } from '../checkpoint/manager';
 import { OPTIMIZER_FILE, RANDOM_STATES_FILE, SCALER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE } from '../checkpoint/state';
 import { formatBytes } from '../checkpoint/fsutil';
@@ -20,6 +22,9 @@ import { ImageSource } from '../train/sources';
 import { type DataPlan, loaderExtras, planData } from '../train/data-plan';
 import { describeBuckets } from '../data/buckets';
 import { planPrecision, resolveDevice } from '../device';
+import { CliReporter } from '../train/reporter';
+import { demoDefaults } from './demo';
+import { addTrainOptions, configFromArgv } from './train-options';
 
 export interface CheckResult {
   name: string;
@@ -319,4 +324,23 @@ export async function bucketReport(cfg: TrainConfig, dataset: Dataset): Promise<
   }
   lines.push(...infos.filter((m) => m.startsWith('--masked-loss')), ...warnings);
   return { result: { name: 'buckets and masks', ok: true, detail: lines.join('\n       ') }, plan, dataset: data.dataset };
+}
+
+/** `test-setup`: the training flags, checked without training (the demo configuration when no model is given). */
+export function testSetupCommand<T>(cli: Argv<T>): Argv<T> {
+  return cli.command(
+    'test-setup',
+    'Check this machine and configuration: data, models, LoRA, 5 steps, a checkpoint round trip, memory (same flags as training)',
+    (y) => addTrainOptions(y),
+    async (a) => {
+      const argv = a as Record<string, unknown>;
+      const reporter = new CliReporter('warn');
+      const extra = argv.demo || (argv['pretrained-model-name-or-path'] === undefined && argv.config === undefined) ? await demoDefaults(reporter) : {};
+      if (Object.keys(extra).length) console.log('test-setup: no model/data given, checking the embedded demo configuration');
+      const results = await testSetup(configFromArgv(argv, extra));
+      const bad = results.filter((r) => r.ok === false).length;
+      console.log(bad ? `${bad} check(s) failed` : 'all checks passed');
+      if (bad) process.exitCode = 1;
+    },
+  );
 }

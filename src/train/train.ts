@@ -669,22 +669,7 @@ async function prepare(s: RunSetup): Promise<RunState> {
   const accum = cfg.gradient_accumulation_steps;
   const world = res.dist.worldSize;
   const maxSteps = cfg.max_train_steps;
-  const batchesPerEpoch = dataPlan.table ? batchesPerEpochOnRank(dataPlan, data.dataset.items.length, batchSize, world) * world : Math.ceil(data.dataset.items.length / batchSize);
-  const updatesPerEpoch = Math.ceil(batchesPerEpochOnRank(dataPlan, data.dataset.items.length, batchSize, world) / accum);
-  const spec: LrScheduleSpec = trainingLrSchedule({
-    kind: cfg.lr_scheduler as LrScheduleSpec['kind'],
-    learningRate: cfg.learning_rate,
-    scaleLr: cfg.scale_lr,
-    lrWarmupSteps: cfg.lr_warmup_steps,
-    maxTrainSteps: maxSteps,
-    numTrainEpochs: Math.ceil(maxSteps / updatesPerEpoch),
-    batchesPerEpoch,
-    gradientAccumulationSteps: accum,
-    trainBatchSize: batchSize,
-    numProcesses: world,
-    numCycles: cfg.lr_num_cycles,
-    power: cfg.lr_power,
-  });
+  const spec = lrScheduleFor(cfg, dataPlan, data.dataset.items.length, world);
   const progress = await restoreProgress(s, { trainer, device, spec, dataFp: data.dataFp, resumeFrom, imported, prev });
   if (progress.globalStep >= maxSteps) {
     report.info(`already at step ${progress.globalStep} of ${maxSteps}: nothing to train (raise --max-train-steps to continue)`);
@@ -701,18 +686,7 @@ async function prepare(s: RunSetup): Promise<RunState> {
 
   // ---- validation ----
   // Validation runs on rank 0 only (outside any collective); other ranks wait at the next step's all-reduce.
-  let valLossSet: ValidationLoss | undefined;
-  if (data.heldOut && res.dist.isMain) {
-    const t1 = Date.now();
-    valLossSet = await ValidationLoss.prepare(res.pipe!, tokenizer, data.heldOut, {
-      loader: heldOutLoaderOptions(loaderOpts, dataPlan),
-      seed: cfg.validation_seed ?? cfg.seed,
-      numTrainTimesteps: noise.alphasCumprod.length,
-      batchSize,
-    });
-    res.valLoss = valLossSet;
-    report.info(`val_loss: ${valLossSet.size} held-out images encoded in ${((Date.now() - t1) / 1000).toFixed(1)} s (fixed noise and timesteps)`);
-  }
+  const valLossSet = data.heldOut && res.dist.isMain ? await prepareValLoss(s, data.heldOut, tokenizer, noise, heldOutLoaderOptions(loaderOpts, dataPlan)) : undefined;
   const validator = new Validator(cfg, valLossSet, res.dist.isMain ? makeImageRenderer(cfg, res.pipe!, tokenizer, modelDir, s.outputDir) : undefined);
 
   const run: RunState = {
@@ -756,6 +730,42 @@ async function prepare(s: RunSetup): Promise<RunState> {
   if (cfg.validation_before_training && validator.enabled && run.globalStep < maxSteps) await validate(run, run.globalStep);
   run.lastSaveAt = s.now();
   return run;
+}
+
+/** The LR schedule as diffusers' script builds it: warmup and length in optimizer steps, epochs from the data. */
+function lrScheduleFor(cfg: TrainConfig, dataPlan: DataPlan, items: number, world: number): LrScheduleSpec {
+  const batchSize = cfg.train_batch_size;
+  const accum = cfg.gradient_accumulation_steps;
+  const maxSteps = cfg.max_train_steps;
+  const batchesPerEpoch = dataPlan.table ? batchesPerEpochOnRank(dataPlan, items, batchSize, world) * world : Math.ceil(items / batchSize);
+  const updatesPerEpoch = Math.ceil(batchesPerEpochOnRank(dataPlan, items, batchSize, world) / accum);
+  return trainingLrSchedule({
+    kind: cfg.lr_scheduler as LrScheduleSpec['kind'],
+    learningRate: cfg.learning_rate,
+    scaleLr: cfg.scale_lr,
+    lrWarmupSteps: cfg.lr_warmup_steps,
+    maxTrainSteps: maxSteps,
+    numTrainEpochs: Math.ceil(maxSteps / updatesPerEpoch),
+    batchesPerEpoch,
+    gradientAccumulationSteps: accum,
+    trainBatchSize: batchSize,
+    numProcesses: world,
+    numCycles: cfg.lr_num_cycles,
+    power: cfg.lr_power,
+  });
+}
+
+/** The held-out images' val_loss set, encoded once into native latents (into res, so train() releases it). */
+async function prepareValLoss({ cfg, report, res }: RunSetup, heldOut: Dataset, tokenizer: CLIPTokenizer, noise: NoiseSchedule, loader: LoaderOptions): Promise<ValidationLoss> {
+  const t1 = Date.now();
+  res.valLoss = await ValidationLoss.prepare(res.pipe!, tokenizer, heldOut, {
+    loader,
+    seed: cfg.validation_seed ?? cfg.seed,
+    numTrainTimesteps: noise.alphasCumprod.length,
+    batchSize: cfg.train_batch_size,
+  });
+  report.info(`val_loss: ${res.valLoss.size} held-out images encoded in ${((Date.now() - t1) / 1000).toFixed(1)} s (fixed noise and timesteps)`);
+  return res.valLoss;
 }
 
 /** A new run never mixes with (or overwrites) an earlier run's checkpoints and LoRA files in the same folder. */
