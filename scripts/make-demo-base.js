@@ -19,7 +19,7 @@ const path = require('path');
 
 const root = path.resolve(__dirname, '..');
 const { makeDemoData } = require(path.join(root, 'dist', 'data', 'demo-data'));
-const { makeTinyModel, DEMO_RESOLUTION, DEMO_BASE } = require(path.join(root, 'dist', 'models', 'model-folder'));
+const { makeTinyModel, DEMO_RESOLUTION, DEMO_BASE } = require(path.join(root, 'dist', 'model-folders', 'model-folder'));
 const { native } = require(path.join(root, 'dist', 'native'));
 
 function arg(name, fallback) {

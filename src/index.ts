@@ -35,7 +35,7 @@ export type { ExportSpec, ExportResult, CheckpointExportOptions } from './export
 export { CLIPTokenizer } from './tokenizer';
 export { loadDataset, datasetFingerprint } from './data/dataset';
 export { makeDemoData } from './data/demo-data';
-export { makeTinyModel, checkModelFolder } from './models/model-folder';
+export { makeTinyModel, checkModelFolder } from './model-folders/model-folder';
 export { NoiseSchedule } from './schedules/noise';
 export { makeSchedule, SCHEDULER_NAMES } from './inference/schedulers';
 export type { SamplingSchedule, SchedulerName, SchedulerStep, SamplerOp, SchedulerOverrides } from './inference/schedulers';

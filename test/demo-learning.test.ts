@@ -9,7 +9,7 @@ import * as path from 'node:path';
 
 import { decodeRgb } from '../src/data/images';
 import { DEMO_COLORS } from '../src/data/demo-data';
-import { DEMO_BASE, makeTinyModel } from '../src/models/model-folder';
+import { DEMO_BASE, makeTinyModel } from '../src/model-folders/model-folder';
 
 const cli = path.resolve(__dirname, '..', 'dist', 'cli.js');
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tl-demo-learn-'));

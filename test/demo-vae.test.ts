@@ -5,7 +5,7 @@ import * as path from 'node:path';
 
 import { makeDemoData } from '../src/data/demo-data';
 import { processImage } from '../src/data/images';
-import { DEMO_RESOLUTION, makeTinyModel } from '../src/models/model-folder';
+import { DEMO_RESOLUTION, makeTinyModel } from '../src/model-folders/model-folder';
 import { native } from '../src/native';
 import { fromFloat32 } from '../src/tensors';
 

@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
-import { makeTinyModel } from '../src/models/model-folder';
+import { makeTinyModel } from '../src/model-folders/model-folder';
 import { native, type HostTensor } from '../src/native';
 import { byName, relativeError } from '../src/tensors';
 

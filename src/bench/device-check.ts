@@ -19,7 +19,7 @@ import * as path from 'node:path';
 
 import { CheckpointManager } from '../checkpoint/manager';
 import { makeDemoData } from '../data/demo-data';
-import { type ModelPreset } from '../models/model-folder';
+import { type ModelPreset } from '../model-folders/model-folder';
 import { native, type HostTensor } from '../native';
 import { numel, relativeErrorOf, toNumbers } from '../tensors';
 import { childError, findPython, fmt, lastJson, markdownTable, runChild, stopChildrenOnSignal, type ChildOptions, type ChildResult, type Python } from './proc';

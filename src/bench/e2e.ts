@@ -28,7 +28,7 @@ import sharp from 'sharp';
 
 import { modelFor } from './run';
 import { diffusersLibDir, findPython, fmt, markdownTable, runChild, type Python } from './proc';
-import type { ModelPreset } from '../models/model-folder';
+import type { ModelPreset } from '../model-folders/model-folder';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const CLI = path.join(ROOT, 'dist', 'cli.js');

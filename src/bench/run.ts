@@ -28,7 +28,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
-import { makeTinyModel, type ModelPreset } from '../models/model-folder';
+import { makeTinyModel, type ModelPreset } from '../model-folders/model-folder';
 import { native, type TrainBatch } from '../native';
 import { fromFloat32, fromInt64 } from '../tensors';
 import { NoiseSchedule } from '../schedules/noise';

@@ -4,7 +4,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 
 import { makeDemoData } from '../data/demo-data';
-import { DEMO_MODEL_VERSION, DEMO_RESOLUTION, makeTinyModel } from '../models/model-folder';
+import { DEMO_MODEL_VERSION, DEMO_RESOLUTION, makeTinyModel } from '../model-folders/model-folder';
 import type { CliReporter } from '../train/reporter';
 
 function cacheDir(): string {

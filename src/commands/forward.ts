@@ -7,7 +7,7 @@ import * as path from 'node:path';
 import type { Argv } from 'yargs';
 
 import { CLIPTokenizer } from '../tokenizer';
-import { checkModel, modelTokenizerDir, type Component } from '../models/model-folder';
+import { checkModel, modelTokenizerDir, type Component } from '../model-folders/model-folder';
 import { native, type HostTensor, type Precision } from '../native';
 import { fromInt64 } from '../tensors';
 import { resolveDevice } from '../device';

@@ -8,7 +8,7 @@ import * as path from 'node:path';
 
 import type { Argv } from 'yargs';
 
-import { checkModel, modelConfig, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
+import { checkModel, modelConfig, modelSchedulerConfig, modelTokenizerDir } from '../model-folders/model-folder';
 import { native, type Precision } from '../native';
 import { resolveDevice } from '../device';
 import { LORA_ALPHA, MODEL_FOLDER, RUN_DEVICE, RUN_DTYPE } from './model-options';

@@ -2,7 +2,7 @@
 import type { Argv } from 'yargs';
 
 import { makeDemoData } from '../data/demo-data';
-import { makeTinyModel, type ModelPreset } from '../models/model-folder';
+import { makeTinyModel, type ModelPreset } from '../model-folders/model-folder';
 
 /** `make-tiny-model <out>`. */
 export function makeTinyModelCommand<T>(cli: Argv<T>): Argv<T> {

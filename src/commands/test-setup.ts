@@ -13,7 +13,7 @@ import { OPTIMIZER_FILE, RANDOM_STATES_FILE, SCALER_FILE, SCHEDULER_FILE, TRAINE
 import { formatBytes } from '../checkpoint/fsutil';
 import { datasetOptions, loraAlpha, textEncoderTargets, type TrainConfig } from '../config';
 import { describeDataset, loadDataset, type Dataset } from '../data/dataset';
-import { checkModel, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
+import { checkModel, modelSchedulerConfig, modelTokenizerDir } from '../model-folders/model-folder';
 import { native, type DeviceInfo, type PipelineHandle, type TrainerHandle } from '../native';
 import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';

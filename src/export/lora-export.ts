@@ -39,7 +39,7 @@ import { mtimeOf, verifyCheckpoint, writerGone } from '../checkpoint/manager';
 import { MODEL_FILE, TRAINER_STATE_FILE } from '../checkpoint/state';
 import { convAlpha, datasetOptions, loraTargetModules, type TrainConfig } from '../config';
 import { datasetFingerprint, loadDataset } from '../data/dataset';
-import { ASSETS, checkModel, isSingleFile, modelConfig, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
+import { ASSETS, checkModel, isSingleFile, modelConfig, modelSchedulerConfig, modelTokenizerDir } from '../model-folders/model-folder';
 import { native, type LoraComponent, type LoraComponentSummary, type LoraFileFormat, type LoraSource, type LoraSummary } from '../native';
 import { splitDataset } from '../train/validation-loss';
 import { bucketDataset } from '../train/data-plan';

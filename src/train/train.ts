@@ -40,8 +40,8 @@ import { initDistributed, pickBackend, removeRankParts, singleProcess, writeRank
 import { distEnvFromProcess } from '../distributed/env';
 import type { LoaderOptions } from '../data/loader';
 import type { SampleOrderState } from '../data/sampler';
-import { checkModel, modelConfigFile, modelSchedulerConfig, modelTokenizerDir } from '../models/model-folder';
-import { modelFingerprint } from '../models/fingerprint';
+import { checkModel, modelConfigFile, modelSchedulerConfig, modelTokenizerDir } from '../model-folders/model-folder';
+import { modelFingerprint } from '../model-folders/fingerprint';
 import { applyThreadPolicy, native, type LoraFileFormat, type OptimizerStepResult, type PipelineHandle, type SafetensorsHeader, type TrainBatch, type TrainerHandle } from '../native';
 import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';

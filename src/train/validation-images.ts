@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 import type { TrainConfig } from '../config';
-import { modelSchedulerConfig } from '../models/model-folder';
+import { modelSchedulerConfig } from '../model-folders/model-folder';
 import { gridUpscale, makeGrid, textToImage, toRgbBytes, upscaleNearest, writePng, type RgbImage } from '../inference/text-to-image';
 import type { PipelineHandle } from '../native';
 import type { CLIPTokenizer } from '../tokenizer';

@@ -143,5 +143,5 @@ export async function craftDemoVae(vaeDir: string, resolution: number): Promise<
     const { v } = byName.get(t.name)!;
     return { name: t.name, dtype: 'F32', shape: t.shape, data: new Uint8Array(v.buffer, v.byteOffset, v.byteLength) };
   });
-  await native().safetensorsWrite(file, out, { format: 'pt', 'train_lora.note': 'demo autoencoder: hand-set weights, see src/models/demo-vae.ts' });
+  await native().safetensorsWrite(file, out, { format: 'pt', 'train_lora.note': 'demo autoencoder: hand-set weights, see src/model-folders/demo-vae.ts' });
 }
