@@ -103,8 +103,6 @@ export interface NativeBinding {
   forward(pipeline: PipelineHandle, inputs: HostTensor[], options?: ForwardOptions): Promise<HostTensor[]>;
   /** Seeded random weights for a component folder with a config.json (make-tiny-model). */
   writeRandomWeights(componentDir: string, kind: PipelineComponent, seed: number): Promise<void>;
-  /** Parameter names and shapes of the module built from <componentDir>/config.json (nothing is loaded). */
-  componentParamShapes(componentDir: string, kind: PipelineComponent): Promise<Record<string, number[]>>;
   createTrainer(pipeline: PipelineHandle, options: TrainerOptions): Promise<{ trainer: TrainerHandle; trainableParams: number; totalParams: number }>;
   /** Forward + backward of one micro-batch (loss divided by `lossDivisor` for accumulation); returns the loss. */
   trainerMicroStep(trainer: TrainerHandle, batch: TrainBatch, lossDivisor?: number): Promise<number>;

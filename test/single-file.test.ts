@@ -21,6 +21,7 @@ import { byName, fromFloat32 } from '../src/tensors';
 import { train } from '../src/train/train';
 import { Quiet } from './helpers/quiet-reporter';
 import { TINY_MODEL, tinyRunConfig } from './helpers/tiny-run';
+import { writeSparseSafetensors } from './helpers/sparse-safetensors';
 
 const FILE = path.join(__dirname, 'fixtures', 'models', 'tiny-single-file.safetensors');
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tl-single-file-'));
@@ -85,20 +86,8 @@ describe('SD 1.5\'s real layout', () => {
   // converter), as a sparse file: the header is real, the 2 GB of fp16 data are holes (no disk, no reads).
   test('the inferred configs are SD 1.5\'s, and its tokenizer is CLIP\'s', async () => {
     const shapes = JSON.parse(fs.readFileSync(path.join(__dirname, 'fixtures', 'sd15', 'ldm_param_shapes.json'), 'utf8')) as Record<string, number[]>;
-    const header: Record<string, unknown> = {};
-    let offset = 0;
-    for (const [k, shape] of Object.entries(shapes)) {
-      const bytes = shape.reduce((a, b) => a * b, 1) * 2;
-      header[k] = { dtype: 'F16', shape, data_offsets: [offset, offset + bytes] };
-      offset += bytes;
-    }
-    let json = JSON.stringify(header);
-    json += ' '.repeat((8 - (json.length % 8)) % 8);
     const file = path.join(tmp, 'sd15-shapes.safetensors');
-    const len = Buffer.alloc(8);
-    len.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
-    fs.writeFileSync(file, Buffer.concat([len, Buffer.from(json)]));
-    fs.truncateSync(file, 8 + Buffer.byteLength(json) + offset);
+    writeSparseSafetensors(file, shapes, 'F16');
     await checkModel(file, ['unet', 'vae', 'text_encoder']);
     const sd15 = path.join(__dirname, '..', 'assets', 'sd15-model');
     const real = (c: 'unet' | 'vae' | 'text_encoder') => JSON.parse(fs.readFileSync(path.join(sd15, c, 'config.json'), 'utf8')) as Record<string, unknown>;

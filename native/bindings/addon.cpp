@@ -211,22 +211,6 @@ Napi::Value WriteRandomWeights(const Napi::CallbackInfo& info) {
   });
 }
 
-// componentParamShapes(componentDir, kind) -> {name: shape} of the module built from config.json
-Napi::Value ComponentParamShapes(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  std::string dir = str_arg(info, 0, "component folder");
-  std::string kind = str_arg(info, 1, "component kind");
-  return Engine::of(env).run(env, [dir, kind] {
-    auto shapes = std::make_shared<std::vector<std::pair<std::string, std::vector<int64_t>>>>(param_shapes(*build_component(dir, kind)));
-    return Completion([shapes](Napi::Env env) -> Napi::Value {
-      Napi::Object o = Napi::Object::New(env);
-      for (const auto& [k, s] : *shapes) o.Set(k, shape_to_js(env, s));
-      return o;
-    });
-  });
-}
-
-
 // ---- training ----
 
 // Item indices as int64 (a JS array of whole numbers).
@@ -569,7 +553,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"safetensorsRead", SafetensorsRead}, {"safetensorsWrite", SafetensorsWrite}, {"dispose", Dispose},
       {"loadPipeline", LoadPipeline}, {"setAllowTf32", SetAllowTf32}, {"shutdown", Shutdown},
       {"liveHandles", LiveHandles}, {"forward", Forward}, {"writeRandomWeights", WriteRandomWeights},
-      {"componentParamShapes", ComponentParamShapes}, {"createTrainer", CreateTrainer},
+      {"createTrainer", CreateTrainer},
       {"trainerMicroStep", TrainerMicroStep}, {"trainerGraphStatus", TrainerGraphStatus},
       {"trainerEvalLoss", TrainerEvalLoss}, {"trainerOptimizerStep", TrainerOptimizerStep},
       {"trainerSaveState", TrainerSaveState}, {"trainerLoadState", TrainerLoadState},

@@ -176,10 +176,4 @@ void load_module(torch::nn::Module& m, const WeightSource& src, const LoadOption
   }
 }
 
-std::vector<std::pair<std::string, std::vector<int64_t>>> param_shapes(const torch::nn::Module& m) {
-  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
-  for (const auto& p : m.named_parameters(true)) out.emplace_back(p.key(), p.value().sizes().vec());
-  return out;
-}
-
 }  // namespace tl

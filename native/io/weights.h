@@ -46,9 +46,6 @@ struct LoadOptions {
 // errors naming the full key path (and both shapes), listed all at once.
 void load_module(torch::nn::Module& m, const WeightSource& src, const LoadOptions& opts, const std::string& component);
 
-// Parameter names and shapes of a module (to compare with a checkpoint or param_shapes.json).
-std::vector<std::pair<std::string, std::vector<int64_t>>> param_shapes(const torch::nn::Module& m);
-
 bool is_lora_param(const std::string& name);
 
 }  // namespace tl
