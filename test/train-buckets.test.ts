@@ -16,7 +16,7 @@ import { makeDemoData } from '../src/data/demo-data';
 import { loadDataset } from '../src/data/dataset';
 import { findMasks } from '../src/data/masks';
 import { parseTrainConfig } from '../src/config';
-import { planData } from '../src/train/data-plan';
+import { planData } from '../src/data/plan';
 import { bucketReport } from '../src/commands/test-setup';
 import { tinyCliArgs, TINY_MODEL } from './helpers/tiny-run';
 

@@ -7,7 +7,7 @@ import type { ConfigError } from '../src/config';
 import { loadDataset } from '../src/data/dataset';
 import { makeDemoData } from '../src/data/demo-data';
 import { train, type TrainerStateFile } from '../src/train/train';
-import { splitDataset } from '../src/train/validation-loss';
+import { splitDataset } from '../src/data/split';
 import { Quiet } from './helpers/quiet-reporter';
 import { tinyRunConfig } from './helpers/tiny-run';
 

@@ -19,7 +19,7 @@ import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
 import { NoiseSchedule } from '../schedules/noise';
 import { ImageSource } from '../train/sources';
-import { type DataPlan, loaderExtras, planData } from '../train/data-plan';
+import { type DataPlan, loaderExtras, planData } from '../data/plan';
 import { describeBuckets } from '../data/buckets';
 import { planPrecision, resolveDevice } from '../device';
 import { CliReporter } from '../train/reporter';

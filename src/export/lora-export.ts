@@ -41,8 +41,8 @@ import { convAlpha, datasetOptions, loraTargetModules, type TrainConfig } from '
 import { datasetFingerprint, loadDataset } from '../data/dataset';
 import { ASSETS, checkModel, isSingleFile, modelConfig, modelSchedulerConfig, modelTokenizerDir } from '../model-folders/model-folder';
 import { native, type LoraComponent, type LoraComponentSummary, type LoraFileFormat, type LoraSource, type LoraSummary } from '../native';
-import { splitDataset } from '../train/validation-loss';
-import { bucketDataset } from '../train/data-plan';
+import { splitDataset } from '../data/split';
+import { bucketDataset } from '../data/plan';
 import { bucketInfo } from '../data/buckets';
 import { addKohyaHashes, baseModelHashes, type KohyaBucketInfo, kohyaMetadata, modelSpecMetadata } from './kohya';
 

@@ -49,11 +49,12 @@ import { lrForOptimizerStep, lrLambda, lrScheduleFromJSON, trainingLrSchedule, t
 import { NoiseSchedule } from '../schedules/noise';
 import { planPrecision, resolveDevice, type PrecisionPlan } from '../device';
 import { buildLatentCache, CachedLatentSource, ImageSource, type MicroBatchSource } from './sources';
-import { batchesPerEpochOnRank, BUCKET_KEYS, bucketChanges, type DataPlan, loaderExtras, planData } from './data-plan';
+import { batchesPerEpochOnRank, BUCKET_KEYS, bucketChanges, type DataPlan, loaderExtras, planData } from '../data/plan';
 import { BucketOrder, bucketInfo } from '../data/buckets';
 import { Validator, type ValidationResult } from './validation';
 import { makeImageRenderer } from './validation-images';
-import { splitDataset, ValidationLoss } from './validation-loss';
+import { splitDataset } from '../data/split';
+import { ValidationLoss } from './validation-loss';
 
 // The checkpoint's state files live in src/checkpoint/state.ts; these stay importable from here.
 export { assertFiniteWeights, TRAINER_STATE_VERSION, type TrainerStateFile } from '../checkpoint/state';

@@ -5,10 +5,10 @@
  */
 import type { TrainConfig } from '../config';
 import { flagName } from '../config';
-import { assignBuckets, type BucketSettings, bucketSettingsProblems, type BucketTable, describeBuckets, modelPixelStride, vaeStride } from '../data/buckets';
-import { type Dataset, DatasetError } from '../data/dataset';
-import type { LoaderOptions, MaskOptions } from '../data/loader';
-import { findMasks } from '../data/masks';
+import { assignBuckets, type BucketSettings, bucketSettingsProblems, type BucketTable, describeBuckets, modelPixelStride, vaeStride } from './buckets';
+import { type Dataset, DatasetError } from './dataset';
+import type { LoaderOptions, MaskOptions } from './loader';
+import { findMasks } from './masks';
 
 export interface DataPlan {
   /** --enable-bucket: the training images' buckets. */
