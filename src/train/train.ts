@@ -28,15 +28,17 @@ import {
   OPTIMIZER_TENSORS_FILE,
   randomStates,
   readTrainerState,
+  removeRankParts,
   saveTrainingState,
   TRAINER_STATE_FILE,
   TRAINER_STATE_VERSION,
   type TrainerStateFile,
   type TrainingSnapshot,
+  writeRankPart,
 } from '../checkpoint/state';
 import { cleanStaleExports, exportLora, LORA_FILES } from '../export/lora-export';
 import { datasetFingerprint, describeDataset, loadDataset, type Dataset } from '../data/dataset';
-import { initDistributed, pickBackend, removeRankParts, singleProcess, writeRankPart, type DistContext } from '../distributed/context';
+import { initDistributed, pickBackend, singleProcess, type DistContext } from '../distributed/context';
 import { distEnvFromProcess } from '../distributed/env';
 import type { LoaderOptions } from '../data/loader';
 import type { SampleOrderState } from '../data/sampler';
