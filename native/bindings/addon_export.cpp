@@ -23,8 +23,8 @@ struct LoraSource {
   double alpha = 0;
   std::optional<double> conv_alpha;
   LoraSet resolve() const {  // torch thread
-    if (trainer) return lora_set_from_pipeline(trainer->pipeline());
-    if (pipeline) return lora_set_from_pipeline(*pipeline);
+    if (trainer) return lora_set_from_modules(lora_models(trainer->pipeline()));
+    if (pipeline) return lora_set_from_modules(lora_models(*pipeline));
     return lora_set_from_checkpoint(checkpoint, alpha, conv_alpha);
   }
 };

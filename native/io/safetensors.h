@@ -11,6 +11,13 @@
 #include <utility>
 #include <vector>
 
+namespace tl {
+
+// Tensors by name, in a fixed order (a state dict as a file holds it).
+using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+}  // namespace tl
+
 namespace tl::st {
 
 struct TensorInfo {
@@ -61,9 +68,8 @@ class File {
 };
 
 // Loads every tensor (storage order).
-std::vector<std::pair<std::string, torch::Tensor>> load(const std::string& path,
-                                                        std::optional<torch::ScalarType> dtype = std::nullopt,
-                                                        std::optional<torch::Device> device = std::nullopt);
+NamedTensors load(const std::string& path, std::optional<torch::ScalarType> dtype = std::nullopt,
+                  std::optional<torch::Device> device = std::nullopt);
 
 // What save() wrote: the file's size and SHA-256 (hashed from the bytes as they were written).
 struct Written {

@@ -38,10 +38,9 @@ void add_modules(LoraSet& set, const std::string& component, torch::nn::Module* 
 
 }  // namespace
 
-LoraSet lora_set_from_pipeline(Pipeline& p) {
+LoraSet lora_set_from_modules(const std::map<std::string, torch::nn::Module*>& models) {
   LoraSet set;
-  add_modules(set, "unet", p.unet.get());
-  add_modules(set, "text_encoder", p.text_encoder.get());
+  for (const auto& [component, m] : models) add_modules(set, component, m);
   if (set.empty()) throw UserError("ENOLORA", "the model has no LoRA adapters to export");
   return set;
 }

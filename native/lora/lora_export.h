@@ -1,6 +1,6 @@
 // Exporting trained adapters: LoRA files in the formats other tools load (diffusers, peft, kohya), and merged
 // model components (W + alpha/r * B @ A folded into the base weights). The adapters come either from live modules
-// (a Trainer's or Pipeline's UNet / text encoder) or from a checkpoint's model.safetensors (peft keys).
+// (a Trainer's or Pipeline's UNet / text encoder, pipeline.h's lora_models) or from a checkpoint's model.safetensors (peft keys).
 #pragma once
 #include <torch/torch.h>
 
@@ -10,16 +10,16 @@
 #include <vector>
 
 #include "lora/lora.h"
-#include "pipeline/pipeline.h"
 
 namespace tl {
 
 // Adapters by component ("unet", "text_encoder"); every module carries its own alpha.
 using LoraSet = std::map<std::string, LoraWeights>;
 
-// The adapters present in the pipeline's UNet and text encoder (alpha already multiplied by a non-1 inference
-// multiplier, so the file computes what the modules compute). Tensors are detached CPU copies.
-LoraSet lora_set_from_pipeline(Pipeline& p);
+// The adapters present in these modules, by component ("unet", "text_encoder"; a null module is skipped), alpha
+// already multiplied by a non-1 inference multiplier, so the file computes what the modules compute. Tensors are
+// detached CPU copies.
+LoraSet lora_set_from_modules(const std::map<std::string, torch::nn::Module*>& models);
 
 // A checkpoint's model.safetensors (keys "unet.<module>.lora_A.weight" / "text_encoder.<module>...") with the
 // run's alpha (`conv_alpha` for 3x3 conv adapters, --conv-alpha). Throws UserError ECKPTLORA when the file holds no

@@ -45,8 +45,10 @@ const torch::Tensor* find(const NamedTensors& v, const std::string& name) {
 
 }  // namespace
 
+std::map<std::string, torch::nn::Module*> lora_models(Pipeline& p) { return {{"unet", p.unet.get()}, {"text_encoder", p.text_encoder.get()}}; }
+
 size_t pipeline_apply_lora(Pipeline& p, const std::string& file, double scale, LoraFormat* format, std::optional<double> alpha_if_unknown) {
-  const std::map<std::string, torch::nn::Module*> models{{"unet", p.unet.get()}, {"text_encoder", p.text_encoder.get()}};
+  const std::map<std::string, torch::nn::Module*> models = lora_models(p);
   LoraFile lora = read_lora_for(file, models, alpha_if_unknown);
   size_t n = 0;
   for (const auto& [comp, w] : lora.components) {

@@ -8,8 +8,9 @@
 #include <string>
 #include <vector>
 
-#include "models/clip_text.h"
+#include "io/safetensors.h"
 #include "lora/lora.h"
+#include "models/clip_text.h"
 #include "models/unet.h"
 #include "models/vae.h"
 
@@ -37,6 +38,9 @@ std::shared_ptr<Pipeline> load_pipeline(const std::string& dir, const PipelineOp
 // The configs inferred from a single-file checkpoint: {"unet": {...}, "vae": {...}, "text_encoder": {...}} (JSON text).
 std::string single_file_configs_json(const std::string& file);
 
+// The modules LoRA adapts, by component: {"unet", "text_encoder"} (either may be null when not loaded).
+std::map<std::string, torch::nn::Module*> lora_models(Pipeline& p);
+
 // Applies a LoRA file (diffusers, peft or kohya keys, detected) to the pipeline's UNet and text encoder at `scale`
 // (peft's adapter scale). Returns the number of adapted modules; `format` receives the file's format.
 // `file` may be a folder (see read_lora_file); `alpha_if_unknown` is --lora-alpha, used only when the LoRA does not say.
@@ -49,8 +53,6 @@ std::shared_ptr<torch::nn::Module> build_component(const std::string& dir, const
 // Seeded random weights for a component folder that has a config.json (make-tiny-model): writes
 // diffusion_pytorch_model.safetensors / model.safetensors, with the names real checkpoints use.
 void write_random_weights(const std::string& dir, const std::string& kind, uint64_t seed);
-
-using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
 
 struct ForwardOptions {
   std::string lora_path;  // applied to the UNet (and the text encoder when the file has text_encoder keys)
