@@ -24,7 +24,7 @@ import { describeBuckets } from '../data/buckets';
 import { planPrecision, resolveDevice } from '../device';
 import { CliReporter } from '../train/reporter';
 import { demoDefaults } from './demo';
-import { addTrainOptions, configFromArgv } from './train-options';
+import { commandWithTrainFlags, configFromArgv } from './train-options';
 
 export interface CheckResult {
   name: string;
@@ -328,12 +328,11 @@ export async function bucketReport(cfg: TrainConfig, dataset: Dataset): Promise<
 
 /** `test-setup`: the training flags, checked without training (the demo configuration when no model is given). */
 export function testSetupCommand<T>(cli: Argv<T>): Argv<T> {
-  return cli.command(
+  return commandWithTrainFlags(
+    cli,
     'test-setup',
     'Check this machine and configuration: data, models, LoRA, 5 steps, a checkpoint round trip, memory (same flags as training)',
-    (y) => addTrainOptions(y),
-    async (a) => {
-      const argv = a as Record<string, unknown>;
+    async (argv) => {
       const reporter = new CliReporter('warn');
       const extra = argv.demo || (argv['pretrained-model-name-or-path'] === undefined && argv.config === undefined) ? await demoDefaults(reporter) : {};
       if (Object.keys(extra).length) console.log('test-setup: no model/data given, checking the embedded demo configuration');

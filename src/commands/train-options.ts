@@ -171,6 +171,11 @@ export function addTrainOptions<T>(y: Argv<T>): Argv<T> {
   return out;
 }
 
+/** A command that reads the training flags (training itself, test-setup): `run` gets them as yargs parsed them. */
+export function commandWithTrainFlags<T>(cli: Argv<T>, command: string, describe: string, run: (argv: Record<string, unknown>) => Promise<void>): Argv<T> {
+  return cli.command(command, describe, (y) => addTrainOptions(y), (a) => run(a as Record<string, unknown>));
+}
+
 /** A number as a value of a flag, negative ones included (yargs takes "-1e-3" for the short flags -1 -e -3). */
 const NUMBER_RE = /^[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$/i;
 

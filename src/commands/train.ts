@@ -9,7 +9,7 @@ import { superviseWorkers } from '../distributed/launcher';
 import { CliReporter } from '../train/reporter';
 import { checkOutputDir, nextRunDir, train } from '../train/train';
 import { demoDefaults } from './demo';
-import { addTrainOptions, configFromArgv } from './train-options';
+import { commandWithTrainFlags, configFromArgv } from './train-options';
 
 /** Flags that take a value and that a resume/continue command replaces. */
 const REPLACED_FLAGS = new Set(['output-dir', 'output_dir', 'out', 'resume-from-checkpoint', 'resume_from_checkpoint', 'max-train-steps', 'max_train_steps']);
@@ -104,12 +104,5 @@ async function runTrain(argv: Record<string, unknown>): Promise<void> {
 
 /** `$0`: training is the default command. */
 export function trainCommand<T>(cli: Argv<T>): Argv<T> {
-  return cli.command(
-    '$0',
-    'Train a LoRA (the default command)',
-    (c) => addTrainOptions(c),
-    async (a) => {
-      await runTrain(a as Record<string, unknown>);
-    },
-  );
+  return commandWithTrainFlags(cli, '$0', 'Train a LoRA (the default command)', runTrain);
 }
