@@ -25,7 +25,8 @@ export { CheckpointManager, CheckpointError, RunLock, markKeep, verifyCheckpoint
 export type { BestRecord, CheckpointEntry, Manifest, SaveOptions } from './checkpoint/manager';
 export { TrainConfigSchema, parseTrainConfig, readConfigFile, ConfigError } from './config';
 export type { TrainConfig, TrainConfigInput } from './config';
-export { train, nextRunDir } from './train/train';
+export { train } from './train/train';
+export { nextRunDir } from './train/resume';
 export type { StepMetrics, TrainReporter, TrainResult, TrainerStateFile } from './train/train';
 export { distEnvFromProcess, launchPlan } from './distributed/env';
 export type { DistEnv, LaunchPlan } from './distributed/env';

@@ -7,7 +7,8 @@ import { ConfigError } from '../config';
 import { launchPlan } from '../distributed/env';
 import { superviseWorkers } from '../distributed/launcher';
 import { CliReporter } from '../train/reporter';
-import { checkOutputDir, nextRunDir, train } from '../train/train';
+import { checkOutputDir, nextRunDir } from '../train/resume';
+import { train } from '../train/train';
 import { demoDefaults } from './demo';
 import { commandWithTrainFlags, configFromArgv } from './train-options';
 
