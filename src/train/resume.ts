@@ -351,3 +351,21 @@ export function resumeChanges(prev: TrainConfig, cfg: TrainConfig): { schedule: 
   return out;
 }
 
+/**
+ * What a resume on another device cannot continue bit-exactly: the random streams of the checkpoint's device are not
+ * this device's. Weights, optimizer, LR schedule, loss scaler and the data position carry over exactly either way.
+ */
+export function crossDeviceNotes(prev: Pick<TrainerStateFile, 'device' | 'config'>, saved: Record<string, string>, device: string, here: Record<string, string>): string[] {
+  const notes: string[] = [];
+  const before = prev.device ?? (prev.config.device === 'auto' ? undefined : prev.config.device);
+  const type = (d: string) => d.split(':')[0];
+  if (before && type(before) !== type(device))
+    notes.push(
+      `this checkpoint was trained on ${before} and resumes on ${device}: weights, optimizer, LR schedule, loss scaler and data position continue exactly, ` +
+        `but noise and timesteps now come from ${type(device)}'s random generator, so the run will not be bit-identical to one that stayed on ${before}`,
+    );
+  const lost = Object.keys(saved).filter((k) => !(k in here));
+  if (lost.length && !notes.length)
+    notes.push(`random streams ${lost.join(', ')} of the checkpoint do not exist on this machine and are not restored (a run on them is not continued bit-exactly)`);
+  return notes;
+}
