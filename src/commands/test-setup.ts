@@ -9,12 +9,12 @@ import * as path from 'node:path';
 import type { Argv } from 'yargs';
 
 import { CheckpointManager, verifyCheckpoint } from '../checkpoint/manager';
-import { OPTIMIZER_FILE, RANDOM_STATES_FILE, SCALER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE } from '../checkpoint/state';
+import { loadTrainingState, saveTrainingState, TRAINER_STATE_VERSION, type TrainingSnapshot } from '../checkpoint/state';
 import { formatBytes } from '../checkpoint/fsutil';
 import { datasetOptions, loraAlpha, textEncoderTargets, type TrainConfig } from '../config';
 import { describeDataset, loadDataset, type Dataset } from '../data/dataset';
 import { checkModel, modelSchedulerConfig, modelTokenizerDir } from '../model-folders/model-folder';
-import { native, type DeviceInfo, type PipelineHandle, type TrainerHandle } from '../native';
+import { native, type DeviceInfo, type PipelineHandle, type Precision, type TrainerHandle } from '../native';
 import { fromInt64 } from '../tensors';
 import { CLIPTokenizer } from '../tokenizer';
 import { NoiseSchedule } from '../schedules/noise';
@@ -153,45 +153,14 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
     const tag = r.ok === 'skip' ? '[SKIP]' : r.ok ? '[OK]  ' : '[FAIL]';
     print(`${tag} ${r.name}: ${r.detail}${r.fix && r.ok !== true ? `\n       fix: ${r.fix}` : ''}`);
   };
-  const failed = (name: string) => report({ name, ok: 'skip', detail: 'skipped (an earlier check failed)' });
+  const skipped = (name: string) => report({ name, ok: 'skip', detail: 'skipped (an earlier check failed)' });
 
-  let dataset: Dataset | undefined;
-  try {
-    dataset = await loadDataset(cfg.train_data_dir, datasetOptions(cfg));
-    report({ name: 'dataset loads', ok: true, detail: describeDataset(dataset) });
-  } catch (e) {
-    const err = e as Error & { fix?: string };
-    report({ name: 'dataset loads', ok: false, detail: err.message, fix: err.fix ?? 'see README "Training your own LoRA" for the data layouts' });
-  }
+  const data = await checkData(cfg, report);
+  if (data) report(await checkDataloader(cfg, data));
+  else skipped('dataloader yields batches');
 
-  let plan: DataPlan = {};
-  if (dataset && (cfg.enable_bucket || cfg.masked_loss)) {
-    const r = await bucketReport(cfg, dataset);
-    report(r.result);
-    plan = r.plan ?? {};
-    if (!r.plan) dataset = undefined;
-    else dataset = r.dataset;
-  }
-
-  if (dataset) {
-    const t0 = Date.now();
-    const src = new ImageSource(dataset, { batchSize: cfg.train_batch_size, seed: cfg.seed, resolution: cfg.resolution, interpolation: cfg.image_interpolation_mode, centerCrop: cfg.center_crop, randomFlip: cfg.random_flip, prefetchBatches: 0, ...loaderExtras(cfg, plan) });
-    try {
-      const n = Math.min(2, Math.ceil(dataset.items.length / cfg.train_batch_size));
-      let images = 0;
-      for (let i = 0; i < n; i++) images += (await src.next()).indices.length;
-      report({ name: 'dataloader yields batches', ok: true, detail: `${n} batches, ${images} images at ${plan.table ? 'their buckets\' sizes' : `${cfg.resolution}px`} in ${Date.now() - t0} ms` });
-    } catch (e) {
-      report({ name: 'dataloader yields batches', ok: false, detail: (e as Error).message, fix: 'fix or remove the image named above (or --skip-bad-images)' });
-    } finally {
-      await src.close();
-    }
-  } else failed('dataloader yields batches');
-
-  let pipe: PipelineHandle | undefined;
-  let trainer: TrainerHandle | undefined;
   const devices = await native().devices();
-  let device = 'cpu';
+  let device: string;
   try {
     device = await resolveDevice(cfg.device, devices);
     report({ name: 'device', ok: true, detail: device });
@@ -200,98 +169,178 @@ export async function testSetup(cfg: TrainConfig, print: (line: string) => void 
     return results;
   }
   const precision = planPrecision(cfg.mixed_precision, device, devices, cfg.train_mode);
-  const mixed = precision.mixed;
   report({ name: 'precision', ok: true, detail: precision.description + (precision.warnings.length ? `; warning: ${precision.warnings.join('; ')}` : '') });
-  report(await memoryEstimateCheck(cfg, device, devices, mixed, precision.weightDtype));
-  const modelDir = path.resolve(cfg.pretrained_model_name_or_path);
+  report(await memoryEstimateCheck(cfg, device, devices, precision.mixed, precision.weightDtype));
+
   const rss0 = rssBytes();
+  const run: SetupRun = { cfg, device, mixed: precision.mixed, modelDir: path.resolve(cfg.pretrained_model_name_or_path) };
+  try {
+    run.pipe = await loadModels(run, precision.weightDtype, report);
+    if (run.pipe) run.trainer = await configureTrainer(run, run.pipe, report);
+    else skipped('LoRA configured');
+    if (run.trainer && data) report(await trainSteps(run, run.trainer, data));
+    else skipped('5 training steps');
+    if (run.trainer) report(await checkpointRoundTrip(run, run.trainer, data?.dataset));
+    else skipped('checkpoint round trip');
+    report(memoryReport(cfg, device, devices, rss0));
+  } finally {
+    if (run.trainer) native().dispose(run.trainer);
+    if (run.pipe) native().dispose(run.pipe);
+  }
+  return results;
+}
+
+/** What the checks after the device share: the options, where it runs, and what they loaded. */
+interface SetupRun {
+  cfg: TrainConfig;
+  device: string;
+  mixed: 'no' | 'fp16' | 'bf16';
+  modelDir: string;
+  pipe?: PipelineHandle;
+  trainer?: TrainerHandle;
+}
+
+/** The dataset loads, and (--enable-bucket / --masked-loss) its buckets and masks; undefined when it cannot train. */
+async function checkData(cfg: TrainConfig, report: (r: CheckResult) => void): Promise<{ dataset: Dataset; plan: DataPlan } | undefined> {
+  let dataset: Dataset;
+  try {
+    dataset = await loadDataset(cfg.train_data_dir, datasetOptions(cfg));
+    report({ name: 'dataset loads', ok: true, detail: describeDataset(dataset) });
+  } catch (e) {
+    const err = e as Error & { fix?: string };
+    report({ name: 'dataset loads', ok: false, detail: err.message, fix: err.fix ?? 'see README "Training your own LoRA" for the data layouts' });
+    return undefined;
+  }
+  if (!cfg.enable_bucket && !cfg.masked_loss) return { dataset, plan: {} };
+  const r = await bucketReport(cfg, dataset);
+  report(r.result);
+  return r.plan && r.dataset ? { dataset: r.dataset, plan: r.plan } : undefined;
+}
+
+/** The training images as the loader gives them. */
+function imageSource(cfg: TrainConfig, { dataset, plan }: { dataset: Dataset; plan: DataPlan }, prefetch: boolean): ImageSource {
+  return new ImageSource(dataset, {
+    batchSize: cfg.train_batch_size, seed: cfg.seed, resolution: cfg.resolution, interpolation: cfg.image_interpolation_mode, centerCrop: cfg.center_crop,
+    randomFlip: cfg.random_flip, ...(prefetch ? {} : { prefetchBatches: 0 }), ...loaderExtras(cfg, plan),
+  });
+}
+
+/** Two batches come out of the dataloader (decode, resize, crop, buckets, masks). */
+async function checkDataloader(cfg: TrainConfig, data: { dataset: Dataset; plan: DataPlan }): Promise<CheckResult> {
+  const name = 'dataloader yields batches';
+  const t0 = Date.now();
+  const src = imageSource(cfg, data, false);
+  try {
+    const n = Math.min(2, Math.ceil(data.dataset.items.length / cfg.train_batch_size));
+    let images = 0;
+    for (let i = 0; i < n; i++) images += (await src.next()).indices.length;
+    return { name, ok: true, detail: `${n} batches, ${images} images at ${data.plan.table ? 'their buckets\' sizes' : `${cfg.resolution}px`} in ${Date.now() - t0} ms` };
+  } catch (e) {
+    return { name, ok: false, detail: (e as Error).message, fix: 'fix or remove the image named above (or --skip-bad-images)' };
+  } finally {
+    await src.close();
+  }
+}
+
+/** The model folder (or single file) loads on the device in the weights' dtype. */
+async function loadModels({ cfg, device, modelDir }: SetupRun, weightDtype: Precision, report: (r: CheckResult) => void): Promise<PipelineHandle | undefined> {
+  const name = 'models load';
   try {
     await checkModel(modelDir, ['unet', 'vae', 'text_encoder']);
     const t0 = Date.now();
-    pipe = await native().loadPipeline(modelDir, { device, dtype: precision.weightDtype, variant: cfg.variant });
-    report({ name: 'models load', ok: true, detail: `${modelDir} on ${device} (${precision.weightDtype}) in ${((Date.now() - t0) / 1000).toFixed(1)} s` });
+    const pipe = await native().loadPipeline(modelDir, { device, dtype: weightDtype, variant: cfg.variant });
+    report({ name, ok: true, detail: `${modelDir} on ${device} (${weightDtype}) in ${((Date.now() - t0) / 1000).toFixed(1)} s` });
+    return pipe;
   } catch (e) {
-    report({ name: 'models load', ok: false, detail: (e as Error).message, fix: 'point --pretrained-model-name-or-path at a complete diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or an SD 1.x single-file .safetensors' });
+    report({ name, ok: false, detail: (e as Error).message, fix: 'point --pretrained-model-name-or-path at a complete diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or an SD 1.x single-file .safetensors' });
+    return undefined;
   }
+}
 
-  let noise: NoiseSchedule | undefined;
-  if (pipe) {
-    try {
-      noise = NoiseSchedule.fromFile(modelSchedulerConfig(modelDir), cfg.prediction_type ? { predictionType: cfg.prediction_type } : {});
-      const r = await native().createTrainer(pipe, { mode: cfg.train_mode, rank: cfg.rank, alpha: loraAlpha(cfg), targets: cfg.lora_target_modules, trainTextEncoder: cfg.train_text_encoder, textEncoderTargets: cfg.train_text_encoder ? textEncoderTargets(cfg) : undefined, mixedPrecision: mixed, gradientCheckpointing: cfg.gradient_checkpointing, predictionType: noise.predictionType as 'epsilon', alphasCumprod: Array.from(noise.alphasCumprod), seed: cfg.seed, maxGradNorm: cfg.max_grad_norm });
-      trainer = r.trainer;
-      report({ name: 'LoRA configured', ok: true, detail: `rank ${cfg.rank}, alpha ${loraAlpha(cfg)}, targets ${cfg.lora_target_modules.join(',')}: ${r.trainableParams.toLocaleString('en-US')} trainable of ${r.totalParams.toLocaleString('en-US')} (${((100 * r.trainableParams) / r.totalParams).toFixed(3)} %)` });
-    } catch (e) {
-      report({ name: 'LoRA configured', ok: false, detail: (e as Error).message, fix: 'check --lora-target-modules (peft names such as to_q, to_k, to_v, to_out.0)' });
+/** The trainer builds with the run's LoRA (or full) options. */
+async function configureTrainer({ cfg, mixed, modelDir }: SetupRun, pipe: PipelineHandle, report: (r: CheckResult) => void): Promise<TrainerHandle | undefined> {
+  const name = 'LoRA configured';
+  try {
+    const noise = NoiseSchedule.fromFile(modelSchedulerConfig(modelDir), cfg.prediction_type ? { predictionType: cfg.prediction_type } : {});
+    const r = await native().createTrainer(pipe, { mode: cfg.train_mode, rank: cfg.rank, alpha: loraAlpha(cfg), targets: cfg.lora_target_modules, trainTextEncoder: cfg.train_text_encoder, textEncoderTargets: cfg.train_text_encoder ? textEncoderTargets(cfg) : undefined, mixedPrecision: mixed, gradientCheckpointing: cfg.gradient_checkpointing, predictionType: noise.predictionType as 'epsilon', alphasCumprod: Array.from(noise.alphasCumprod), seed: cfg.seed, maxGradNorm: cfg.max_grad_norm });
+    report({ name, ok: true, detail: `rank ${cfg.rank}, alpha ${loraAlpha(cfg)}, targets ${cfg.lora_target_modules.join(',')}: ${r.trainableParams.toLocaleString('en-US')} trainable of ${r.totalParams.toLocaleString('en-US')} (${((100 * r.trainableParams) / r.totalParams).toFixed(3)} %)` });
+    return r.trainer;
+  } catch (e) {
+    report({ name, ok: false, detail: (e as Error).message, fix: 'check --lora-target-modules (peft names such as to_q, to_k, to_v, to_out.0)' });
+    return undefined;
+  }
+}
+
+/** Five optimizer steps on the real data give finite losses. */
+async function trainSteps({ cfg, modelDir }: SetupRun, trainer: TrainerHandle, data: { dataset: Dataset; plan: DataPlan }): Promise<CheckResult> {
+  const name = '5 training steps';
+  const src = imageSource(cfg, data, true);
+  try {
+    const tok = CLIPTokenizer.fromFolder(modelTokenizerDir(modelDir));
+    const losses: number[] = [];
+    const t0 = Date.now();
+    for (let i = 0; i < 5; i++) {
+      const b = await src.next();
+      const ids = tok.encodeBatch(b.captions, { maxLength: tok.modelMaxLength });
+      losses.push(await native().trainerMicroStep(trainer, { ...b.images, inputIds: fromInt64('input_ids', [ids.length, ids[0].length], ids.flat()) }, 1));
+      await native().trainerOptimizerStep(trainer, cfg.learning_rate, cfg.train_text_encoder ? (cfg.text_encoder_lr ?? cfg.learning_rate) : undefined);
     }
-  } else failed('LoRA configured');
+    const ok = losses.every(Number.isFinite);
+    return { name, ok, detail: `losses ${losses.map((l) => l.toFixed(4)).join(', ')} (${((Date.now() - t0) / 5000).toFixed(2)} s/step)`, fix: ok ? undefined : 'NaN/inf losses: try --mixed-precision no or bf16, a lower --learning-rate, or check the model weights' };
+  } catch (e) {
+    return { name, ok: false, detail: (e as Error).message, fix: 'out of memory? lower --train-batch-size, add --gradient-checkpointing, or use --mixed-precision bf16/fp16' };
+  } finally {
+    await src.close();
+  }
+}
 
-  if (trainer && dataset) {
-    const src = new ImageSource(dataset, { batchSize: cfg.train_batch_size, seed: cfg.seed, resolution: cfg.resolution, interpolation: cfg.image_interpolation_mode, centerCrop: cfg.center_crop, randomFlip: cfg.random_flip, ...loaderExtras(cfg, plan) });
-    try {
-      const tok = CLIPTokenizer.fromFolder(modelTokenizerDir(modelDir));
-      const losses: number[] = [];
-      const t0 = Date.now();
-      for (let i = 0; i < 5; i++) {
-        const b = await src.next();
-        const ids = tok.encodeBatch(b.captions, { maxLength: tok.modelMaxLength });
-        losses.push(await native().trainerMicroStep(trainer, { ...b.images, inputIds: fromInt64('input_ids', [ids.length, ids[0].length], ids.flat()) }, 1));
-        await native().trainerOptimizerStep(trainer, cfg.learning_rate, cfg.train_text_encoder ? (cfg.text_encoder_lr ?? cfg.learning_rate) : undefined);
-      }
-      const ok = losses.every(Number.isFinite);
-      report({ name: '5 training steps', ok, detail: `losses ${losses.map((l) => l.toFixed(4)).join(', ')} (${((Date.now() - t0) / 5000).toFixed(2)} s/step)`, fix: ok ? undefined : 'NaN/inf losses: try --mixed-precision no or bf16, a lower --learning-rate, or check the model weights' });
-    } catch (e) {
-      report({ name: '5 training steps', ok: false, detail: (e as Error).message, fix: 'out of memory? lower --train-batch-size, add --gradient-checkpointing, or use --mixed-precision bf16/fp16' });
-    } finally {
-      await src.close();
-    }
-  } else failed('5 training steps');
+/**
+ * A checkpoint of this trainer written, verified and loaded back through training's own save/load pair
+ * (saveTrainingState / loadTrainingState), in a temporary folder.
+ */
+async function checkpointRoundTrip({ cfg, device, mixed, modelDir }: SetupRun, trainer: TrainerHandle, dataset: Dataset | undefined): Promise<CheckResult> {
+  const name = 'checkpoint round trip';
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'train-lora-setup-'));
+  try {
+    const t0 = Date.now();
+    const n = dataset?.items.length ?? 1;
+    const cursor = { version: 1 as const, seed: cfg.seed, numSamples: n, epoch: 0, position: 0 };
+    const snapshot: TrainingSnapshot = {
+      config: cfg,
+      schedule: { spec: { kind: 'constant', baseLr: cfg.learning_rate, warmupSteps: 0, totalSteps: 1, numCycles: 1, power: 1, lrEnd: 0, stepRules: null }, schedulerSteps: 1 },
+      worldSize: 1,
+      cursor,
+      trainerState: {
+        version: TRAINER_STATE_VERSION, global_step: 1, scheduler_steps: 1, epoch: 0, position: 0, samples_seen: 0, max_train_steps: 1, train_loss: null, best_metric: null,
+        base_model: { path: modelDir, fingerprint: 'test-setup' }, dataset: { path: cfg.train_data_dir, fingerprint: 'test-setup', size: n },
+        config: cfg, device, mixed_precision: mixed, resumed_from: null,
+      },
+    };
+    const mgr = new CheckpointManager(dir);
+    const saved = await mgr.save(1, async (tmp) => (await saveTrainingState(trainer, tmp, snapshot, mgr.dir)).files);
+    const v = await verifyCheckpoint(saved.path);
+    if (!v.valid) throw new Error(`verify failed: ${v.problem}`);
+    await loadTrainingState(trainer, saved.path, { rank: 0 });
+    return { name, ok: true, detail: `write + verify + load of ${formatBytes(saved.size)} in ${Date.now() - t0} ms (${dir})` };
+  } catch (e) {
+    return { name, ok: false, detail: (e as Error).message, fix: 'check free space and write permissions of the temp folder / --output-dir' };
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
 
-  if (trainer) {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'train-lora-setup-'));
-    try {
-      const t0 = Date.now();
-      const mgr = new CheckpointManager(dir);
-      const saved = await mgr.save(1, async (tmp) => {
-        // Every file a training checkpoint has, with the content verify checks (src/checkpoint/state.ts).
-        const s = await native().trainerSaveState(trainer!, tmp);
-        const n = dataset?.items.length ?? 1;
-        const put = (f: string, v: unknown) => fs.writeFileSync(path.join(tmp, f), JSON.stringify(v));
-        put(OPTIMIZER_FILE, { kind: 'AdamW', betas: [cfg.adam_beta1, cfg.adam_beta2], eps: cfg.adam_epsilon, weight_decay: cfg.adam_weight_decay, per_parameter_steps: s.optimizerSteps });
-        put(SCHEDULER_FILE, { spec: { kind: 'constant', baseLr: cfg.learning_rate, warmupSteps: 0, totalSteps: 1, numCycles: 1, power: 1, lrEnd: 0, stepRules: null }, scheduler_steps: 1 });
-        put(SCALER_FILE, s.scaler);
-        put(RANDOM_STATES_FILE, { torch: s.rng, data: { sampler: { version: 1, seed: cfg.seed, numSamples: n, epoch: 0, position: 0 }, seed: cfg.seed } });
-        put(TRAINER_STATE_FILE, {
-          version: 1, global_step: 1, scheduler_steps: 1, epoch: 0, position: 0, samples_seen: 0, max_train_steps: 1, train_loss: null, best_metric: null,
-          base_model: { path: modelDir, fingerprint: 'test-setup' }, dataset: { path: cfg.train_data_dir, fingerprint: 'test-setup', size: n },
-          config: cfg, device, resumed_from: null, versions: {}, time: new Date().toISOString(), host: os.hostname(),
-        });
-      });
-      const v = await verifyCheckpoint(saved.path);
-      if (!v.valid) throw new Error(`verify failed: ${v.problem}`);
-      const steps = JSON.parse(fs.readFileSync(path.join(saved.path, OPTIMIZER_FILE), 'utf8')).per_parameter_steps as Record<string, number>;
-      await native().trainerLoadState(trainer, saved.path, { optimizerSteps: steps });
-      report({ name: 'checkpoint round trip', ok: true, detail: `write + verify + load of ${formatBytes(saved.size)} in ${Date.now() - t0} ms (${dir})` });
-    } catch (e) {
-      report({ name: 'checkpoint round trip', ok: false, detail: (e as Error).message, fix: 'check free space and write permissions of the temp folder / --output-dir' });
-    } finally {
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
-  } else failed('checkpoint round trip');
-
+/** The machine's memory and what the checks used beyond start-up. */
+function memoryReport(cfg: TrainConfig, device: string, devices: DeviceInfo[], rss0: number): CheckResult {
   const d = devices.find((x) => x.type === device.split(':')[0]);
   const rss = rssBytes();
-  report({
+  return {
     name: 'memory',
     ok: true,
     detail:
       `host: ${formatBytes(os.totalmem())} total, ${formatBytes(os.freemem())} free, this process ${formatBytes(rss)} RSS` +
       (d && d.type !== 'cpu' && d.totalMemory ? `; ${d.type}: ${formatBytes(d.totalMemory)} total` : '') +
       `; training with batch ${cfg.train_batch_size}${cfg.gradient_checkpointing ? ' and gradient checkpointing' : ''} used about ${formatBytes(Math.max(0, rss - rss0))} beyond start-up here`,
-  });
-  if (trainer) native().dispose(trainer);
-  if (pipe) native().dispose(pipe);
-  return results;
+  };
 }
 
 /**
