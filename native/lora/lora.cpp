@@ -253,16 +253,10 @@ std::string lora_key(const std::string& component, const std::string& path, bool
   return "";
 }
 
-LoraFile read_lora_file(const std::string& given, const std::map<std::string, std::vector<std::string>>& module_paths,
-                        std::optional<double> alpha_if_unknown) {
-  const LoraLocation loc = locate_lora(given);
-  const std::string& path = loc.file;
-  st::File f(path);
-  LoraFile out;
-  out.file = path;
-  out.metadata = f.header().metadata;
-  const auto& tensors = f.header().tensors;
-  // Kinds of file this reader does not load, told apart by their keys, refused with what is supported.
+namespace {
+
+// Kinds of file this reader does not load, told apart by their keys, refused with what is supported.
+void refuse_unsupported(const std::string& path, const std::vector<st::TensorInfo>& tensors) {
   for (const auto& t : tensors) {
     const std::string& k = t.name;
     std::string kind;
@@ -277,6 +271,10 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
                                             "encoders in the diffusers, PEFT or kohya format (kohya: lora_unet_<diffusers module>.lora_down/"
                                             "lora_up/alpha, LoCon conv modules included)");
   }
+}
+
+// Which of the three formats the keys are in (exactly one).
+LoraFormat detect_format(const std::string& path, const std::vector<st::TensorInfo>& tensors) {
   bool any_kohya = false, any_peft = false, any_diffusers = false;
   for (const auto& t : tensors) {
     if (starts_with(t.name, "lora_unet_") || starts_with(t.name, "lora_te_")) any_kohya = true;
@@ -291,9 +289,14 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
                                             ? "no LoRA weights found (expected keys like unet.<module>.lora_A.weight, "
                                               "unet.<module>.lora.down.weight or lora_unet_<module>.lora_down.weight)"
                                             : "mixes several LoRA key formats; convert it to one format first"));
-  out.format = any_kohya ? LoraFormat::Kohya : any_peft ? LoraFormat::Peft : LoraFormat::Diffusers;
+  return any_kohya ? LoraFormat::Kohya : any_peft ? LoraFormat::Peft : LoraFormat::Diffusers;
 
-  // Adapter-wide alpha per component, from the first source that gives one (see read_lora_file in lora.h).
+}
+
+// Adapter-wide alpha per component, from the first source that gives one (see read_lora_file in lora.h): the file's
+// metadata, then an adapter_config.json or a checkpoint's trainer_state.json beside it.
+std::map<std::string, Strength> strength_sources(const LoraFile& out, const LoraLocation& loc) {
+  const std::string& path = out.file;
   std::map<std::string, Strength> strength;
   if (auto it = out.metadata.find("lora_adapter_metadata"); it != out.metadata.end()) {
     Json m;
@@ -340,7 +343,14 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
       for (const std::string comp : {"unet", "text_encoder"}) strength.emplace(comp, s);
     }
   }
+  return strength;
+}
 
+// Every tensor to its component and module: kohya's underscored names through the model's module paths, peft's and
+// diffusers' by their suffixes. Keys that name no module of this model are an error listing them.
+void read_modules(const st::File& f, const std::map<std::string, std::vector<std::string>>& module_paths, LoraFile& out) {
+  const std::string& path = out.file;
+  const auto& tensors = f.header().tensors;
   // kohya: map underscored names back through the model's real module paths.
   std::map<std::string, std::pair<std::string, std::string>> kohya_names;  // lora_unet_x_y -> (component, path)
   if (out.format == LoraFormat::Kohya)
@@ -348,7 +358,6 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
       for (const auto& p : paths) kohya_names[kohya_prefix(comp) + "_" + underscored(p)] = {comp, p};
 
   std::vector<std::string> unknown;
-  std::map<std::string, std::map<std::string, double>> kohya_alpha;
   for (const auto& t : tensors) {
     std::string comp, mpath;
     bool is_a = false, is_alpha = false;
@@ -415,6 +424,12 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
     msg += "\n  Is this LoRA for a different base model (e.g. SDXL, SD 2.x), or a LyCORIS/LoHa file?";
     throw UserError("ELORAKEYS", msg);
   }
+}
+
+// Every module has both matrices of compatible shapes, and every component an alpha: per module, adapter-wide from
+// `strength`, the format's convention, or --lora-alpha; a PEFT file with none is an error.
+void resolve_alphas(LoraFile& out, const std::map<std::string, Strength>& strength, const std::string& given, std::optional<double> alpha_if_unknown) {
+  const std::string& path = out.file;
   for (auto& [comp, w] : out.components) {
     for (auto& [mpath, e] : w.modules) {
       if (!e.down.defined() || !e.up.defined())
@@ -467,6 +482,23 @@ LoraFile read_lora_file(const std::string& given, const std::map<std::string, st
                             "adapter or checkpoint folder instead, or give the alpha with --lora-alpha (the scale is alpha / rank; "
                             "this file's rank is " + std::to_string(w.rank()) + ").");
   }
+}
+
+}  // namespace
+
+LoraFile read_lora_file(const std::string& given, const std::map<std::string, std::vector<std::string>>& module_paths,
+                        std::optional<double> alpha_if_unknown) {
+  const LoraLocation loc = locate_lora(given);
+  const std::string& path = loc.file;
+  st::File f(path);
+  LoraFile out;
+  out.file = path;
+  out.metadata = f.header().metadata;
+  refuse_unsupported(path, f.header().tensors);
+  out.format = detect_format(path, f.header().tensors);
+  const std::map<std::string, Strength> strength = strength_sources(out, loc);
+  read_modules(f, module_paths, out);
+  resolve_alphas(out, strength, given, alpha_if_unknown);
   // A PEFT export folder (train-lora's lora_weights/): the text encoder's adapter lives in text_encoder/ beside the
   // UNet's; it is read too, never dropped.
   if (base_of(path) == "adapter_model.safetensors" && !out.components.count("text_encoder")) {
