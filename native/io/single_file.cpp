@@ -174,11 +174,10 @@ bool is_single_file_checkpoint(const std::string& path) {
   return ::stat(path.c_str(), &sb) == 0 && S_ISREG(sb.st_mode);
 }
 
-SingleFileModel describe_single_file(const WeightSource& src) {
-  refuse_other_families(src);
-  SingleFileModel out;
+namespace {
 
-  // ---- UNet: levels from input_blocks (resnets, attentions, downsamplers) ----
+// The UNet's config from its input_blocks (levels: resnets, attentions, downsamplers) and its key mapping.
+void describe_unet(const WeightSource& src, SingleFileModel& out) {
   std::vector<int64_t> level_channels, level_transformers;
   std::vector<bool> level_attn;
   std::vector<int64_t> level_resnets;
@@ -250,56 +249,66 @@ SingleFileModel describe_single_file(const WeightSource& src) {
     out.unet = Json(u);
   }
   out.unet_key = [L](const std::string& k) -> std::string { return starts_with(k, kUnet) ? unet_key(k.substr(kUnet.size()), L) : ""; };
+}
 
-  // ---- VAE ----
-  {
-    const auto down_levels = indices(src, kVae + "encoder.down.");
-    const auto up_levels = indices(src, kVae + "decoder.up.");
-    if (down_levels.empty() || down_levels.size() != up_levels.size()) refuse(src, "its VAE encoder and decoder have different numbers of levels");
-    std::vector<int64_t> ch;
-    for (int64_t i : down_levels) ch.push_back(shape_of(src, kVae + "encoder.down." + std::to_string(i) + ".block.0.conv2.weight")[0]);
-    const int64_t n = static_cast<int64_t>(up_levels.size());
-    Json::Object v;
-    v["_class_name"] = Json("AutoencoderKL");
-    v["in_channels"] = Json(shape_of(src, kVae + "encoder.conv_in.weight")[1]);
-    v["out_channels"] = Json(shape_of(src, kVae + "decoder.conv_out.weight")[0]);
-    v["latent_channels"] = Json(shape_of(src, kVae + "decoder.conv_in.weight")[1]);
-    v["block_out_channels"] = ints(ch);
-    v["down_block_types"] = strings(std::vector<std::string>(ch.size(), "DownEncoderBlock2D"));
-    v["up_block_types"] = strings(std::vector<std::string>(ch.size(), "UpDecoderBlock2D"));
-    v["layers_per_block"] = Json(static_cast<int64_t>(indices(src, kVae + "encoder.down.0.block.").size()));
-    v["norm_num_groups"] = Json(32);
-    v["act_fn"] = Json("silu");
-    v["sample_size"] = Json(512);
-    v["scaling_factor"] = Json(0.18215);
-    v["force_upcast"] = Json(true);
-    v["use_quant_conv"] = Json(src.has(kVae + "quant_conv.weight"));
-    v["use_post_quant_conv"] = Json(src.has(kVae + "post_quant_conv.weight"));
-    out.vae = Json(v);
-    out.vae_key = [n](const std::string& k) -> std::string { return starts_with(k, kVae) ? vae_key(k.substr(kVae.size()), n) : ""; };
-  }
+// The VAE's config from its encoder and decoder levels, and its key mapping.
+void describe_vae(const WeightSource& src, SingleFileModel& out) {
+  const auto down_levels = indices(src, kVae + "encoder.down.");
+  const auto up_levels = indices(src, kVae + "decoder.up.");
+  if (down_levels.empty() || down_levels.size() != up_levels.size()) refuse(src, "its VAE encoder and decoder have different numbers of levels");
+  std::vector<int64_t> ch;
+  for (int64_t i : down_levels) ch.push_back(shape_of(src, kVae + "encoder.down." + std::to_string(i) + ".block.0.conv2.weight")[0]);
+  const int64_t n = static_cast<int64_t>(up_levels.size());
+  Json::Object v;
+  v["_class_name"] = Json("AutoencoderKL");
+  v["in_channels"] = Json(shape_of(src, kVae + "encoder.conv_in.weight")[1]);
+  v["out_channels"] = Json(shape_of(src, kVae + "decoder.conv_out.weight")[0]);
+  v["latent_channels"] = Json(shape_of(src, kVae + "decoder.conv_in.weight")[1]);
+  v["block_out_channels"] = ints(ch);
+  v["down_block_types"] = strings(std::vector<std::string>(ch.size(), "DownEncoderBlock2D"));
+  v["up_block_types"] = strings(std::vector<std::string>(ch.size(), "UpDecoderBlock2D"));
+  v["layers_per_block"] = Json(static_cast<int64_t>(indices(src, kVae + "encoder.down.0.block.").size()));
+  v["norm_num_groups"] = Json(32);
+  v["act_fn"] = Json("silu");
+  v["sample_size"] = Json(512);
+  v["scaling_factor"] = Json(0.18215);
+  v["force_upcast"] = Json(true);
+  v["use_quant_conv"] = Json(src.has(kVae + "quant_conv.weight"));
+  v["use_post_quant_conv"] = Json(src.has(kVae + "post_quant_conv.weight"));
+  out.vae = Json(v);
+  out.vae_key = [n](const std::string& k) -> std::string { return starts_with(k, kVae) ? vae_key(k.substr(kVae.size()), n) : ""; };
+}
 
-  // ---- CLIP text encoder (transformers' names under cond_stage_model.transformer.) ----
-  {
-    std::string tm = kClip + "text_model.";
-    if (!src.has(tm + "embeddings.token_embedding.weight")) tm = kClip;
-    const auto tok = shape_of(src, tm + "embeddings.token_embedding.weight");
-    const auto pos = shape_of(src, tm + "embeddings.position_embedding.weight");
-    const int64_t hidden = tok[1];
-    Json::Object t;
-    t["model_type"] = Json("clip_text_model");
-    t["vocab_size"] = Json(tok[0]);
-    t["hidden_size"] = Json(hidden);
-    t["max_position_embeddings"] = Json(pos[0]);
-    t["num_hidden_layers"] = Json(static_cast<int64_t>(indices(src, tm + "encoder.layers.").size()));
-    t["intermediate_size"] = Json(shape_of(src, tm + "encoder.layers.0.mlp.fc1.weight")[0]);
-    // CLIP's text encoders have 64-channel heads (ViT-L/14: 768 / 12); narrower test models use 8-channel heads.
-    t["num_attention_heads"] = Json(hidden % 64 == 0 ? hidden / 64 : (hidden % 8 == 0 ? hidden / 8 : 1));
-    t["hidden_act"] = Json("quick_gelu");
-    t["layer_norm_eps"] = Json(1e-5);
-    out.text_encoder = Json(t);
-    out.text_encoder_key = [](const std::string& k) -> std::string { return starts_with(k, kClip) ? k.substr(kClip.size()) : ""; };
-  }
+// The CLIP text encoder's config (transformers' names under cond_stage_model.transformer.) and its key mapping.
+void describe_text_encoder(const WeightSource& src, SingleFileModel& out) {
+  std::string tm = kClip + "text_model.";
+  if (!src.has(tm + "embeddings.token_embedding.weight")) tm = kClip;
+  const auto tok = shape_of(src, tm + "embeddings.token_embedding.weight");
+  const auto pos = shape_of(src, tm + "embeddings.position_embedding.weight");
+  const int64_t hidden = tok[1];
+  Json::Object t;
+  t["model_type"] = Json("clip_text_model");
+  t["vocab_size"] = Json(tok[0]);
+  t["hidden_size"] = Json(hidden);
+  t["max_position_embeddings"] = Json(pos[0]);
+  t["num_hidden_layers"] = Json(static_cast<int64_t>(indices(src, tm + "encoder.layers.").size()));
+  t["intermediate_size"] = Json(shape_of(src, tm + "encoder.layers.0.mlp.fc1.weight")[0]);
+  // CLIP's text encoders have 64-channel heads (ViT-L/14: 768 / 12); narrower test models use 8-channel heads.
+  t["num_attention_heads"] = Json(hidden % 64 == 0 ? hidden / 64 : (hidden % 8 == 0 ? hidden / 8 : 1));
+  t["hidden_act"] = Json("quick_gelu");
+  t["layer_norm_eps"] = Json(1e-5);
+  out.text_encoder = Json(t);
+  out.text_encoder_key = [](const std::string& k) -> std::string { return starts_with(k, kClip) ? k.substr(kClip.size()) : ""; };
+}
+
+}  // namespace
+
+SingleFileModel describe_single_file(const WeightSource& src) {
+  refuse_other_families(src);
+  SingleFileModel out;
+  describe_unet(src, out);
+  describe_vae(src, out);
+  describe_text_encoder(src, out);
   return out;
 }
 
