@@ -93,56 +93,68 @@ void Trainer::reset_optimizer() {
   }
 }
 
+// This rank's rows of a draw for the global batch (see DataParallel); a plain draw with one process.
+torch::Tensor Trainer::randn_rows(c10::IntArrayRef sizes, const torch::TensorOptions& o) const {
+  const int64_t R = data_parallel.world_size, rank = data_parallel.rank;
+  std::vector<int64_t> s(sizes.begin(), sizes.end());
+  const int64_t rows = s[0];
+  s[0] *= R;
+  return torch::randn(s, o).narrow(0, rank * rows, rows).contiguous();
+}
+
+// The micro-batch's latents in the pipeline's dtype: given (test hook), or a sample of the VAE posterior (encoded
+// now, or cached) times scaling_factor. `global_strides` receives the global batch's latent layout when it differs
+// from this rank's (data parallel with one row per rank).
+torch::Tensor Trainer::latents_for(const MicroBatch& b, std::vector<int64_t>& global_strides) {
+  auto& p = *pipe_;
+  const auto dev = p.device;
+  const auto dt = p.dtype.value_or(torch::kFloat32);
+  const int64_t R = data_parallel.world_size;
+  torch::NoGradGuard ng;
+  torch::Tensor latents;
+  if (b.latents.defined()) {
+    latents = b.latents.to(dev, dt);
+  } else {
+    torch::Tensor mean, std;
+    if (b.pixel_values.defined()) {
+      if (!p.vae) throw UserError("EINPUT", "pixel values given but the VAE is not loaded");
+      auto post = p.vae->encode(b.pixel_values.to(dev));  // in the VAE's dtype (fp32 under force_upcast)
+      mean = post.mean, std = post.std;
+    } else if (b.latent_mean.defined() && b.latent_std.defined()) {
+      mean = b.latent_mean.to(dev, dt), std = b.latent_std.to(dev, dt);
+    } else {
+      throw UserError("EINPUT", "a micro-batch needs pixel values or cached latents");
+    }
+    // latent_dist.sample(): mean + std * N(0, 1)
+    latents = mean + std * (R == 1 ? torch::randn(mean.sizes(), mean.options()) : randn_rows(mean.sizes(), mean.options()));
+    const double sf = p.vae ? p.vae->config.scaling_factor : 0.18215;
+    // In the pipeline's dtype, as diffusers' script has them (an fp32 VAE under force_upcast returns fp32).
+    latents = (latents * sf).to(dt);
+    // With one row per rank the VAE's output has another memory layout than the global batch's would (diffusers'
+    // too: channels_last after the attention at >= 2 rows, contiguous at 1), and randn_like below follows the
+    // layout. The global layout is probed once per image size with a 2-row encode (no random numbers drawn).
+    if (R > 1 && latents.size(0) == 1 && b.pixel_values.defined()) {
+      auto key = b.pixel_values.sizes().vec();
+      auto it = global_layout_.find(key);
+      if (it == global_layout_.end()) {
+        auto pixels = b.pixel_values.to(dev);
+        auto post = p.vae->encode(pixels.expand({2, -1, -1, -1}).contiguous());
+        auto probe = ((post.mean + post.std * torch::zeros(post.mean.sizes(), post.mean.options())) * sf).to(dt);
+        it = global_layout_.emplace(key, probe.strides().vec()).first;
+      }
+      global_strides = it->second;
+    }
+  }
+  return latents;
+}
+
 torch::Tensor Trainer::loss_for(const MicroBatch& b, bool train, UnetInputs* inputs_only) {
   auto& p = *pipe_;
   const auto dev = p.device;
   const auto dt = p.dtype.value_or(torch::kFloat32);
-  // This rank's rows of a draw for the global batch (see DataParallel); a plain draw with one process.
   const int64_t R = data_parallel.world_size, rank = data_parallel.rank;
-  auto randn_rows = [&](c10::IntArrayRef sizes, const torch::TensorOptions& o) {
-    std::vector<int64_t> s(sizes.begin(), sizes.end());
-    const int64_t rows = s[0];
-    s[0] *= R;
-    return torch::randn(s, o).narrow(0, rank * rows, rows).contiguous();
-  };
-  torch::Tensor latents;
   std::vector<int64_t> global_strides;  // the layout of the global batch's latents when it differs from latents'
-  {
-    torch::NoGradGuard ng;
-    if (b.latents.defined()) {
-      latents = b.latents.to(dev, dt);
-    } else {
-      torch::Tensor mean, std;
-      if (b.pixel_values.defined()) {
-        if (!p.vae) throw UserError("EINPUT", "pixel values given but the VAE is not loaded");
-        auto post = p.vae->encode(b.pixel_values.to(dev));  // in the VAE's dtype (fp32 under force_upcast)
-        mean = post.mean, std = post.std;
-      } else if (b.latent_mean.defined() && b.latent_std.defined()) {
-        mean = b.latent_mean.to(dev, dt), std = b.latent_std.to(dev, dt);
-      } else {
-        throw UserError("EINPUT", "a micro-batch needs pixel values or cached latents");
-      }
-      // latent_dist.sample(): mean + std * N(0, 1)
-      latents = mean + std * (R == 1 ? torch::randn(mean.sizes(), mean.options()) : randn_rows(mean.sizes(), mean.options()));
-      const double sf = p.vae ? p.vae->config.scaling_factor : 0.18215;
-      // In the pipeline's dtype, as diffusers' script has them (an fp32 VAE under force_upcast returns fp32).
-      latents = (latents * sf).to(dt);
-      // With one row per rank the VAE's output has another memory layout than the global batch's would (diffusers'
-      // too: channels_last after the attention at >= 2 rows, contiguous at 1), and randn_like below follows the
-      // layout. The global layout is probed once per image size with a 2-row encode (no random numbers drawn).
-      if (R > 1 && latents.size(0) == 1 && b.pixel_values.defined()) {
-        auto key = b.pixel_values.sizes().vec();
-        auto it = global_layout_.find(key);
-        if (it == global_layout_.end()) {
-          auto pixels = b.pixel_values.to(dev);
-          auto post = p.vae->encode(pixels.expand({2, -1, -1, -1}).contiguous());
-          auto probe = ((post.mean + post.std * torch::zeros(post.mean.sizes(), post.mean.options())) * sf).to(dt);
-          it = global_layout_.emplace(key, probe.strides().vec()).first;
-        }
-        global_strides = it->second;
-      }
-    }
-  }
+  const torch::Tensor latents = latents_for(b, global_strides);
   const int64_t B = latents.size(0);
   // randn_like(latents) keeps latents' memory layout (not always contiguous: the VAE posterior is a chunk), and
   // the fill order (and generator use) follows the layout: the global draw must have the same layout.

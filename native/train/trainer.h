@@ -156,6 +156,8 @@ class Trainer {
   struct UnetInputs {
     torch::Tensor noisy, timesteps, ehs, target, mask;
   };
+  torch::Tensor randn_rows(c10::IntArrayRef sizes, const torch::TensorOptions& o) const;
+  torch::Tensor latents_for(const MicroBatch& b, std::vector<int64_t>& global_strides);
   // With `inputs_only`, stops before the UNet and fills it (the loss returned is undefined).
   torch::Tensor loss_for(const MicroBatch& b, bool train, UnetInputs* inputs_only = nullptr);
   // `mask` (--masked-loss, [B,1,h,w] at the latent size) may be undefined.
