@@ -56,6 +56,8 @@ export interface LatentCache {
   handle: LatentCacheHandle;
   /** [C, h, w] of every item (its bucket's latent size with --enable-bucket). */
   shapes: number[][];
+  /** The items by size (bucket), each group in index order, the groups in the order of their first item. */
+  groups: number[][];
 }
 
 /**
@@ -66,19 +68,13 @@ export interface LatentCache {
 export async function buildLatentCache(pipe: PipelineHandle, dataset: Dataset, opts: LoaderOptions, onProgress?: (done: number, total: number) => void): Promise<LatentCache> {
   const loader = new BatchLoader(dataset, { ...opts, prefetchBatches: 0 });
   const n = dataset.items.length;
-  const cache: LatentCache = { handle: native().latentCacheCreate(pipe), shapes: new Array(n) };
+  // The items by output size (bucket), so each image is encoded once, in a chunk of its own size.
+  const groups = opts.buckets ? opts.buckets.buckets.map((b) => b.items).sort((a, b) => a[0] - b[0]) : n ? [Array.from({ length: n }, (_, i) => i)] : [];
+  const cache: LatentCache = { handle: native().latentCacheCreate(pipe), shapes: new Array(n), groups };
   const chunk = 8;
-  // Items grouped by output size (bucket), each group in index order.
-  const groups = new Map<string, number[]>();
-  for (let i = 0; i < n; i++) {
-    const b = loader.imageOptionsFor(i).bucket;
-    const key = b ? `${b.width}x${b.height}` : 'square';
-    if (!groups.has(key)) groups.set(key, []);
-    groups.get(key)!.push(i);
-  }
   let done = 0;
   try {
-    for (const members of groups.values()) {
+    for (const members of groups) {
       for (let start = 0; start < members.length; start += chunk) {
         const idx = members.slice(start, start + chunk);
         const imgs = await Promise.all(idx.map((i) => loader.loadForCache(i)));

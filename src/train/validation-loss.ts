@@ -82,14 +82,8 @@ export class ValidationLoss {
    * samples of one size: the samples grouped by size (in index order), cut into batches.
    */
   async evaluate(trainer: TrainerHandle): Promise<number> {
-    const groups = new Map<string, number[]>();
-    this.cache.shapes.forEach((sh, i) => {
-      const k = sh.join('x');
-      if (!groups.has(k)) groups.set(k, []);
-      groups.get(k)!.push(i);
-    });
     let total = 0;
-    for (const members of groups.values()) {
+    for (const members of this.cache.groups) {
       for (let start = 0; start < members.length; start += this.batchSize) {
         const items = members.slice(start, start + this.batchSize);
         const batch: TrainBatch = {
