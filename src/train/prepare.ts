@@ -153,8 +153,9 @@ function lrScheduleFor(cfg: TrainConfig, dataPlan: DataPlan, items: number, worl
   const batchSize = cfg.train_batch_size;
   const accum = cfg.gradient_accumulation_steps;
   const maxSteps = cfg.max_train_steps;
-  const batchesPerEpoch = dataPlan.table ? batchesPerEpochOnRank(dataPlan, items, batchSize, world) * world : Math.ceil(items / batchSize);
-  const updatesPerEpoch = Math.ceil(batchesPerEpochOnRank(dataPlan, items, batchSize, world) / accum);
+  const onRank = batchesPerEpochOnRank(dataPlan, items, batchSize, world);
+  const batchesPerEpoch = dataPlan.table ? onRank * world : Math.ceil(items / batchSize);
+  const updatesPerEpoch = Math.ceil(onRank / accum);
   return trainingLrSchedule({
     kind: cfg.lr_scheduler as LrScheduleSpec['kind'],
     learningRate: cfg.learning_rate,
