@@ -153,7 +153,6 @@ export function cropToChw(img: RgbImage, top: number, left: number, size: number
 
 /** cropToChw for a `width` x `height` window. */
 export function cropRectToChw(img: RgbImage, top: number, left: number, width: number, height: number, flip: boolean, out?: Float32Array): Float32Array {
-  const size = width;
   if (top < 0 || left < 0 || top + height > img.height || left + width > img.width) {
     throw new RangeError(`crop ${width}x${height} at (${top}, ${left}) is outside the ${img.width}x${img.height} image`);
   }
@@ -163,17 +162,17 @@ export function cropRectToChw(img: RgbImage, top: number, left: number, width: n
   const src = img.data;
   const plane2 = 2 * plane;
   for (let y = 0; y < height; y++) {
-    const o = y * size;
+    const o = y * width;
     if (flip) {
-      let s = ((top + y) * img.width + left + size - 1) * 3;
-      for (let x = 0; x < size; x++, s -= 3) {
+      let s = ((top + y) * img.width + left + width - 1) * 3;
+      for (let x = 0; x < width; x++, s -= 3) {
         dst[o + x] = NORMALIZE_LUT[src[s]];
         dst[plane + o + x] = NORMALIZE_LUT[src[s + 1]];
         dst[plane2 + o + x] = NORMALIZE_LUT[src[s + 2]];
       }
     } else {
       let s = ((top + y) * img.width + left) * 3;
-      for (let x = 0; x < size; x++, s += 3) {
+      for (let x = 0; x < width; x++, s += 3) {
         dst[o + x] = NORMALIZE_LUT[src[s]];
         dst[plane + o + x] = NORMALIZE_LUT[src[s + 1]];
         dst[plane2 + o + x] = NORMALIZE_LUT[src[s + 2]];
