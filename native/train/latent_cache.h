@@ -64,9 +64,10 @@ class LatentCache {
   void fill(MicroBatch& b, const std::vector<int64_t>& items) const {
     if (items.empty()) throw UserError("EINPUT", "latent cache: a micro-batch needs at least one item");
     std::vector<torch::Tensor> mean, std, latents, noise, mask;
+    const auto size = at(items[0]).mean.sizes();
     for (int64_t i : items) {
       const Entry& e = at(i);
-      if (e.mean.sizes() != at(items[0]).mean.sizes())
+      if (e.mean.sizes() != size)
         throw UserError("EINPUT", "latent cache: items " + std::to_string(items[0]) + " and " + std::to_string(i) + " have different latent sizes");
       mean.push_back(e.mean), std.push_back(e.std);
       if (e.latents.defined()) latents.push_back(e.latents), noise.push_back(e.noise);
@@ -79,15 +80,6 @@ class LatentCache {
     }
     if (mask.size() == items.size()) b.loss_mask = torch::stack(mask);
     else if (!mask.empty()) throw UserError("EINPUT", "latent cache: some items of a micro-batch have a loss mask and some do not");
-  }
-
-  // Bytes held (for logs).
-  int64_t bytes() const {
-    int64_t n = 0;
-    for (const auto& e : entries_)
-      for (const auto* t : {&e.mean, &e.std, &e.mask, &e.latents, &e.noise})
-        if (t->defined()) n += t->numel() * static_cast<int64_t>(t->element_size());
-    return n;
   }
 
  private:
